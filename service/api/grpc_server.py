@@ -1,0 +1,194 @@
+"""gRPC adapter (grpc.aio) over the data plane, plus the standard health and reflection services."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..errors import InvalidArgument, ServiceError
+from ..messages import FrameMode, ModelInfo, Priority, RolloutEvent
+from .dataplane import DataPlane, Options, RolloutInput, WireFrame, raise_for
+from .errors import grpc_status
+from .gen import worldserve_pb2 as pb
+from .gen import worldserve_pb2_grpc as pbg
+from .images import encode_frame
+
+ENC_NAME = {pb.Frame.RAW_RGB8: "raw", pb.Frame.PNG: "png", pb.Frame.JPEG: "jpeg"}
+ENC_PB = {v: k for k, v in ENC_NAME.items()}
+PRIORITY = {pb.PRIORITY_NORMAL: Priority.NORMAL, pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+            pb.PRIORITY_BULK: Priority.BULK}
+SERVICE = pb.DESCRIPTOR.services_by_name["WorldModelService"].full_name
+
+
+def maps_errors(fn):
+    """Domain errors -> gRPC status, for unary and streaming handlers alike (the one mapping)."""
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def gen(self, request, context):
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except ServiceError as e:
+                await context.abort(grpc_status(e.code), e.message)
+        return gen
+
+    @functools.wraps(fn)
+    async def unary(self, request, context):
+        try:
+            return await fn(self, request, context)
+        except ServiceError as e:
+            await context.abort(grpc_status(e.code), e.message)
+    return unary
+
+
+def _action(a: pb.Action, where: str):
+    kind = a.WhichOneof("value")
+    if kind == "discrete":
+        return int(a.discrete)
+    if kind == "continuous":
+        return list(a.continuous.values)
+    raise InvalidArgument(f"{where}: action has neither discrete nor continuous value", where)
+
+
+def _seq(s: pb.ActionSequence, where: str) -> list:
+    return [_action(a, f"{where}[{i}]") for i, a in enumerate(s.actions)]
+
+
+def _options(o: pb.RolloutOptions) -> Options:
+    if o.frames not in (0, 1, 2):
+        raise InvalidArgument(f"options.frames: unknown frame mode {o.frames}", "options.frames")
+    if o.priority not in PRIORITY:
+        raise InvalidArgument(f"options.priority: unknown priority {o.priority}", "options.priority")
+    if o.frame_encoding not in ENC_NAME:
+        raise InvalidArgument(f"options.frame_encoding: unknown encoding {o.frame_encoding}", "options.frame_encoding")
+    return Options(FrameMode(o.frames), int(o.seed), float(o.temperature), int(o.deadline_ms),
+                   PRIORITY[o.priority], bool(o.return_tokens), ENC_NAME[o.frame_encoding])
+
+
+def _frames(frames) -> list[WireFrame]:
+    out = []
+    for i, f in enumerate(frames):
+        if f.encoding not in ENC_NAME:
+            raise InvalidArgument(f"context[{i}].encoding: unknown encoding {f.encoding}", f"context[{i}]")
+        out.append(WireFrame(ENC_NAME[f.encoding], f.data, f.height, f.width))
+    return out
+
+
+def _deadline(context) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else time.time() + left
+
+
+def _info(m: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(name=m.name, height=m.height, width=m.width, tokens_per_frame=m.tokens_per_frame,
+                        vocab_size=m.vocab_size, n_actions=m.n_actions, action_dim=m.action_dim,
+                        action_names=m.action_names, context_window=m.context_window,
+                        max_horizon=m.max_horizon, max_candidates=m.max_candidates, backend=m.backend,
+                        precision=m.precision)
+
+
+def _event(ev: RolloutEvent, enc: str) -> pb.RolloutEvent:
+    out = pb.RolloutEvent(request_id=ev.request_id, candidate=ev.candidate, step=ev.step, reward=ev.reward,
+                          done=ev.done)
+    if ev.frame is not None:
+        h, w = ev.frame.shape[:2]
+        out.frame.CopyFrom(pb.Frame(encoding=ENC_PB[enc], height=h, width=w, data=encode_frame(ev.frame, enc)))
+    if ev.tokens is not None:
+        out.tokens.extend(ev.tokens.tolist())
+    return out
+
+
+class WorldModelServicer(pbg.WorldModelServiceServicer):
+    def __init__(self, dp: DataPlane):
+        self.dp = dp
+
+    @maps_errors
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[_info(m) for m in self.dp.models()])
+
+    @maps_errors
+    async def Predict(self, request, context):
+        inp = RolloutInput(request.model, _frames(request.context), [_seq(request.actions, "actions")],
+                           _seq(request.context_actions, "context_actions") or None, _options(request.options),
+                           deadline=_deadline(context))
+        rid, events = await self.dp.predict(inp)
+        enc = ENC_NAME[request.options.frame_encoding]
+        steps = []
+        for ev in events:
+            e = _event(ev, enc)
+            steps.append(pb.StepResult(step=e.step, frame=e.frame if ev.frame is not None else None,
+                                       reward=e.reward, done=e.done, tokens=e.tokens))
+        return pb.PredictResponse(request_id=rid, steps=steps)
+
+    @maps_errors
+    async def Rollout(self, request, context):
+        cands = [_seq(c, f"candidates[{k}]") for k, c in enumerate(request.candidates)]
+        inp = RolloutInput(request.model, _frames(request.context), cands,
+                           _seq(request.context_actions, "context_actions") or None, _options(request.options),
+                           deadline=_deadline(context))
+        _, events = await self.dp.rollout(inp)
+        enc = ENC_NAME[request.options.frame_encoding]
+        async for ev in events:  # a cancelled RPC closes this iterator, which cancels the request
+            if ev.final:
+                raise_for(ev)
+                return
+            yield _event(ev, enc)
+
+    @maps_errors
+    async def Session(self, request_iterator, context):
+        it = request_iterator.__aiter__()
+        first = await it.__anext__()
+        if first.WhichOneof("kind") != "open":
+            raise InvalidArgument("the first Session message must be `open`", "open")
+        o = first.open
+        req, events = await self.dp.open_session(RolloutInput(
+            o.model, _frames(o.context), [], _seq(o.context_actions, "context_actions") or None,
+            _options(o.options), deadline=_deadline(context)))
+        enc = ENC_NAME[o.options.frame_encoding]
+
+        async def feed():
+            try:
+                async for msg in it:
+                    if msg.WhichOneof("kind") != "action":
+                        continue
+                    await self.dp.act(req, _action(msg.action, "action"))
+            except InvalidArgument as e:
+                await context.abort(grpc_status(e.code), e.message)
+            finally:
+                await self.dp.close_session(req)
+
+        feeder = asyncio.create_task(feed())
+        try:
+            async for ev in events:
+                if ev.final:
+                    raise_for(ev)
+                    return
+                yield _event(ev, enc)
+        finally:
+            feeder.cancel()
+
+
+async def start_grpc(dp: DataPlane, host: str, port: int) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                      ("grpc.so_reuseport", 0)])
+    pbg.add_WorldModelServiceServicer_to_server(WorldModelServicer(dp), server)
+    hs = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    return server, bound, hs
+
+
+async def set_serving(hs, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE):
+        r = hs.set(name, status)
+        if asyncio.iscoroutine(r):
+            await r

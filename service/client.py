@@ -1,0 +1,275 @@
+"""Python client for worldserve, REST and gRPC (no torch import). Used by tests, bench and users.
+
+    c = GrpcClient("localhost:50051")            # or RestClient("http://localhost:8000")
+    frames = c.predict("tiny", context, [2, 2, 0])                      # uint8 [T, H, W, 3]
+    for ev in c.rollout("tiny", context, candidates, frames="none"):    # Event per candidate and step
+        ...
+    with c.session("tiny", context) as s:
+        frame = s.step(2).frame
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import numpy as np
+
+from .api.gen import worldserve_pb2 as pb
+from .api.gen import worldserve_pb2_grpc as pbg
+from .api.images import decode_any, encode_frame
+
+_ENC = {"raw": pb.Frame.RAW_RGB8, "png": pb.Frame.PNG, "jpeg": pb.Frame.JPEG}
+_ENC_NAME = {v: k for k, v in _ENC.items()}
+_MODES = {"all": pb.FRAMES_ALL, "last": pb.FRAMES_LAST, "none": pb.FRAMES_NONE}
+_PRIO = {"normal": pb.PRIORITY_NORMAL, "interactive": pb.PRIORITY_INTERACTIVE, "bulk": pb.PRIORITY_BULK}
+
+
+@dataclass
+class Event:
+    candidate: int
+    step: int
+    reward: float
+    done: float
+    frame: np.ndarray | None = None  # uint8 [H, W, 3]
+    tokens: list[int] | None = None
+
+
+class ServerError(Exception):
+    def __init__(self, code: str, message: str, status: int | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.status = code, message, status
+
+
+def _opts(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal", return_tokens=False,
+          frame_encoding="png") -> dict:
+    return dict(frames=frames, seed=seed, temperature=temperature, deadline_ms=deadline_ms, priority=priority,
+                return_tokens=return_tokens, frame_encoding=frame_encoding)
+
+
+# ---------------------------------------------------------------------------------------------- REST
+class RestClient:
+    def __init__(self, base_url: str, timeout: float = 120.0, context_encoding: str = "png"):
+        self.base = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base, timeout=timeout)
+        self.context_encoding = context_encoding
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _frame_json(self, f: np.ndarray) -> dict:
+        e = self.context_encoding
+        return {"encoding": e, "height": int(f.shape[0]), "width": int(f.shape[1]),
+                "data": base64.b64encode(encode_frame(np.asarray(f, np.uint8), e)).decode()}
+
+    @staticmethod
+    def _event(d: dict) -> Event:
+        fr = d.get("frame")
+        frame = None
+        if fr:
+            frame = decode_any(fr["encoding"], base64.b64decode(fr["data"]), fr["height"], fr["width"])
+        return Event(d["candidate"], d["step"], d["reward"], d["done"], frame, d.get("tokens"))
+
+    @staticmethod
+    def _raise(r: httpx.Response) -> None:
+        if r.status_code >= 400:
+            try:
+                err = r.json()["error"]
+                raise ServerError(err["code"], err["message"], r.status_code)
+            except (ValueError, KeyError):
+                raise ServerError("HTTP", r.text, r.status_code) from None
+
+    def models(self) -> list[dict]:
+        r = self.http.get("/v1/models")
+        self._raise(r)
+        return r.json()["models"]
+
+    def predict_events(self, model: str, context, actions, context_actions=None, **opts) -> list[Event]:
+        body = {"context": [self._frame_json(f) for f in context], "actions": _plain(actions),
+                "context_actions": _plain(context_actions), "options": _opts(**opts)}
+        r = self.http.post(f"/v1/models/{model}/predict", json=body)
+        self._raise(r)
+        return [self._event(s) for s in r.json()["steps"]]
+
+    def predict(self, model: str, context, actions, **kw) -> np.ndarray:
+        return np.stack([e.frame for e in self.predict_events(model, context, actions, **kw)])
+
+    def rollout(self, model: str, context, candidates, context_actions=None, **opts) -> Iterator[Event]:
+        body = {"context": [self._frame_json(f) for f in context], "candidates": _plain(candidates),
+                "context_actions": _plain(context_actions), "options": _opts(**opts)}
+        with self.http.stream("POST", f"/v1/models/{model}/rollouts", json=body) as r:
+            if r.status_code >= 400:
+                r.read()
+                self._raise(r)
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                d = json.loads(line)
+                if d.get("final"):
+                    if d["error"]:
+                        raise ServerError(d["error"]["code"], d["error"]["message"])
+                    return
+                yield self._event(d)
+
+    def session(self, model: str, context, **opts) -> WsSession:
+        return WsSession(self.base.replace("http", "ws", 1) + f"/v1/models/{model}/session",
+                         [self._frame_json(f) for f in context], _opts(**opts))
+
+
+class WsSession:
+    def __init__(self, url: str, context: list[dict], options: dict):
+        self.url, self.context, self.options = url, context, options
+
+    def __enter__(self) -> WsSession:
+        from websockets.sync.client import connect
+
+        self.ws = connect(self.url, max_size=2**24)
+        self.ws.send(json.dumps({"type": "open", "context": self.context, "options": self.options}))
+        msg = json.loads(self.ws.recv())
+        if msg.get("type") != "opened":
+            raise ServerError(msg.get("code", "ERROR"), msg.get("message", str(msg)))
+        self.id = msg["session_id"]
+        return self
+
+    def step(self, action) -> Event:
+        self.ws.send(json.dumps({"type": "action", "action": _plain(action)}))
+        msg = json.loads(self.ws.recv())
+        if msg.get("type") == "error":
+            raise ServerError(msg["code"], msg["message"])
+        return RestClient._event(msg)
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.ws.send(json.dumps({"type": "close"}))
+        finally:
+            self.ws.close()
+
+
+# ---------------------------------------------------------------------------------------------- gRPC
+def _pb_action(a) -> pb.Action:
+    if isinstance(a, list | tuple | np.ndarray):
+        return pb.Action(continuous=pb.ContinuousAction(values=[float(x) for x in a]))
+    return pb.Action(discrete=int(a))
+
+
+def _pb_seq(seq) -> pb.ActionSequence:
+    return pb.ActionSequence(actions=[_pb_action(a) for a in (seq if seq is not None else [])])
+
+
+def _pb_options(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal", return_tokens=False,
+                frame_encoding="raw") -> pb.RolloutOptions:
+    return pb.RolloutOptions(frames=_MODES[frames], seed=seed, temperature=temperature, deadline_ms=deadline_ms,
+                             priority=_PRIO[priority], return_tokens=return_tokens,
+                             frame_encoding=_ENC[frame_encoding])
+
+
+class GrpcClient:
+    def __init__(self, target: str, context_encoding: str = "raw"):
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 2**26)])
+        self.stub = pbg.WorldModelServiceStub(self.channel)
+        self.context_encoding = context_encoding
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _frame(self, f: np.ndarray) -> pb.Frame:
+        f = np.asarray(f, np.uint8)
+        return pb.Frame(encoding=_ENC[self.context_encoding], height=f.shape[0], width=f.shape[1],
+                        data=encode_frame(f, self.context_encoding))
+
+    @staticmethod
+    def _event(e) -> Event:
+        frame = None
+        if e.HasField("frame"):
+            frame = decode_any(_ENC_NAME[e.frame.encoding], e.frame.data, e.frame.height, e.frame.width)
+        return Event(e.candidate if hasattr(e, "candidate") else 0, e.step, e.reward, e.done, frame,
+                     list(e.tokens) or None)
+
+    @staticmethod
+    def _wrap(e: grpc.RpcError) -> ServerError:
+        return ServerError(e.code().name, e.details() or "")
+
+    def models(self) -> list:
+        return list(self.stub.ListModels(pb.ListModelsRequest()).models)
+
+    def predict_events(self, model, context, actions, context_actions=None, timeout=None, **opts) -> list[Event]:
+        req = pb.PredictRequest(model=model, context=[self._frame(f) for f in context], actions=_pb_seq(actions),
+                                context_actions=_pb_seq(context_actions), options=_pb_options(**opts))
+        try:
+            return [self._event(s) for s in self.stub.Predict(req, timeout=timeout).steps]
+        except grpc.RpcError as e:
+            raise self._wrap(e) from None
+
+    def predict(self, model, context, actions, **kw) -> np.ndarray:
+        return np.stack([e.frame for e in self.predict_events(model, context, actions, **kw)])
+
+    def rollout_call(self, model, context, candidates, context_actions=None, timeout=None, **opts):
+        """The raw streaming call (cancel() it to stop early)."""
+        req = pb.RolloutRequest(model=model, context=[self._frame(f) for f in context],
+                                candidates=[_pb_seq(c) for c in candidates],
+                                context_actions=_pb_seq(context_actions), options=_pb_options(**opts))
+        return self.stub.Rollout(req, timeout=timeout)
+
+    def rollout(self, model, context, candidates, **kw) -> Iterator[Event]:
+        call = self.rollout_call(model, context, candidates, **kw)
+        try:
+            for e in call:
+                yield self._event(e)
+        except grpc.RpcError as e:
+            raise self._wrap(e) from None
+        finally:
+            call.cancel()
+
+    def session(self, model, context, context_actions=None, **opts) -> GrpcSession:
+        return GrpcSession(self, pb.SessionOpen(model=model, context=[self._frame(f) for f in context],
+                                                context_actions=_pb_seq(context_actions),
+                                                options=_pb_options(**opts)))
+
+
+class GrpcSession:
+    def __init__(self, client: GrpcClient, open_msg: pb.SessionOpen):
+        import queue
+
+        self.client, self.open_msg = client, open_msg
+        self._q: queue.Queue = queue.Queue()
+
+    def _requests(self):
+        yield pb.SessionMessage(open=self.open_msg)
+        while True:
+            a = self._q.get()
+            if a is None:
+                return
+            yield pb.SessionMessage(action=_pb_action(a))
+
+    def __enter__(self) -> GrpcSession:
+        self.call = self.client.stub.Session(self._requests())
+        return self
+
+    def step(self, action) -> Event:
+        self._q.put(action)
+        try:
+            return GrpcClient._event(next(self.call))
+        except grpc.RpcError as e:
+            raise GrpcClient._wrap(e) from None
+
+    def __exit__(self, *exc) -> None:
+        self._q.put(None)
+        self.call.cancel()
+
+
+def _plain(x):
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.floating):
+        return float(x)
+    return x

@@ -1,0 +1,161 @@
+"""Typed messages between front ends and workers, declared once (no torch here).
+
+In-process they travel as objects; through Redis as `pack`/`unpack` bytes: a JSON header plus raw
+array buffers (no pickle, so a message from the queue can never run code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+
+class FrameMode(IntEnum):
+    ALL = 0  # a frame every step
+    LAST = 1  # a frame at the last step only
+    NONE = 2  # latent only: reward and done per step
+
+
+class Priority(IntEnum):
+    INTERACTIVE = 0  # sessions: scheduled first
+    NORMAL = 1
+    BULK = 2
+
+
+class ErrorCode(IntEnum):
+    OK = 0
+    INVALID_ARGUMENT = 1
+    NOT_FOUND = 2
+    RESOURCE_EXHAUSTED = 3
+    DEADLINE_EXCEEDED = 4
+    CANCELLED = 5
+    UNAVAILABLE = 6
+    INTERNAL = 7
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    height: int
+    width: int
+    tokens_per_frame: int
+    vocab_size: int
+    n_actions: int
+    action_dim: int
+    action_names: list[str]
+    context_window: int
+    max_horizon: int
+    max_candidates: int
+    backend: str = "eager"
+    precision: str = "fp32"
+
+    @property
+    def continuous(self) -> bool:
+        return self.action_dim > 0
+
+
+@dataclass
+class RolloutRequest:
+    id: str
+    model: str
+    context: np.ndarray  # uint8 [C, H, W, 3]
+    actions: np.ndarray  # discrete int64 [K, T] | continuous float32 [K, T, A]
+    context_actions: np.ndarray | None = None  # like actions, one sequence of C-1 (or None: unknown)
+    frames: FrameMode = FrameMode.ALL
+    return_tokens: bool = False
+    seed: int = 0
+    temperature: float = 0.0
+    deadline: float | None = None  # unix time (seconds)
+    priority: Priority = Priority.NORMAL
+    session: bool = False  # interactive: actions arrive one at a time through `SessionAction`
+    attempt: int = 0  # redelivery count (Redis mode)
+
+    @property
+    def candidates(self) -> int:
+        return int(self.actions.shape[0])
+
+    @property
+    def horizon(self) -> int:
+        return int(self.actions.shape[1])
+
+
+@dataclass
+class SessionAction:
+    request_id: str
+    action: np.ndarray  # discrete int64 [] | continuous float32 [A]
+    close: bool = False
+
+
+@dataclass
+class RolloutEvent:
+    request_id: str
+    candidate: int
+    step: int  # 0-based index of the predicted frame
+    reward: float
+    done: float  # probability the episode ended at this step
+    frame: np.ndarray | None = None  # uint8 [H, W, 3]
+    tokens: np.ndarray | None = None  # int64 [N]
+    final: bool = False  # last event of the request (may carry an error)
+    error: ErrorCode = ErrorCode.OK
+    message: str = ""
+
+    @classmethod
+    def end(cls, request_id: str, error: ErrorCode = ErrorCode.OK, message: str = "") -> RolloutEvent:
+        return cls(request_id, -1, -1, 0.0, 0.0, final=True, error=error, message=message)
+
+
+@dataclass
+class Cancel:
+    request_id: str
+
+
+MESSAGE_TYPES = {c.__name__: c for c in (RolloutRequest, RolloutEvent, SessionAction, Cancel)}
+_ENUMS = {"frames": FrameMode, "priority": Priority, "error": ErrorCode}
+
+
+def pack(msg) -> bytes:
+    """Message -> bytes: u32 header length, JSON header, then the raw buffers of its arrays."""
+    header: dict = {"type": type(msg).__name__, "fields": {}, "arrays": {}}
+    blobs: list[bytes] = []
+    offset = 0
+    for f in dataclasses.fields(msg):
+        v = getattr(msg, f.name)
+        if isinstance(v, np.ndarray):
+            b = np.ascontiguousarray(v).tobytes()
+            header["arrays"][f.name] = [str(v.dtype), list(v.shape), offset, len(b)]
+            blobs.append(b)
+            offset += len(b)
+        else:
+            header["fields"][f.name] = int(v) if isinstance(v, IntEnum) else v
+    h = json.dumps(header, separators=(",", ":")).encode()
+    return struct.pack("<I", len(h)) + h + b"".join(blobs)
+
+
+def unpack(data: bytes):
+    (n,) = struct.unpack_from("<I", data)
+    header = json.loads(data[4 : 4 + n])
+    cls = MESSAGE_TYPES[header["type"]]
+    body = memoryview(data)[4 + n :]
+    kw = dict(header["fields"])
+    for name, (dtype, shape, off, size) in header["arrays"].items():
+        kw[name] = np.frombuffer(body[off : off + size], dtype=np.dtype(dtype)).reshape(shape).copy()
+    for name, enum in _ENUMS.items():
+        if name in kw:
+            kw[name] = enum(kw[name])
+    return cls(**kw)
+
+
+@dataclass
+class Stats:
+    """Engine counters exposed through /metrics."""
+
+    queue_depth: int = 0
+    active_slots: int = 0
+    frames_total: int = 0
+    steps_total: int = 0
+    batch_sizes: list[int] = field(default_factory=list)

@@ -1,0 +1,21 @@
+"""Prometheus metrics, defined once; engine, queue and front ends update them."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+QUEUE_DEPTH = Gauge("worldserve_queue_depth", "Requests waiting for slots")
+ACTIVE_SLOTS = Gauge("worldserve_active_slots", "Cache slots in use")
+BATCH_SIZE = Histogram("worldserve_batch_size", "Slots per dynamics step", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+STEP_SECONDS = Histogram("worldserve_step_seconds", "Engine step latency",
+                         buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
+FRAMES = Counter("worldserve_frames_total", "Predicted frames (steps of every candidate)")
+REQUESTS = Counter("worldserve_requests_total", "Requests by outcome", ["outcome"])
+TTFF = Histogram("worldserve_time_to_first_frame_seconds", "Submit to first event",
+                 buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+REDIS_STREAM_LEN = Gauge("worldserve_redis_stream_length", "Entries in the request stream")
+REDIS_PENDING = Gauge("worldserve_redis_pending", "Delivered but unacknowledged requests")
+REDIS_RECLAIMED = Counter("worldserve_redis_reclaimed_total", "Requests reclaimed from dead workers")
+REDIS_DEAD_LETTERED = Counter("worldserve_redis_dead_lettered_total", "Requests moved to the dead-letter stream")
+REDIS_HOP = Histogram("worldserve_redis_hop_seconds", "Worker event to front end, through Redis",
+                      buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1))

@@ -1,0 +1,1 @@
+"""Pure-PyTorch reference world model: FSQ tokenizer + block-causal dynamics transformer."""

@@ -1,0 +1,97 @@
+"""Model configuration and presets. Pure data: no torch, no settings object."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "tiny"
+    # frames
+    height: int = 64
+    width: int = 64
+    patch: int = 8  # one token per patch x patch pixels -> 8 x 8 tokens per frame
+    # tokenizer (FSQ: vocabulary = prod(levels))
+    fsq_levels: tuple[int, ...] = (5, 5, 5)
+    tok_channels: int = 128
+    # dynamics transformer
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: int = 4
+    window: int = 8  # context window W in frames (sliding KV cache)
+    max_horizon: int = 64
+    # actions: discrete (action_dim == 0, n_actions > 0) or continuous (action_dim > 0)
+    n_actions: int = 3
+    action_dim: int = 0
+    action_names: tuple[str, ...] = ("left", "right", "forward")
+    rope_base: float = 10000.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.height // self.patch) * (self.width // self.patch)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.height // self.patch, self.width // self.patch
+
+    @property
+    def vocab_size(self) -> int:
+        v = 1
+        for level in self.fsq_levels:
+            v *= level
+        return v
+
+    @property
+    def continuous(self) -> bool:
+        return self.action_dim > 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["fsq_levels"] = list(self.fsq_levels)
+        d["action_names"] = list(self.action_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        d = dict(d)
+        for key in ("fsq_levels", "action_names"):
+            if key in d:
+                d[key] = tuple(d[key])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.height % self.patch or self.width % self.patch:
+            raise ValueError("frame size must be a multiple of patch")
+        if self.d_model % self.n_heads or self.head_dim % 2:
+            raise ValueError("d_model must split into an even head_dim")
+        if (self.n_actions > 0) == (self.action_dim > 0):
+            raise ValueError("exactly one of n_actions (discrete) or action_dim (continuous) must be > 0")
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # trained on MiniGrid and shipped in models/tiny
+    "tiny": ModelConfig(name="tiny"),
+    # random weights, realistic compute; continuous actions so both action kinds are exercised
+    "base": ModelConfig(
+        name="base", d_model=512, n_layers=8, n_heads=8, n_actions=0, action_dim=4,
+        action_names=(), tok_channels=256, fsq_levels=(8, 8, 8, 5, 5, 5),
+    ),
+    "large": ModelConfig(
+        name="large", d_model=1024, n_layers=16, n_heads=16, tok_channels=256,
+        fsq_levels=(8, 8, 8, 5, 5, 5), n_actions=16, action_names=(),
+    ),
+}

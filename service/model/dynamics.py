@@ -1,0 +1,222 @@
+"""Block-causal dynamics transformer with a static, sliding-window KV cache.
+
+Sequence layout: frame t contributes N tokens. The input at frame t is
+    tok_emb(z_t) + pos_emb[n] + act_emb(a_t)                       # [B, N, d]
+where a_t is the action taken *after* observing frame t. The outputs at frame t predict every
+token of frame t+1 in one pass (logits [B, N, V]) plus the reward and done of taking a_t.
+Attention is block-causal with a sliding window: a token of frame t attends to all tokens of
+frames t-W+1 .. t. Time enters through rotary embeddings over the frame index only (relative,
+so the ring-buffer cache can run forever); space through a learned per-token embedding.
+
+Serving path (all shapes static per slot):
+    prefill(tokens [B, C, N], actions [B, C]) -> keys/values for C frames, written into the cache
+    step(cache, slots [B], tokens [B, N], actions) -> logits [B, N, V], reward [B], done_logit [B]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+def rope_tables(frame_idx: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # frame_idx: int64 [...] -> cos, sin float32 [..., head_dim // 2]
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=frame_idx.device, dtype=torch.float32) / head_dim))
+    ang = frame_idx.to(torch.float32).unsqueeze(-1) * inv
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [..., hd]; cos/sin broadcastable to [..., hd/2]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return out.flatten(-2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, cfg.mlp_ratio * d)
+        self.fc2 = nn.Linear(cfg.mlp_ratio * d, d)
+
+    def qkv_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        # x: [B, S, d]; cos/sin: [B or 1, S, hd/2] -> q, k, v: [B, H, S, hd] (q, k rotated)
+        b, s, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.n_heads, self.head_dim).unbind(2)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def finish(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        # att: [B, H, S, hd] -> residual updates on x [B, S, d]
+        b, _, s, _ = att.shape
+        x = x + self.proj(att.transpose(1, 2).reshape(b, s, -1))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+@dataclass
+class KVCache:
+    """Static per-slot cache. Ring buffer of W frames per slot.
+
+    k, v:        [L, S, W, N, d]  keys (already rotated) / values
+    last_tokens: int64 [S, N]     tokens of the newest frame, not yet in the cache (input of the next step)
+    frames:      int64 [S]        frames written so far (the next step writes frame index `frames`)
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    last_tokens: torch.Tensor
+    frames: torch.Tensor
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, slots: int, device="cpu", dtype=torch.float32) -> KVCache:
+        shape = (cfg.n_layers, slots, cfg.window, cfg.tokens_per_frame, cfg.d_model)
+        return cls(
+            k=torch.zeros(shape, device=device, dtype=dtype),
+            v=torch.zeros(shape, device=device, dtype=dtype),
+            last_tokens=torch.zeros(slots, cfg.tokens_per_frame, dtype=torch.int64, device=device),
+            frames=torch.zeros(slots, dtype=torch.int64, device=device),
+        )
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    def fork(self, src: int, dst: torch.Tensor) -> None:
+        # copy slot `src` into every slot of dst [K] (prefill once, sample K candidates)
+        self.k[:, dst] = self.k[:, src : src + 1].clone()
+        self.v[:, dst] = self.v[:, src : src + 1].clone()
+        self.last_tokens[dst] = self.last_tokens[src].clone()
+        self.frames[dst] = self.frames[src].clone()
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Dynamics(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, n = cfg.d_model, cfg.tokens_per_frame
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.pos_emb = nn.Parameter(torch.randn(n, d) * 0.02)
+        if cfg.continuous:
+            self.act_emb = nn.Linear(cfg.action_dim, d)
+            self.act_unknown = nn.Parameter(torch.zeros(d))
+        else:
+            self.act_emb = nn.Embedding(cfg.n_actions + 1, d)  # last index: "unknown" (context without actions)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, cfg.vocab_size)
+        self.reward_head = nn.Linear(d, 1)
+        self.done_head = nn.Linear(d, 1)
+
+    # ---- embeddings -------------------------------------------------------------------------
+    def embed_actions(self, actions: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        # discrete: int64 [...] (n_actions = unknown); continuous: float [..., A] + known bool [...]
+        if not self.cfg.continuous:
+            return self.act_emb(actions)
+        e = self.act_emb(actions.to(self.act_emb.weight.dtype))
+        if known is not None:
+            e = torch.where(known.unsqueeze(-1), e, self.act_unknown.to(e.dtype))
+        return e
+
+    def embed(self, tokens: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        # tokens: int64 [B, T, N]; act: [B, T, d] -> [B, T, N, d]
+        return self.tok_emb(tokens) + self.pos_emb + act.unsqueeze(2)
+
+    def heads(self, h: torch.Tensor):
+        # h: [B, T, N, d] -> logits [B, T, N, V], reward [B, T], done_logit [B, T]
+        h = self.ln_f(h)
+        pooled = h.mean(2)
+        return self.head(h), self.reward_head(pooled).squeeze(-1), self.done_head(pooled).squeeze(-1)
+
+    # ---- full sequence (training, prefill, reference) ----------------------------------------
+    def block_mask(self, t: int, device) -> torch.Tensor:
+        # bool [T*N, T*N]: query frame i sees key frame j iff i - W < j <= i
+        n, w = self.cfg.tokens_per_frame, self.cfg.window
+        f = torch.arange(t, device=device).repeat_interleave(n)
+        diff = f[:, None] - f[None, :]
+        return (diff >= 0) & (diff < w)
+
+    def forward(self, tokens, actions, known=None, frame_offset: int = 0, return_kv: bool = False):
+        # tokens: int64 [B, T, N]; actions: [B, T] (discrete) or [B, T, A] (continuous)
+        b, t, n = tokens.shape
+        x = self.embed(tokens, self.embed_actions(actions, known)).reshape(b, t * n, -1)  # [B, T*N, d]
+        fidx = torch.arange(t, device=tokens.device).repeat_interleave(n) + frame_offset
+        cos, sin = rope_tables(fidx, self.cfg.head_dim, self.cfg.rope_base)
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        mask = self.block_mask(t, tokens.device)
+        kvs = []
+        for blk in self.blocks:
+            q, k, v = blk.qkv_heads(x, cos, sin)
+            if return_kv:  # [B, T, N, d] each
+                kvs.append((k.transpose(1, 2).reshape(b, t, n, -1), v.transpose(1, 2).reshape(b, t, n, -1)))
+            x = blk.finish(x, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+        out = self.heads(x.view(b, t, n, -1))
+        return (*out, kvs) if return_kv else out
+
+    # ---- cached serving path -----------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, cache: KVCache, slots: torch.Tensor, tokens: torch.Tensor, actions, known=None):
+        """Write C context frames into `slots` and keep the newest one as the next step's input.
+
+        tokens: int64 [B, C, N] with 1 <= C <= W; actions: for the first C-1 frames ([B, C-1] or
+        [B, C-1, A]), possibly all "unknown". Frames 0..C-2 enter the cache; frame C-1 waits in
+        last_tokens for the first step, which brings its action.
+        """
+        b, c, _ = tokens.shape
+        assert 1 <= c <= self.cfg.window, "context longer than the window"
+        if c > 1:
+            *_, kvs = self.forward(tokens[:, :-1], actions, known, return_kv=True)
+            for layer, (k, v) in enumerate(kvs):
+                cache.k[layer, slots, : c - 1] = k.to(cache.k.dtype)
+                cache.v[layer, slots, : c - 1] = v.to(cache.v.dtype)
+        cache.last_tokens[slots] = tokens[:, -1]
+        cache.frames[slots] = c - 1
+
+    @torch.no_grad()
+    def step(self, cache: KVCache, slots: torch.Tensor, actions, known=None):
+        """One frame for every slot in `slots` [B]: returns logits [B, N, V], reward [B], done_logit [B].
+
+        Writes the keys/values of the current frame (last_tokens + action) into the ring buffer.
+        The caller samples the next tokens and calls `advance`.
+        """
+        cfg = self.cfg
+        b, n, w = slots.shape[0], cfg.tokens_per_frame, cfg.window
+        t = cache.frames[slots]  # [B] frame index being written
+        x = self.embed(cache.last_tokens[slots].unsqueeze(1), self.embed_actions(actions, known).unsqueeze(1))
+        x = x.view(b, n, -1)  # [B, N, d]
+        cos, sin = rope_tables(t, cfg.head_dim, cfg.rope_base)  # [B, hd/2]
+        cos, sin = cos.unsqueeze(1).expand(b, n, -1), sin.unsqueeze(1).expand(b, n, -1)
+        ring = t % w
+        # valid ring entries: frames max(0, t-W+1) .. t  -> the first min(t+1, W) ring positions
+        valid = torch.arange(w, device=slots.device)[None, :] < torch.clamp(t + 1, max=w)[:, None]  # [B, W]
+        mask = valid.repeat_interleave(n, dim=1)[:, None, None, :]  # [B, 1, 1, W*N]
+        for layer, blk in enumerate(self.blocks):
+            q, k, v = blk.qkv_heads(x, cos, sin)  # [B, H, N, hd]
+            cache.k[layer, slots, ring] = k.transpose(1, 2).reshape(b, n, -1).to(cache.k.dtype)
+            cache.v[layer, slots, ring] = v.transpose(1, 2).reshape(b, n, -1).to(cache.v.dtype)
+            kk = cache.k[layer, slots].view(b, w * n, blk.n_heads, blk.head_dim).transpose(1, 2).to(q.dtype)
+            vv = cache.v[layer, slots].view(b, w * n, blk.n_heads, blk.head_dim).transpose(1, 2).to(q.dtype)
+            x = blk.finish(x, F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask))
+        logits, reward, done = self.heads(x.unsqueeze(1))
+        return logits[:, 0], reward[:, 0], done[:, 0]
+
+
+def advance(cache: KVCache, slots: torch.Tensor, next_tokens: torch.Tensor) -> None:
+    # after a step: next_tokens int64 [B, N] become the input of the following step
+    cache.last_tokens[slots] = next_tokens
+    cache.frames[slots] += 1

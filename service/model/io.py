@@ -1,0 +1,110 @@
+"""Model directory format: config.json + model.safetensors + MODEL_CARD.md.
+
+Loading validates everything and names the file and the problem: a missing file, a truncated or
+corrupt safetensors file, weights whose sha256 differs from the card, tensors missing, unexpected or
+of the wrong shape for the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .world_model import WorldModel
+
+CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "MODEL_CARD.md"
+SHA_LINE = re.compile(r"^weights_sha256:\s*([0-9a-f]{64})\s*$", re.M)
+
+
+class ModelLoadError(ValueError):
+    """A model directory that cannot be loaded; the message names the file and what is wrong."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model_dir(model: WorldModel, out: Path, card_body: str) -> str:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "name": model.cfg.name})
+    digest = sha256_file(out / WEIGHTS)
+    (out / CARD).write_text(card_body.rstrip() + f"\n\nweights_sha256: {digest}\n")
+    return digest
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    path = Path(model_dir) / CONFIG
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing (a model directory needs {CONFIG}, {WEIGHTS}, {CARD})")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: invalid model config: {e}") from e
+
+
+def card_sha256(model_dir: Path) -> str:
+    path = Path(model_dir) / CARD
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing model card")
+    m = SHA_LINE.search(path.read_text())
+    if not m:
+        raise ModelLoadError(f"{path}: no 'weights_sha256: <hex>' line")
+    return m.group(1)
+
+
+def load_model_dir(model_dir: str | Path, device: str = "cpu", verify: bool = True) -> WorldModel:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"{model_dir}: not a directory")
+    cfg = load_config(model_dir)
+    wpath = model_dir / WEIGHTS
+    if not wpath.is_file():
+        raise ModelLoadError(f"{wpath}: missing weights file")
+    if verify:
+        expected, actual = card_sha256(model_dir), sha256_file(wpath)
+        if expected != actual:
+            raise ModelLoadError(f"{wpath}: sha256 {actual[:12]}… does not match {CARD} ({expected[:12]}…): "
+                                 "truncated, corrupt or replaced weights")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelLoadError(f"{wpath}: unreadable safetensors file: {e}") from e
+    model = WorldModel(cfg)
+    want = model.state_dict()
+    missing = sorted(set(want) - set(state))
+    extra = sorted(set(state) - set(want))
+    bad = sorted(k for k in set(want) & set(state) if want[k].shape != state[k].shape)
+    if missing or extra or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {missing[:3]}")
+        if extra:
+            parts.append(f"unexpected tensors {extra[:3]}")
+        if bad:
+            parts.append(", ".join(f"{k}: {tuple(state[k].shape)} vs config {tuple(want[k].shape)}" for k in bad[:3]))
+        raise ModelLoadError(f"{wpath}: does not match {CONFIG}: " + "; ".join(parts))
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def model_hash(model_dir: str | Path) -> str:
+    return sha256_file(Path(model_dir) / WEIGHTS)[:16]
+
+
+def weights_dtype_bytes(model: WorldModel) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers() if isinstance(b, torch.Tensor))

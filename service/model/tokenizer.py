@@ -1,0 +1,111 @@
+"""Per-frame FSQ tokenizer: uint8 [B, 64, 64, 3] <-> int64 tokens [B, 8, 8] (flattened to [B, 64]).
+
+Finite scalar quantization (Mentzer et al., 2023): the encoder emits len(levels) channels per
+token, each bounded with tanh and rounded to one of `levels[i]` values; the token id is the
+mixed-radix number of the rounded values. No codebook to collapse, so it trains in minutes on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class FSQ(nn.Module):
+    def __init__(self, levels: tuple[int, ...]):
+        super().__init__()
+        lv = torch.tensor(levels, dtype=torch.int64)
+        basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.int64), lv[:-1]]), 0)
+        self.register_buffer("levels", lv, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        # z: [..., D] float -> [..., D] in (-(L-1)/2, (L-1)/2); odd and even levels both centred on a grid
+        half = (self.levels - 1).to(z.dtype) / 2
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        # straight-through rounding; returns normalised codes in [-1, 1]
+        zb = self.bound(z)
+        zq = zb + (torch.round(zb) - zb).detach()
+        half = (self.levels // 2).to(z.dtype)
+        return zq / half
+
+    def codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        # codes: [..., D] in [-1, 1] -> int64 [...]
+        half = (self.levels // 2).to(codes.dtype)
+        digits = torch.round(codes * half + half).to(torch.int64)
+        return (digits * self.basis).sum(-1)
+
+    def indices_to_codes(self, idx: torch.Tensor) -> torch.Tensor:
+        # idx: int64 [...] -> float [..., D] in [-1, 1]
+        digits = (idx.unsqueeze(-1) // self.basis) % self.levels
+        half = (self.levels // 2).to(torch.float32)
+        return (digits.to(torch.float32) - half) / half
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c, p, d = cfg.tok_channels, cfg.patch, len(cfg.fsq_levels)
+        self.cfg = cfg
+        self.fsq = FSQ(cfg.fsq_levels)
+        # patchify (one token per p x p cell), then a little spatial mixing between neighbouring cells
+        self.enc = nn.Sequential(
+            nn.Conv2d(3, c, p, stride=p), nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
+            nn.Conv2d(c, c, 1), nn.GELU(),
+            nn.Conv2d(c, d, 1),
+        )
+        self.dec = nn.Sequential(
+            nn.Conv2d(d, c, 1), nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.GELU(),
+            nn.Conv2d(c, c, 1), nn.GELU(),
+            nn.ConvTranspose2d(c, 3, p, stride=p),
+        )
+
+    @staticmethod
+    def to_float(frames: torch.Tensor) -> torch.Tensor:
+        # uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]
+        return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+    @staticmethod
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        # float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]
+        return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
+        # float [B, 3, H, W] -> codes [B, h, w, D] in [-1, 1] (straight-through)
+        z = self.enc(x).permute(0, 2, 3, 1)
+        return self.fsq.quantize(z)
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        # codes [B, h, w, D] -> float [B, 3, H, W] (unclamped, ~[-1, 1])
+        return self.dec(codes.permute(0, 3, 1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # training path: reconstruct float frames through the quantizer
+        return self.decode_codes(self.encode_codes(x))
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        # uint8 [B, H, W, 3] -> int64 [B, N]
+        codes = self.encode_codes(self.to_float(frames))
+        return self.fsq.codes_to_indices(codes).flatten(1)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        # int64 [B, N] -> uint8 [B, H, W, 3]
+        h, w = self.cfg.grid
+        codes = self.fsq.indices_to_codes(tokens.view(-1, h, w)).to(self.dec[0].weight.dtype)
+        return self.to_uint8(self.decode_codes(codes).float())
+
+
+def recon_loss(model: Tokenizer, frames: torch.Tensor) -> torch.Tensor:
+    x = Tokenizer.to_float(frames)
+    return F.mse_loss(model(x), x)

@@ -1,0 +1,98 @@
+"""The world model as the service sees it: spec + encode / prefill / step / decode.
+
+    encode(frames)   uint8 [B, H, W, 3]           -> int64 [B, N]
+    prefill(...)     context tokens [B, C, N] (+ C-1 actions) into cache slots
+    step(...)        actions for B slots          -> logits [B, N, V], reward [B], done_prob [B]
+    decode(tokens)   int64 [B, N]                 -> uint8 [B, H, W, 3]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .dynamics import Dynamics, KVCache
+from .tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    height: int
+    width: int
+    tokens_per_frame: int
+    vocab_size: int
+    n_actions: int  # > 0: discrete
+    action_dim: int  # > 0: continuous
+    action_names: tuple[str, ...]
+    context_window: int
+    max_horizon: int
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> ModelSpec:
+        return cls(cfg.name, cfg.height, cfg.width, cfg.tokens_per_frame, cfg.vocab_size, cfg.n_actions,
+                   cfg.action_dim, cfg.action_names, cfg.window, cfg.max_horizon)
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tokenizer = Tokenizer(cfg)
+        self.dynamics = Dynamics(cfg)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec.from_config(self.cfg)
+
+    def allocate_cache(self, slots: int, device=None, dtype=None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache.allocate(self.cfg, slots, device or p.device, dtype or p.dtype)
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.encode(frames)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode(tokens)
+
+    def prefill(self, cache, slots, tokens, actions, known=None):
+        return self.dynamics.prefill(cache, slots, tokens, actions, known)
+
+    @torch.no_grad()
+    def step(self, cache, slots, actions, known=None):
+        logits, reward, done_logit = self.dynamics.step(cache, slots, actions, known)
+        return logits, reward, torch.sigmoid(done_logit)
+
+    def unknown_actions(self, batch: int, count: int, device=None):
+        """Actions for context frames whose actions the client did not send."""
+        device = device or next(self.parameters()).device
+        if self.cfg.continuous:
+            a = torch.zeros(batch, count, self.cfg.action_dim, device=device)
+            return a, torch.zeros(batch, count, dtype=torch.bool, device=device)
+        return torch.full((batch, count), self.cfg.n_actions, dtype=torch.int64, device=device), None
+
+    def param_counts(self) -> dict[str, int]:
+        return {
+            "tokenizer": sum(p.numel() for p in self.tokenizer.parameters()),
+            "dynamics": sum(p.numel() for p in self.dynamics.parameters()),
+        }
+
+    def flops_per_frame(self) -> dict[str, float]:
+        """Forward FLOPs to produce one frame (multiply-add = 2), KV cache full (W frames)."""
+        c = self.cfg
+        n, d, w = c.tokens_per_frame, c.d_model, c.window
+        per_layer = 2 * n * (4 * d * d + 2 * c.mlp_ratio * d * d) + 2 * 2 * n * (w * n) * d
+        dyn = c.n_layers * per_layer + 2 * n * d * c.vocab_size
+        ch, p, hw = c.tok_channels, c.patch, n
+        dec = 2 * hw * (len(c.fsq_levels) * ch + 9 * ch * ch + ch * ch + ch * 3 * p * p)
+        enc = 2 * hw * (3 * p * p * ch + 9 * ch * ch + ch * ch + ch * len(c.fsq_levels))
+        return {"dynamics_step": float(dyn), "decode": float(dec), "encode": float(enc)}
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> WorldModel:
+    torch.manual_seed(seed)
+    return WorldModel(cfg).eval()

@@ -1,0 +1,60 @@
+"""Load the model for serving and apply the chosen backend / precision to it."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..model.config import PRESETS
+from ..model.io import load_model_dir
+from ..model.world_model import WorldModel, build
+from ..settings import ModelSettings
+
+log = logging.getLogger("worldserve.runtime")
+
+
+def load_model(ms: ModelSettings) -> WorldModel:
+    if ms.preset:
+        if ms.preset not in PRESETS:
+            raise SystemExit(f"unknown preset {ms.preset!r}; choose one of {sorted(PRESETS)}")
+        model = build(PRESETS[ms.preset], seed=0)
+    else:
+        model = load_model_dir(ms.dir)
+    return model.to(ms.device).eval()
+
+
+def prepare(ms: ModelSettings) -> WorldModel:
+    """The serving model: weights loaded, then the backend and precision applied to it."""
+    model = load_model(ms)
+    if ms.precision == "int8":
+        from .quantize import quantize_model
+
+        model = quantize_model(model, "int8")
+    elif ms.precision in ("fp16", "bf16"):
+        if ms.device == "cpu" and ms.precision == "fp16":
+            raise SystemExit("fp16 needs a GPU; use bf16 or int8 on CPU")
+        model = model.to(torch.float16 if ms.precision == "fp16" else torch.bfloat16)
+    elif ms.precision == "fp8":
+        from .quantize import quantize_model
+
+        model = quantize_model(model, "fp8")
+    if ms.backend == "compile":
+        from .compiled import compile_model
+
+        model = compile_model(model, ms)
+    elif ms.backend == "onnxruntime":
+        from .onnx_backend import OnnxWorldModel
+
+        model = OnnxWorldModel.build(model, ms)
+    elif ms.backend == "tensorrt":
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as e:
+            raise SystemExit("backend 'tensorrt' needs the tensorrt package and an NVIDIA GPU "
+                             "(pip install 'worldserve[tensorrt]'); it is not importable here") from e
+        from .trt_backend import TrtWorldModel
+
+        model = TrtWorldModel.build(model, ms)
+    torch.set_grad_enabled(False)
+    return model

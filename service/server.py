@@ -1,0 +1,80 @@
+"""Process wiring: `serve` (front ends + engine in one process), `api` (front ends only, Redis) and
+`worker` (engine only, Redis). Graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import uvicorn
+
+from .api.dataplane import DataPlane
+from .api.grpc_server import set_serving, start_grpc
+from .api.http import create_app
+from .settings import Settings
+
+log = logging.getLogger("worldserve.server")
+
+
+def build_local_queue(settings: Settings):
+    """Model + engine in this process (imports torch)."""
+    from .engine.engine import Engine, EngineConfig
+    from .engine.sampler import Sampler
+    from .queue.local import LocalQueue
+    from .runtime.loader import prepare
+
+    model = prepare(settings.model)
+    e = settings.engine
+    engine = Engine(model, EngineConfig(e.max_slots, e.max_queue, e.max_candidates, e.session_idle_s),
+                    emit=lambda ev: None, sampler=Sampler(settings.model.triton_kernels))
+    if settings.model.warmup:
+        warmup(engine)
+    info = engine.info(settings.model.backend, settings.model.precision)
+    return LocalQueue(engine, info)
+
+
+def warmup(engine) -> None:
+    """Run every bucket size once so the first real request does not pay for it."""
+    import numpy as np
+
+    from .engine.batch import buckets
+    from .messages import RolloutRequest
+
+    s = engine.spec
+    events = []
+    engine.emit = events.append
+    ctx = np.zeros((1, s.height, s.width, 3), np.uint8)
+    for b in buckets(engine.cfg.max_slots):
+        acts = (np.zeros((b, 2, s.action_dim), np.float32) if s.action_dim else np.zeros((b, 2), np.int64))
+        engine.submit(RolloutRequest(id=f"warmup-{b}", model=s.name, context=ctx, actions=acts))
+        while not any(ev.final and ev.request_id == f"warmup-{b}" for ev in events):
+            engine.step()
+    events.clear()
+
+
+async def serve_frontends(settings: Settings, queue) -> None:
+    srv = settings.server
+    await queue.start()
+    dp = DataPlane(queue, srv)
+    app = create_app(dp, srv.max_body_bytes)
+    grpc_server, gport, hs = await start_grpc(dp, srv.host, srv.grpc_port)
+    config = uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level=srv.log_level,
+                            timeout_graceful_shutdown=int(srv.grace_s), ws_max_size=srv.max_body_bytes)
+    http = uvicorn.Server(config)
+    http.install_signal_handlers = lambda: None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await set_serving(hs, True)
+    log.warning("worldserve ready: http://%s:%d grpc %s:%d models=%s", srv.host, srv.http_port, srv.host, gport,
+                [m.name for m in queue.models()])
+    http_task = asyncio.create_task(http.serve())
+    await stop.wait()
+    log.warning("draining (grace %.0fs)", srv.grace_s)
+    await set_serving(hs, False)
+    http.should_exit = True
+    await grpc_server.stop(srv.grace_s)
+    await http_task
+    await queue.close()

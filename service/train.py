@@ -1,0 +1,159 @@
+"""Train the tiny world model on collected MiniGrid episodes: tokenizer first, then dynamics.
+
+Reproducible (seeded), checkpointed every few hundred steps and resumable (`--resume`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data.collect import episodes
+from .model.config import ModelConfig
+from .model.tokenizer import recon_loss
+from .model.world_model import WorldModel
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * 0.95 + peak * 0.05
+
+
+def _ckpt(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train_tokenizer(model: WorldModel, frames: np.ndarray, steps: int, batch: int, seed: int, ckpt: Path,
+                    lr: float = 2e-3) -> list[float]:
+    tok = model.tokenizer.train()
+    opt = torch.optim.AdamW(tok.parameters(), lr=lr, weight_decay=0.0)
+    start, losses = 0, []
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        tok.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, losses = st["step"], st["losses"]
+    gen = np.random.default_rng(seed)
+    for _ in range(start):  # keep the batch stream identical on resume
+        gen.integers(0, len(frames), batch)
+    bar = tqdm(range(start, steps), desc="tokenizer", initial=start, total=steps, mininterval=5)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        idx = gen.integers(0, len(frames), batch)
+        loss = recon_loss(tok, torch.from_numpy(frames[idx]))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        if step % 50 == 0:
+            psnr = 10 * math.log10(4.0 / max(np.mean(losses[-50:]), 1e-10))  # range [-1, 1] -> peak^2 = 4
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}", psnr=f"{psnr:.1f}")
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            _ckpt(ckpt, model=tok.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
+    tok.eval()
+    return losses
+
+
+@torch.no_grad()
+def tokenize(model: WorldModel, frames: np.ndarray, batch: int = 1024) -> np.ndarray:
+    out = [model.encode(torch.from_numpy(frames[i : i + batch])).numpy().astype(np.int16)
+           for i in range(0, len(frames), batch)]
+    return np.concatenate(out)  # int16 [F, N]
+
+
+class Windows:
+    """Training windows of T frames: tokens [T, N], actions [T], next tokens [T, N], reward [T], done [T]."""
+
+    def __init__(self, data: dict, tokens: np.ndarray, t: int):
+        self.t = t
+        self.tokens, self.data = tokens, data
+        self.starts = []  # (frame index, action index)
+        fo, ao = data["frame_offsets"], data["action_offsets"]
+        for e in range(len(fo) - 1):
+            n_act = ao[e + 1] - ao[e]
+            for s in range(0, n_act - t + 1):
+                self.starts.append((fo[e] + s, ao[e] + s))
+        self.starts = np.asarray(self.starts, np.int64)
+        # oversample windows that contain a reward or a termination so the heads see events
+        ev = np.zeros(len(self.starts))
+        for i, (_, a) in enumerate(self.starts):
+            ev[i] = data["rewards"][a : a + t].any() or data["dones"][a : a + t].any()
+        self.weights = np.where(ev > 0, 3.0, 1.0)
+        self.weights /= self.weights.sum()
+
+    def batch(self, gen: np.random.Generator, b: int):
+        idx = gen.choice(len(self.starts), size=b, p=self.weights)
+        f0 = self.starts[idx, 0][:, None] + np.arange(self.t + 1)[None]
+        a0 = self.starts[idx, 1][:, None] + np.arange(self.t)[None]
+        toks = torch.from_numpy(self.tokens[f0].astype(np.int64))  # [B, T+1, N]
+        return (toks[:, :-1], torch.from_numpy(self.data["actions"][a0]), toks[:, 1:],
+                torch.from_numpy(self.data["rewards"][a0]), torch.from_numpy(self.data["dones"][a0].astype(np.float32)))
+
+
+def dynamics_loss(model: WorldModel, cfg: ModelConfig, batch, gen: torch.Generator, action_dropout: float = 0.1):
+    toks, acts, nxt, rew, done = batch
+    drop = torch.rand(acts.shape, generator=gen) < action_dropout
+    acts = torch.where(drop, torch.full_like(acts, cfg.n_actions), acts)
+    logits, r, d = model.dynamics(toks, acts)
+    ce = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), nxt.reshape(-1))
+    return ce + 5.0 * F.mse_loss(r, rew) + F.binary_cross_entropy_with_logits(d, done), ce
+
+
+def train_dynamics(model: WorldModel, windows: Windows, steps: int, batch: int, seed: int, ckpt: Path,
+                   lr: float = 1e-3, time_budget_s: float | None = None) -> list[float]:
+    dyn = model.dynamics.train()
+    opt = torch.optim.AdamW(dyn.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
+    start, losses = 0, []
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False)
+        dyn.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start, losses = st["step"], st["losses"]
+    gen = np.random.default_rng(seed + start)
+    tgen = torch.Generator().manual_seed(seed + start)
+    t0 = time.time()
+    bar = tqdm(range(start, steps), desc="dynamics", initial=start, total=steps, mininterval=5)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr)
+        loss, ce = dynamics_loss(model, model.cfg, windows.batch(gen, batch), tgen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
+        opt.step()
+        losses.append(float(ce))
+        if step % 20 == 0:
+            bar.set_postfix(ce=f"{np.mean(losses[-20:]):.4f}", loss=f"{float(loss):.4f}")
+        if (step + 1) % 100 == 0 or step + 1 == steps:
+            _ckpt(ckpt, model=dyn.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
+        if time_budget_s and time.time() - t0 > time_budget_s:
+            _ckpt(ckpt, model=dyn.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
+            break
+    dyn.eval()
+    return losses
+
+
+def run(data: dict, out_ckpt_dir: Path, cfg: ModelConfig, tok_steps: int, dyn_steps: int, batch: int,
+        seed: int = 0) -> WorldModel:
+    torch.manual_seed(seed)
+    model = WorldModel(cfg)
+    out_ckpt_dir.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(model, data["frames"], tok_steps, 64, seed, out_ckpt_dir / "tokenizer.pt")
+    tokens = tokenize(model, data["frames"])
+    windows = Windows(data, tokens, cfg.window)
+    print(f"{len(windows.starts)} training windows, {len(data['frames'])} frames")
+    train_dynamics(model, windows, dyn_steps, batch, seed, out_ckpt_dir / "dynamics.pt")
+    return model.eval()
+
+
+__all__ = ["run", "episodes"]

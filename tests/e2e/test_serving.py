@@ -1,0 +1,181 @@
+"""End-to-end: the real server as a subprocess, real MiniGrid frames, REST + gRPC + sessions."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from worldserve.client import GrpcClient, RestClient, ServerError
+
+pytestmark = pytest.mark.e2e
+MODEL = "tiny"
+
+
+def inprocess_frames(context, actions, seed, temperature, candidates=1):
+    """The engine's own result, no server: frames uint8 [K, T, H, W, 3]."""
+    from worldserve.engine.engine import Engine, EngineConfig
+    from worldserve.messages import RolloutRequest
+    from worldserve.model.io import load_model_dir
+
+    from tests.conftest import MODEL_DIR
+
+    events = []
+    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=64), emit=events.append)
+    acts = np.asarray(actions, np.int64)
+    eng.submit(RolloutRequest("r", MODEL, np.asarray(context), acts, seed=seed, temperature=temperature))
+    while not any(e.final for e in events):
+        eng.step()
+    out = np.zeros((acts.shape[0], acts.shape[1], 64, 64, 3), np.uint8)
+    for e in events:
+        if not e.final:
+            out[e.candidate, e.step] = e.frame
+    return out
+
+
+def metric(server, name: str) -> float:
+    text = httpx.get(server.http + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_rest_predict_equals_inprocess_engine(server, real_frames):
+    ctx, actions = real_frames[:3], [2, 1, 2, 2, 0, 2]
+    rest = RestClient(server.http)
+    got = rest.predict(MODEL, ctx, actions, seed=7, temperature=1.0)
+    want = inprocess_frames(ctx, [actions], seed=7, temperature=1.0)[0]
+    assert got.shape == (6, 64, 64, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, want)
+    # gRPC agrees with REST
+    g = GrpcClient(server.grpc)
+    np.testing.assert_array_equal(g.predict(MODEL, ctx, actions, seed=7, temperature=1.0), got)
+
+
+def test_grpc_rollout_streams_every_candidate_and_step_in_order(server, real_frames):
+    g = GrpcClient(server.grpc)
+    k, h = 5, 7
+    rng = np.random.default_rng(0)
+    cands = rng.integers(0, 3, (k, h)).tolist()
+    events = list(g.rollout(MODEL, real_frames[:2], cands, seed=3, temperature=0.7))
+    assert len(events) == k * h
+    for c in range(k):
+        assert [e.step for e in events if e.candidate == c] == list(range(h))
+    assert all(e.frame is not None and e.frame.shape == (64, 64, 3) for e in events)
+    # latent-only and last-frame modes
+    lat = list(g.rollout(MODEL, real_frames[:2], cands, frames="none"))
+    assert len(lat) == k * h and all(e.frame is None for e in lat)
+    last = list(g.rollout(MODEL, real_frames[:2], cands, frames="last"))
+    assert [e.step for e in last if e.frame is not None] == [h - 1] * k
+
+
+def test_seeded_rollout_identical_alone_and_in_a_batch_of_32(server, real_frames):
+    g = GrpcClient(server.grpc)
+    cands = [[2, 0, 2, 2, 1, 2, 2, 2]] * 2
+    alone = [e.frame for e in g.rollout(MODEL, real_frames[:4], cands, seed=11, temperature=1.0)]
+    results, errors = {}, []
+
+    def other(i):
+        try:
+            c = GrpcClient(server.grpc)
+            list(c.rollout(MODEL, real_frames[i % 8 : i % 8 + 2], [[i % 3] * 8] * 3, seed=i, temperature=1.0))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=other, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    results["batched"] = [e.frame for e in g.rollout(MODEL, real_frames[:4], cands, seed=11, temperature=1.0)]
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(alone) == len(results["batched"]) == 16
+    for a, b in zip(alone, results["batched"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fork_equals_separate_requests(server, real_frames):
+    g = GrpcClient(server.grpc)
+    k, h, seed = 16, 6, 100
+    rng = np.random.default_rng(1)
+    cands = rng.integers(0, 3, (k, h)).tolist()
+    forked = {(e.candidate, e.step): e.frame for e in g.rollout(MODEL, real_frames[:3], cands, seed=seed,
+                                                                   temperature=1.0)}
+    for c in range(k):  # candidate c of a fork seeded s == a single request seeded s + c
+        single = g.predict(MODEL, real_frames[:3], cands[c], seed=seed + c, temperature=1.0)
+        for s in range(h):
+            np.testing.assert_array_equal(forked[(c, s)], single[s])
+
+
+def test_cancelled_stream_frees_its_slots(server, real_frames):
+    g = GrpcClient(server.grpc)
+    before = metric(server, "worldserve_frames_total")
+    call = g.rollout_call(MODEL, real_frames[:2], [[2] * 64] * 16, frames="none")
+    for i, _ in enumerate(call):
+        if i == 16:  # one step of all 16 candidates seen
+            break
+    call.cancel()
+    t0 = time.time()
+    while metric(server, "worldserve_active_slots") > 0 and time.time() - t0 < 5:
+        time.sleep(0.01)
+    assert metric(server, "worldserve_active_slots") == 0
+    produced = metric(server, "worldserve_frames_total") - before
+    assert produced < 16 * 64 / 2, f"{produced} frames: cancellation did not stop the rollout"
+
+
+def test_deadline_returns_partial_then_deadline_exceeded(server, real_frames):
+    g = GrpcClient(server.grpc)
+    got = []
+    t0 = time.time()
+    with pytest.raises(ServerError) as ei:
+        for e in g.rollout(MODEL, real_frames[:2], [[2] * 64] * 32, frames="all", deadline_ms=150):
+            got.append(e)
+    assert ei.value.code == "DEADLINE_EXCEEDED"
+    assert time.time() - t0 < 3
+    assert len(got) < 32 * 64
+    # REST: the stream ends with a final line carrying the error
+    rest = RestClient(server.http)
+    with pytest.raises(ServerError) as ei:
+        list(rest.rollout(MODEL, real_frames[:2], [[2] * 64] * 32, deadline_ms=100))
+    assert ei.value.code == "DEADLINE_EXCEEDED"
+
+
+@pytest.mark.parametrize("transport", ["grpc", "ws"])
+def test_session_runs_100_steps(server, real_frames, transport):
+    c = GrpcClient(server.grpc) if transport == "grpc" else RestClient(server.http)
+    rng = np.random.default_rng(5)
+    with c.session(MODEL, real_frames[:1], frame_encoding="raw") as s:
+        frames = [s.step(int(rng.integers(0, 3))).frame for _ in range(100)]
+    assert len(frames) == 100 and all(f.shape == (64, 64, 3) for f in frames)
+    # the world changes when the agent moves
+    assert any(not np.array_equal(frames[i], frames[i + 1]) for i in range(99))
+
+
+def test_session_equals_rollout(server, real_frames):
+    g = GrpcClient(server.grpc)
+    actions = [2, 2, 1, 2, 0, 2]
+    with g.session(MODEL, real_frames[:2], seed=9, temperature=1.0) as s:
+        sess = [s.step(a).frame for a in actions]
+    pred = g.predict(MODEL, real_frames[:2], actions, seed=9, temperature=1.0)
+    np.testing.assert_array_equal(np.stack(sess), pred)
+
+
+def test_health_ready_metrics_docs(server):
+    assert httpx.get(server.http + "/healthz").json()["status"] == "ok"
+    assert httpx.get(server.http + "/readyz").status_code == 200
+    m = httpx.get(server.http + "/metrics").text
+    for name in ("worldserve_queue_depth", "worldserve_active_slots", "worldserve_batch_size_bucket",
+                 "worldserve_step_seconds_bucket", "worldserve_frames_total", "worldserve_time_to_first_frame"):
+        assert name in m
+    assert httpx.get(server.http + "/docs").status_code == 200
+    assert "/v1/models/{name}/rollouts" in httpx.get(server.http + "/openapi.json").json()["paths"]
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ch = grpc.insecure_channel(server.grpc)
+    resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
