@@ -91,9 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--no-card", action="store_true", help="do not write the table into the model card")
     e.set_defaults(fn=cmd_eval)
 
-    from . import cli_serve
+    from . import cli_plan, cli_runtime, cli_serve
 
-    cli_serve.add_commands(sub)
+    cli_serve.add_commands(sub)  # serve, api, worker
+    cli_runtime.add_commands(sub)  # export, quantize
+    cli_plan.add_commands(sub)  # plan, rollout
     args = p.parse_args(argv)
     args.fn(args)
 

@@ -52,7 +52,38 @@ def cmd_serve(a) -> None:
     asyncio.run(serve_frontends(s, build_local_queue(s)))
 
 
+def cmd_api(a) -> None:
+    from .queue.redis_queue import RedisQueue
+    from .server import serve_frontends
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    s = _settings(a)
+    if not s.queue.url.startswith(("redis://", "rediss://", "unix://")):
+        raise SystemExit("`api` needs --queue redis://… (or WORLDSERVE_QUEUE__URL)")
+    asyncio.run(serve_frontends(s, RedisQueue(s.queue)))
+
+
+def cmd_worker(a) -> None:
+    from .server import run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    s = _settings(a)
+    if not s.queue.url.startswith(("redis://", "rediss://", "unix://")):
+        raise SystemExit("`worker` needs --queue redis://… (or WORLDSERVE_QUEUE__URL)")
+    if a.name:
+        s.queue.worker_name = a.name
+    asyncio.run(run_worker(s))
+
+
 def add_commands(sub) -> None:
+    p = sub.add_parser("api", help="front ends only (HTTP + gRPC), no model: requests go through Redis")
+    _common(p, model=False)
+    p.set_defaults(fn=cmd_api)
+    p = sub.add_parser("worker", help="engine + model, takes work from Redis; /healthz /readyz /metrics on --http-port")
+    _common(p)
+    p.add_argument("--name", help="consumer name (default: host-pid-random)")
+    p.set_defaults(fn=cmd_worker)
+
     p = sub.add_parser("serve", help="HTTP + gRPC front ends and the engine in one process")
     _common(p)
     p.set_defaults(fn=cmd_serve)

@@ -17,11 +17,10 @@ from .settings import Settings
 log = logging.getLogger("worldserve.server")
 
 
-def build_local_queue(settings: Settings):
+def build_engine(settings: Settings):
     """Model + engine in this process (imports torch)."""
     from .engine.engine import Engine, EngineConfig
     from .engine.sampler import Sampler
-    from .queue.local import LocalQueue
     from .runtime.loader import prepare
 
     model = prepare(settings.model)
@@ -30,8 +29,41 @@ def build_local_queue(settings: Settings):
                     emit=lambda ev: None, sampler=Sampler(settings.model.triton_kernels))
     if settings.model.warmup:
         warmup(engine)
-    info = engine.info(settings.model.backend, settings.model.precision)
-    return LocalQueue(engine, info)
+    return engine, engine.info(settings.model.backend, settings.model.precision)
+
+
+def build_local_queue(settings: Settings):
+    from .queue.local import LocalQueue
+
+    return LocalQueue(*build_engine(settings))
+
+
+async def run_worker(settings: Settings) -> None:
+    """Redis worker: engine + model; a small HTTP server for /healthz, /readyz and /metrics."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from .worker import Worker
+
+    engine, info = build_engine(settings)
+    worker = Worker(engine, info, settings.queue)
+    app = FastAPI(title="worldserve worker")
+    app.get("/healthz")(lambda: {"status": "ok", "worker": worker.id})
+    app.get("/readyz")(lambda: {"status": "ready"} if worker.ready()
+                       else JSONResponse({"status": "not ready"}, status_code=503))
+    app.get("/metrics")(lambda: Response(generate_latest(), media_type=CONTENT_TYPE_LATEST))
+    srv = settings.server
+    http = uvicorn.Server(uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level="warning"))
+    http.install_signal_handlers = lambda: None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    http_task = asyncio.create_task(http.serve())
+    await worker.run(stop, srv.grace_s)
+    http.should_exit = True
+    await http_task
 
 
 def warmup(engine) -> None:

@@ -31,6 +31,7 @@ class Server:
     http: str
     grpc: str
     log: Path
+    metrics_urls: list | None = None
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.poll() is None:
@@ -88,9 +89,114 @@ def real_frames() -> np.ndarray:
     return np.stack(frames)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
-    srv = start_server(tmp_path_factory.mktemp("serve"), "--model-dir", str(MODEL_DIR), "--max-slots", "64",
-                       "--max-queue", "128")
+@pytest.fixture(scope="session", params=["local", "redis"])
+def server(request, tmp_path_factory):
+    """The e2e surface, twice: `serve` (in-process queue) and api + worker through a real Redis."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "local":
+        srv = start_server(tmp, "--model-dir", str(MODEL_DIR), "--max-slots", "64", "--max-queue", "128")
+        srv.metrics_urls = [srv.http]
+    else:
+        redis = request.getfixturevalue("redis_server")
+        srv = start_stack(tmp, redis, 1, ("--max-slots", "64", "--max-queue", "128"))
     yield srv
     srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- Redis
+@dataclass
+class RedisServer:
+    port: int
+    dir: Path
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+
+        t0 = time.time()
+        while time.time() - t0 < 10:
+            try:
+                if redis.Redis(port=self.port).ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+def start_redis(tmp: Path) -> RedisServer:
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (make test installs it with apt)")
+    r = RedisServer(free_port(), tmp)
+    r.start()
+    return r
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    r = start_redis(tmp_path_factory.mktemp("redis"))
+    yield r
+    r.stop()
+
+
+FAST_FAILOVER = {"WORLDSERVE_QUEUE__CLAIM_IDLE_MS": "1500", "WORLDSERVE_QUEUE__HEARTBEAT_S": "0.3",
+                 "WORLDSERVE_QUEUE__BLOCK_MS": "500"}
+
+
+@dataclass
+class Stack:
+    """Front end (api) + workers joined by a real redis-server: the same HTTP/gRPC surface as `serve`."""
+
+    api: Server
+    workers: list[Server]
+    redis: RedisServer
+
+    @property
+    def http(self) -> str:
+        return self.api.http
+
+    @property
+    def grpc(self) -> str:
+        return self.api.grpc
+
+    @property
+    def metrics_urls(self) -> list[str]:
+        return [w.http for w in self.workers if w.proc.poll() is None]
+
+    def add_worker(self, tmp: Path, *extra: str, env: dict | None = None) -> Server:
+        w = start_server(tmp, "--queue", self.redis.url, "--model-dir", str(MODEL_DIR), *extra, cmd="worker",
+                         env={**FAST_FAILOVER, **(env or {})})
+        self.workers.append(w)
+        return w
+
+    def stop(self) -> None:
+        self.api.stop()
+        for w in self.workers:
+            w.stop()
+
+
+def start_stack(tmp: Path, redis: RedisServer, n_workers: int = 1, worker_args=(), api_env=None,
+                worker_env=None) -> Stack:
+    st = Stack(None, [], redis)  # type: ignore[arg-type]
+    for _ in range(n_workers):
+        st.add_worker(tmp, *worker_args, env=worker_env)
+    st.api = start_server(tmp, "--queue", redis.url, cmd="api", env={**FAST_FAILOVER, **(api_env or {})})
+    return st

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
@@ -152,6 +153,8 @@ def create_app(dp: DataPlane, max_body_bytes: int) -> FastAPI:
                 yield json.dumps(event_json(ev, enc)) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"x-request-id": req.id})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/play")
     async def play():

@@ -99,9 +99,9 @@ class Engine:
     def free_slots(self) -> int:
         return len(self.free)
 
-    def load(self) -> int:
-        """Requests waiting or running (Redis workers take no more than they can hold)."""
-        return len(self.waiting) + len(self._inbox) + len(self.active)
+    def waiting_count(self) -> int:
+        """Requests not yet admitted (a Redis worker reads more only when this is 0)."""
+        return len(self.waiting) + sum(1 for k, *_ in list(self._inbox) if k == "submit")
 
     def run(self) -> None:
         while not self._stop.is_set():

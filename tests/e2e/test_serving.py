@@ -36,11 +36,16 @@ def inprocess_frames(context, actions, seed, temperature, candidates=1):
 
 
 def metric(server, name: str) -> float:
-    text = httpx.get(server.http + "/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    """Sum of a metric over the processes that run engines (the server itself, or the workers)."""
+    total, seen = 0.0, False
+    for url in server.metrics_urls:
+        for line in httpx.get(url + "/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+    if not seen:
+        raise KeyError(name)
+    return total
 
 
 def test_rest_predict_equals_inprocess_engine(server, real_frames):
@@ -167,7 +172,7 @@ def test_session_equals_rollout(server, real_frames):
 def test_health_ready_metrics_docs(server):
     assert httpx.get(server.http + "/healthz").json()["status"] == "ok"
     assert httpx.get(server.http + "/readyz").status_code == 200
-    m = httpx.get(server.http + "/metrics").text
+    m = "".join(httpx.get(u + "/metrics").text for u in server.metrics_urls)
     for name in ("worldserve_queue_depth", "worldserve_active_slots", "worldserve_batch_size_bucket",
                  "worldserve_step_seconds_bucket", "worldserve_frames_total", "worldserve_time_to_first_frame"):
         assert name in m

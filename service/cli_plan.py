@@ -1,0 +1,5 @@
+"""Subcommands (being written)."""
+
+
+def add_commands(sub) -> None:
+    del sub

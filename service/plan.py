@@ -1,0 +1,300 @@
+"""Model-predictive control through the serving API: a remote CEM planner over discrete actions.
+
+Every control tick the planner sends the observation history (the last `context_window` real frames and
+the actions between them) and K candidate action sequences of horizon H to the server in ONE latent-only
+Rollout (frames="none": reward and done per step), scores each candidate, executes the first action of
+the best one in the real environment, shifts its sampling distribution by one step and repeats.
+
+Candidates: sampling i.i.d. discrete actions barely moves a turn/turn/forward agent (turns cancel out), so
+random shooting almost never sees a sparse goal reward. The candidate set is therefore (1) the previous
+best plan shifted by one step, (2) a library of L-shaped motion primitives (turn 0-3 times, run r cells,
+turn once, run to the horizon: every goal an L-shaped free path reaches within H steps is covered), and (3)
+samples from a per-step categorical distribution that CEM refits to the elite candidates each tick and
+warm-starts across ticks. Ties (no candidate sees a reward) are broken at random, so the agent explores.
+
+This module talks to the world model only through `worldserve.client` (no torch, no model import). The
+same planner runs on the true simulator (deep copies of the environment as the "world model"), which
+bounds what a perfect world model would achieve with this search.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data.minigrid_env import N_ACTIONS, Simulator, expert_action
+
+LEFT, RIGHT, FORWARD = 0, 1, 2
+HELDOUT_PLAN_SEED0 = 2_000_000  # evaluation layouts: never used for training (train 0.., held-out eval 1,000,000..)
+
+
+@dataclass
+class PlanConfig:
+    candidates: int = 64  # K sequences per tick, all in one Rollout (the server caps it at max_candidates)
+    horizon: int = 16  # H steps per sequence
+    gamma: float = 0.95  # discount: reach the goal sooner
+    lava_penalty: float = 1.0  # cost of a predicted episode end without reward (lava)
+    reward_threshold: float = 0.1  # a predicted reward above this counts as reaching the goal
+    elite: int = 8  # CEM elite count
+    smoothing: float = 0.5  # CEM update: p <- (1 - s) p + s * elite frequencies
+    primitives: bool = True  # include the L-shaped motion-primitive library
+    seed: int = 0
+
+
+def score(rewards: np.ndarray, dones: np.ndarray, cfg: PlanConfig) -> np.ndarray:
+    """Expected discounted return of each candidate. rewards, dones: float [K, H] -> float [K].
+
+    The episode survives step t with probability prod(1 - done[:t]); a step whose predicted done comes
+    without reward (lava in MiniGrid) costs `lava_penalty`.
+    """
+    k, h = rewards.shape
+    alive = np.ones(k)
+    total = np.zeros(k)
+    for t in range(h):
+        r, d = np.asarray(rewards[:, t], float), np.clip(np.asarray(dones[:, t], float), 0.0, 1.0)
+        death = d * (r <= cfg.reward_threshold)
+        total += cfg.gamma**t * alive * (r - cfg.lava_penalty * death)
+        alive = alive * (1.0 - d)
+    return total
+
+
+def primitive_library(horizon: int, max_run: int = 6) -> np.ndarray:
+    """L-shaped paths: {none, L, R, L L} then `run` forwards (0..max_run-1), then {L, R}, then forwards
+    to the horizon. int64 [P, horizon] (P = 4 * max_run * 2 = 48 for the defaults)."""
+    out = []
+    for first in ([], [LEFT], [RIGHT], [LEFT, LEFT]):
+        for run in range(max_run):
+            for second in (LEFT, RIGHT):
+                seq = (first + [FORWARD] * run + [second] + [FORWARD] * horizon)[:horizon]
+                out.append(seq)
+    return np.unique(np.asarray(out, np.int64), axis=0)
+
+
+class CEMPlanner:
+    """Discrete CEM with warm start. `plan(evaluate)` returns the action to execute now."""
+
+    def __init__(self, cfg: PlanConfig, n_actions: int = N_ACTIONS, seed: int = 0):
+        self.cfg, self.n = cfg, n_actions
+        self.rng = np.random.default_rng(seed)
+        self.prior = np.full(n_actions, 1.0 / n_actions)
+        if n_actions == 3:
+            self.prior = np.array([0.25, 0.25, 0.5])  # forward-biased: turns cancel, forwards move
+        self.probs = np.tile(self.prior, (cfg.horizon, 1))
+        self.best: np.ndarray | None = None
+        lib = primitive_library(cfg.horizon) if cfg.primitives and n_actions == 3 else np.zeros((0, cfg.horizon))
+        self.library = lib.astype(np.int64)
+
+    def propose(self) -> np.ndarray:
+        """K candidate sequences, int64 [K, H]: previous best (shifted), primitives, CEM samples."""
+        k, h = self.cfg.candidates, self.cfg.horizon
+        rows = [self.best[None]] if self.best is not None else []
+        room = k - len(rows) - min(8, k // 4)  # keep some CEM samples
+        lib = self.library
+        if len(lib) > room:  # small K: a random subset of the primitives each tick
+            lib = lib[np.sort(self.rng.choice(len(lib), max(0, room), replace=False))]
+        rows.append(lib)
+        n_sample = k - sum(len(r) for r in rows)
+        u = self.rng.random((n_sample, h, 1))
+        samples = (u > np.cumsum(self.probs, axis=1)[None]).sum(-1).clip(0, self.n - 1)
+        rows.append(samples)
+        return np.concatenate(rows).astype(np.int64)[:k]
+
+    def update(self, cands: np.ndarray, scores: np.ndarray) -> int:
+        """Refit to the elites, remember the best plan, shift one step; returns the action to take now."""
+        jitter = self.rng.random(len(scores)) * 1e-9  # random tie-break: explore when nothing is predicted
+        order = np.argsort(-(scores + jitter), kind="stable")
+        elite = cands[order[: self.cfg.elite]]
+        freq = np.stack([(elite == a).mean(0) for a in range(self.n)], axis=1)  # [H, n]
+        s = self.cfg.smoothing
+        self.probs = (1 - s) * self.probs + s * freq
+        best = cands[order[0]]
+        action = int(best[0])
+        self.best = np.concatenate([best[1:], [FORWARD if self.n == 3 else best[-1]]])
+        self.probs = np.concatenate([self.probs[1:], self.prior[None]])
+        return action
+
+    def plan(self, evaluate) -> tuple[int, np.ndarray, np.ndarray]:
+        """evaluate(cands int64 [K, H]) -> (rewards [K, H], dones [K, H]). Returns (action, cands, scores)."""
+        cands = self.propose()
+        rewards, dones = evaluate(cands)
+        scores = score(rewards, dones, self.cfg)
+        return self.update(cands, scores), cands, scores
+
+
+# ---------------------------------------------------------------------------------------------- worlds
+class RemoteWorld:
+    """The served world model: one latent-only Rollout per tick through a worldserve client."""
+
+    def __init__(self, client, model: str = "tiny", context_window: int | None = None, temperature: float = 0.0):
+        self.client, self.model, self.temperature = client, model, temperature
+        if context_window is None:
+            info = [m for m in client.models() if _field(m, "name") == model]
+            if not info:
+                raise ValueError(f"model {model!r} is not served")
+            context_window = int(_field(info[0], "context_window"))
+        self.window = context_window
+        self.tick = 0
+
+    def reset(self, sim: Simulator, seed: int) -> None:
+        del sim  # the planner only sees frames
+        self.seed, self.tick = seed, 0
+
+    def evaluate(self, frames: list[np.ndarray], actions: list[int], cands: np.ndarray):
+        ctx = frames[-self.window :]
+        ctx_actions = [int(a) for a in actions[len(actions) - (len(ctx) - 1) :]] if len(ctx) > 1 else None
+        k, h = cands.shape
+        rewards, dones = np.zeros((k, h)), np.zeros((k, h))
+        self.tick += 1
+        for ev in self.client.rollout(self.model, np.stack(ctx), cands.tolist(), context_actions=ctx_actions,
+                                      frames="none", seed=self.seed * 1000 + self.tick,
+                                      temperature=self.temperature):
+            rewards[ev.candidate, ev.step] = ev.reward
+            dones[ev.candidate, ev.step] = ev.done
+        return rewards, dones
+
+
+class SimWorld:
+    """The true simulator as the world model (upper bound): every candidate runs on a deep copy."""
+
+    def reset(self, sim: Simulator, seed: int) -> None:
+        del seed
+        self.sim = sim
+
+    def evaluate(self, frames, actions, cands: np.ndarray):
+        del frames, actions
+        k, h = cands.shape
+        rewards, dones = np.zeros((k, h)), np.zeros((k, h))
+        for i in range(k):
+            s = copy.deepcopy(self.sim)
+            for t in range(h):
+                if s.done:
+                    dones[i, t:] = 1.0
+                    break
+                _, r, term = s.step(int(cands[i, t]))
+                rewards[i, t], dones[i, t] = r, float(term)
+        return rewards, dones
+
+
+def _field(m, name):
+    return m[name] if isinstance(m, dict) else getattr(m, name)
+
+
+# ---------------------------------------------------------------------------------------------- policies
+class MPCPolicy:
+    def __init__(self, world, cfg: PlanConfig):
+        self.world, self.cfg = world, cfg
+        self.latencies: list[float] = []
+
+    def reset(self, sim: Simulator, seed: int) -> None:
+        self.world.reset(sim, seed)
+        self.planner = CEMPlanner(self.cfg, seed=self.cfg.seed * 7919 + seed)
+
+    def act(self, frames: list[np.ndarray], actions: list[int]) -> int:
+        t0 = time.perf_counter()
+        a, _, _ = self.planner.plan(lambda c: self.world.evaluate(frames, actions, c))
+        self.latencies.append(time.perf_counter() - t0)
+        return a
+
+
+class RandomPolicy:
+    def __init__(self, seed: int = 0):
+        self.seed0 = seed
+
+    def reset(self, sim: Simulator, seed: int) -> None:
+        del sim
+        self.rng = np.random.default_rng(self.seed0 * 7919 + seed)
+
+    def act(self, frames, actions) -> int:
+        del frames, actions
+        return int(self.rng.integers(0, N_ACTIONS))
+
+
+class ExpertPolicy:
+    """Shortest path on the true state (BFS): the best any policy can do on these layouts."""
+
+    def reset(self, sim: Simulator, seed: int) -> None:
+        del seed
+        self.sim = sim
+
+    def act(self, frames, actions) -> int:
+        del frames, actions
+        a = expert_action(self.sim.env)
+        return FORWARD if a is None else a
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    ret: float
+    steps: int
+    actions: list[int] = field(default_factory=list)
+
+
+def run_episode(policy, seed: int, max_steps: int = 64) -> EpisodeResult:
+    sim = Simulator(seed, max_steps=max_steps)
+    policy.reset(sim, seed)
+    frames, actions, ret, success = [sim.frame()], [], 0.0, False
+    while not sim.done:
+        a = policy.act(frames, actions)
+        frame, r, _ = sim.step(a)
+        frames.append(frame)
+        actions.append(a)
+        ret += r
+        success = success or r > 0
+    return EpisodeResult(seed, success, ret, len(actions), actions)
+
+
+@dataclass
+class Summary:
+    name: str
+    episodes: list[EpisodeResult]
+    latencies: list[float]  # seconds per planning tick
+    candidates: int = 0
+    horizon: int = 0
+
+    @property
+    def success_rate(self) -> float:
+        return sum(e.success for e in self.episodes) / max(1, len(self.episodes))
+
+    @property
+    def mean_return(self) -> float:
+        return statistics.fmean(e.ret for e in self.episodes) if self.episodes else 0.0
+
+    def row(self) -> str:
+        n = len(self.episodes)
+        cells = [self.name, f"{n}", f"{100 * self.success_rate:.0f}% ({sum(e.success for e in self.episodes)}/{n})",
+                 f"{self.mean_return:.3f}", f"{statistics.fmean(e.steps for e in self.episodes):.1f}"]
+        if self.latencies:
+            lat = sorted(self.latencies)
+            p50, p95 = lat[len(lat) // 2], lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+            per_s = self.candidates / statistics.fmean(lat)
+            cells += [f"{1000 * p50:.0f} / {1000 * p95:.0f}", f"{per_s:.0f} ({per_s * self.horizon:.0f})"]
+        else:
+            cells += ["-", "-"]
+        return "| " + " | ".join(cells) + " |"
+
+
+TABLE_HEADER = ("| policy | episodes | success | mean return | mean steps | tick latency p50 / p95 (ms) "
+                "| candidates/s (candidate-steps/s) |\n|---|---|---|---|---|---|---|")
+
+
+def evaluate(name: str, policy, seeds: list[int], max_steps: int = 64, cfg: PlanConfig | None = None,
+             log=None) -> Summary:
+    eps = []
+    for s in seeds:
+        eps.append(run_episode(policy, s, max_steps))
+        if log is not None:
+            e = eps[-1]
+            log(f"{name} seed {s}: {'success' if e.success else 'fail'} return {e.ret:.3f} steps {e.steps}")
+    lat = list(getattr(policy, "latencies", []))
+    return Summary(name, eps, lat, cfg.candidates if cfg else 0, cfg.horizon if cfg else 0)
+
+
+def eval_seeds(n: int, seed0: int = HELDOUT_PLAN_SEED0) -> list[int]:
+    return list(range(seed0, seed0 + n))
