@@ -1,0 +1,250 @@
+"""Load generator: served vs raw engine loop, in one run.
+
+    python -m bench.load --preset-dir models/tiny --clients 1,8,64 --horizon 16 --candidates 4 --mode local
+    python -m bench.load --quick                                   # a short smoke run
+
+For each client count N it runs N concurrent gRPC (and HTTP) clients doing rollouts of H steps with K
+candidates against the real server (a subprocess), and reports frames/s (candidate-steps per second),
+time to first frame and inter-frame p50/p99; then the same model and batch shape through the raw engine
+loop in this process (no server, no queue) as the ceiling. Also: stack overhead at 1 client
+(served inter-frame time minus the raw step time) and the fork speedup (K=64 in one request vs 64
+separate requests). Writes bench/out/load-<tag>.json and .md (+ .png when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import MODEL_DIR, start_redis, start_server, start_stack  # noqa: E402
+from worldserve.client import GrpcClient, RestClient  # noqa: E402
+
+
+def pct(xs, q):
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def context_frames():
+    from worldserve.data.minigrid_env import Simulator
+
+    sim = Simulator(seed=77)
+    return np.stack([sim.frame(), sim.step(2)[0]])
+
+
+def served(target: str, transport: str, model: str, n: int, k: int, h: int, duration: float, frames: str,
+           actions):
+    """N clients looping rollouts for `duration` seconds. Returns frames/s, ttff, inter-frame gaps."""
+    ctx = context_frames()
+    ttff, gaps, counts, errors = [], [], [0] * n, []
+    stop = time.time() + duration
+
+    def client(i):
+        c = GrpcClient(target) if transport == "grpc" else RestClient(target)
+        cands = [actions(i, j) for j in range(k)]
+        while time.time() < stop:
+            t0 = time.perf_counter()
+            last = None
+            try:
+                for _ in c.rollout(model, ctx, cands, frames=frames, seed=i):
+                    now = time.perf_counter()
+                    if last is None:
+                        ttff.append(now - t0)
+                    else:
+                        gaps.append(now - last)
+                    last = now
+                    counts[i] += 1
+            except Exception as e:  # noqa: BLE001
+                errors.append(repr(e))
+                return
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    # inter-frame gap per *step*: events of the K candidates of one step arrive together
+    step_gaps = [g for g in gaps if g > 1e-4] if k > 1 else gaps
+    return {"frames_per_s": sum(counts) / wall, "ttff_p50_ms": 1e3 * pct(ttff, 50), "ttff_p99_ms": 1e3 * pct(ttff, 99),
+            "gap_p50_ms": 1e3 * pct(step_gaps, 50), "gap_p99_ms": 1e3 * pct(step_gaps, 99), "errors": errors[:3]}
+
+
+def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frames: str, actions, max_slots: int):
+    """Same model, same batch composition, no server: the ceiling."""
+    import torch
+
+    from worldserve.engine.engine import Engine, EngineConfig
+    from worldserve.messages import FrameMode, RolloutRequest
+    from worldserve.model.config import PRESETS
+    from worldserve.model.io import load_model_dir
+    from worldserve.model.world_model import build
+
+    torch.set_grad_enabled(False)
+    model = build(PRESETS[preset]) if preset else load_model_dir(model_dir)
+    events = []
+    eng = Engine(model, EngineConfig(max_slots=max_slots, max_queue=4 * n), emit=events.append)
+    ctx = context_frames()
+    mode = {"all": FrameMode.ALL, "last": FrameMode.LAST, "none": FrameMode.NONE}[frames]
+    step_times, done_frames = [], 0
+    t_end = time.time() + duration
+    t0 = time.time()
+    r = 0
+    while time.time() < t_end:
+        for i in range(n):
+            eng.submit(RolloutRequest(f"raw{r}-{i}", model.cfg.name, ctx, np.asarray([actions(i, j) for j in range(k)]),
+                                      frames=mode, seed=i))
+        r += 1
+        finals = 0
+        while finals < n:
+            events.clear()
+            s0 = time.perf_counter()
+            eng.step()
+            step_times.append(time.perf_counter() - s0)
+            finals += sum(e.final for e in events)
+            done_frames += sum(not e.final for e in events)
+    wall = time.time() - t0
+    return {"frames_per_s": done_frames / wall, "step_p50_ms": 1e3 * pct(step_times, 50),
+            "step_p99_ms": 1e3 * pct(step_times, 99)}
+
+
+def fork_speedup(target: str, model: str, h: int, k: int = 64):
+    ctx = context_frames()
+    g = GrpcClient(target)
+    cands = [[j % 3] * h for j in range(k)]
+    list(g.rollout(model, ctx, cands[:2], frames="none"))  # warm
+    t0 = time.perf_counter()
+    list(g.rollout(model, ctx, cands, frames="none"))
+    fork = time.perf_counter() - t0
+    errs = []
+
+    def one(j):
+        try:
+            list(GrpcClient(target).rollout(model, ctx, [cands[j]], frames="none"))
+        except Exception as e:  # noqa: BLE001
+            errs.append(e)
+
+    threads = [threading.Thread(target=one, args=(j,)) for j in range(k)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    separate = time.perf_counter() - t0
+    return {"fork_s": fork, "separate_s": separate, "speedup": separate / fork, "errors": len(errs)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model-dir", default=str(MODEL_DIR))
+    p.add_argument("--preset", default=None, help="random-weight preset instead of the model dir (e.g. base)")
+    p.add_argument("--clients", default="1,8,64")
+    p.add_argument("--candidates", type=int, default=1)
+    p.add_argument("--horizon", type=int, default=16)
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--frames", default="all", choices=["all", "last", "none"])
+    p.add_argument("--transports", default="grpc,http")
+    p.add_argument("--modes", default="local", help="local,redis")
+    p.add_argument("--max-slots", type=int, default=64)
+    p.add_argument("--tag", default=None)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    if a.quick:
+        a.clients, a.duration, a.horizon, a.transports = "1,4", 2.0, 4, "grpc"
+    tag = a.tag or (a.preset or Path(a.model_dir).name)
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "logs"
+    tmp.mkdir(exist_ok=True)
+    model_args = ("--preset", a.preset) if a.preset else ("--model-dir", a.model_dir)
+    continuous = a.preset == "base"
+
+    def actions(i, j):
+        rng = np.random.default_rng(1000 * i + j)
+        if continuous:
+            return rng.uniform(-1, 1, (a.horizon, 4)).round(3).tolist()
+        return rng.integers(0, 3, a.horizon).tolist()
+
+    rows, report = [], {"args": vars(a), "results": []}
+    for mode in a.modes.split(","):
+        redis = None
+        if mode == "local":
+            srv = start_server(tmp, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024")
+        else:
+            redis = start_redis(tmp)
+            srv = start_stack(tmp, redis, 1, (*model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024"),
+                              api_env={"WORLDSERVE_QUEUE__STREAM_MAXLEN": "4096"})
+        model = a.preset or "tiny"
+        try:
+            for n in [int(x) for x in a.clients.split(",")]:
+                if n * a.candidates > a.max_slots:
+                    continue
+                raw = raw_engine(a.model_dir, a.preset, n, a.candidates, a.horizon, a.duration, a.frames, actions,
+                                 a.max_slots)
+                for tr in a.transports.split(","):
+                    target = srv.grpc if tr == "grpc" else srv.http
+                    s = served(target, tr, model, n, a.candidates, a.horizon, a.duration, a.frames, actions)
+                    row = {"mode": mode, "transport": tr, "clients": n, "K": a.candidates, "H": a.horizon, **s,
+                           "raw_frames_per_s": raw["frames_per_s"], "raw_step_p50_ms": raw["step_p50_ms"],
+                           "raw_step_p99_ms": raw["step_p99_ms"],
+                           "served_over_raw": s["frames_per_s"] / raw["frames_per_s"]}
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+            if mode == "local" and not a.quick and a.max_slots >= 64:
+                report["fork"] = fork_speedup(srv.grpc, model, a.horizon)
+                print("fork", json.dumps(report["fork"]), flush=True)
+        finally:
+            srv.stop()
+            if redis:
+                redis.stop()
+    report["results"] = rows
+    (out / f"load-{tag}.json").write_text(json.dumps(report, indent=2))
+    md = [f"### {tag}: K={a.candidates}, H={a.horizon}, frames={a.frames}, {a.duration:.0f}s per point",
+          "", "| mode | transport | clients | served frames/s | raw frames/s | served/raw | TTFF p50/p99 ms | "
+          "inter-frame p50/p99 ms | raw step p50/p99 ms | overhead p50/p99 ms |", "|" + "---|" * 10]
+    for r in rows:
+        md.append(f"| {r['mode']} | {r['transport']} | {r['clients']} | {r['frames_per_s']:.0f} | "
+                  f"{r['raw_frames_per_s']:.0f} | {r['served_over_raw']:.2f} | {r['ttff_p50_ms']:.1f} / "
+                  f"{r['ttff_p99_ms']:.1f} | {r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f} | "
+                  f"{r['raw_step_p50_ms']:.2f} / {r['raw_step_p99_ms']:.2f} | "
+                  f"{r['gap_p50_ms'] - r['raw_step_p50_ms']:.2f} / {r['gap_p99_ms'] - r['raw_step_p99_ms']:.2f} |")
+    if "fork" in report:
+        f = report["fork"]
+        md += ["", f"Fork: K=64 in one request {f['fork_s']:.3f}s vs 64 separate requests {f['separate_s']:.3f}s "
+               f"-> {f['speedup']:.2f}x"]
+    (out / f"load-{tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for (mode, tr) in sorted({(r["mode"], r["transport"]) for r in rows}):
+            pts = [r for r in rows if r["mode"] == mode and r["transport"] == tr]
+            ax.plot([r["clients"] for r in pts], [r["frames_per_s"] for r in pts], "o-", label=f"{mode}/{tr}")
+        raw_pts = {r["clients"]: r["raw_frames_per_s"] for r in rows}
+        ax.plot(list(raw_pts), list(raw_pts.values()), "k--", label="raw engine")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("frames/s")
+        ax.set_title(tag)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"load-{tag}.png", dpi=100)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
