@@ -51,6 +51,7 @@ class RolloutInput:
     context_actions: list | None = None
     options: Options = field(default_factory=Options)
     deadline: float | None = None  # absolute unix time from the transport (gRPC deadline)
+    single: bool = False  # predict: one sequence, called `actions` on the wire
 
 
 class DataPlane:
@@ -118,13 +119,16 @@ class DataPlane:
                                       f"{m.max_candidates}", "candidates")
             lens = {len(c) if isinstance(c, list | tuple) else -1 for c in inp.candidates}
             if -1 in lens:
+                if inp.single:
+                    raise InvalidArgument("actions: must be a list of actions", "actions")
                 raise InvalidArgument("candidates: each candidate must be a list of actions", "candidates")
             if len(lens) != 1:
                 raise InvalidArgument("candidates: all action sequences must have the same length", "candidates")
             horizon = lens.pop()
             if not 1 <= horizon <= m.max_horizon:
                 raise InvalidArgument(f"actions: horizon {horizon} must be in [1, {m.max_horizon}]", "actions")
-            actions = np.stack([self._actions(m, c, f"candidates[{k}]") for k, c in enumerate(inp.candidates)])
+            name = (lambda k: "actions") if inp.single else (lambda k: f"candidates[{k}]")
+            actions = np.stack([self._actions(m, c, name(k)) for k, c in enumerate(inp.candidates)])
         ctx_actions = None
         if inp.context_actions:
             if len(inp.context_actions) != len(inp.context) - 1:
@@ -161,6 +165,7 @@ class DataPlane:
     async def predict(self, inp: RolloutInput) -> tuple[str, list[RolloutEvent]]:
         if len(inp.candidates) != 1:
             raise InvalidArgument("actions: predict takes exactly one action sequence", "actions")
+        inp.single = True
         req, events = await self.rollout(inp)
         out = []
         async for ev in events:
