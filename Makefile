@@ -3,7 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 
-.PHONY: setup proto serve test lint unit redis-server bench clean
+SHARED ?= $(abspath ../shared)
+
+.PHONY: setup proto serve test lint unit redis-server chromium container-setup bench clean image
 
 setup: $(VENV)/.installed
 
@@ -21,13 +23,25 @@ proto: setup
 redis-server:
 	@command -v redis-server >/dev/null || (apt-get update -q && apt-get install -y -q redis-server)
 
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium)
+
+# podman for the container tests (no Docker engine on these machines); skipped where docker answers
+container-setup:
+	@docker info >/dev/null 2>&1 || $(SHARED)/tools/container-setup >/dev/null
+
+image: container-setup
+	podman build --format docker --network host -v /etc/ssl/certs:/etc/ssl/certs:ro -v /opt/wheels:/opt/wheels:ro \
+	  --build-arg PIP_FIND_LINKS=/opt/wheels --build-arg TORCH_INDEX_URL= --build-arg BASE_IMAGE=localhost/pybase:3.11 \
+	  --target cpu -t worldserve:cpu .
+
 serve: proto
 	$(VENV)/bin/worldserve serve
 
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: proto redis-server lint
+test: proto redis-server chromium container-setup lint
 	$(PY) -m pytest
 
 unit: proto

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--ckpt", default="runs/tiny")
     t.add_argument("--out", default="models/tiny")
     t.add_argument("--tok-steps", type=int, default=1500)
-    t.add_argument("--dyn-steps", type=int, default=2000)
+    t.add_argument("--dyn-steps", type=int, default=1600)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)

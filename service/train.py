@@ -100,13 +100,21 @@ class Windows:
                 torch.from_numpy(self.data["rewards"][a0]), torch.from_numpy(self.data["dones"][a0].astype(np.float32)))
 
 
+CHANGED_WEIGHT = 10.0  # tokens that differ from the previous frame carry the dynamics: weight them up
+REWARD_EVENT_WEIGHT = 20.0  # rewards are rare: weight their squared error up
+
+
 def dynamics_loss(model: WorldModel, cfg: ModelConfig, batch, gen: torch.Generator, action_dropout: float = 0.1):
-    toks, acts, nxt, rew, done = batch
+    toks, acts, nxt, rew, done = batch  # [B,T,N] [B,T] [B,T,N] [B,T] [B,T]
     drop = torch.rand(acts.shape, generator=gen) < action_dropout
     acts = torch.where(drop, torch.full_like(acts, cfg.n_actions), acts)
     logits, r, d = model.dynamics(toks, acts)
-    ce = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), nxt.reshape(-1))
-    return ce + 5.0 * F.mse_loss(r, rew) + F.binary_cross_entropy_with_logits(d, done), ce
+    ce_tok = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), nxt.reshape(-1), reduction="none")
+    w = 1.0 + (CHANGED_WEIGHT - 1.0) * (nxt != toks).reshape(-1).float()
+    ce = (ce_tok * w).sum() / w.sum()
+    rw = 1.0 + (REWARD_EVENT_WEIGHT - 1.0) * (rew > 0).float()
+    r_loss = (rw * (r - rew) ** 2).mean()
+    return ce + 5.0 * r_loss + 2.0 * F.binary_cross_entropy_with_logits(d, done), ce_tok.mean()
 
 
 def train_dynamics(model: WorldModel, windows: Windows, steps: int, batch: int, seed: int, ckpt: Path,

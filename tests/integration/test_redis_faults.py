@@ -79,7 +79,7 @@ def test_kill_worker_mid_rollout_every_client_gets_each_step_exactly_once(tmp_pa
             t.join(120)
         assert not errors, errors
         expected = inprocess(ctx, jobs)
-        for seed, cands in jobs:
+        for seed, _cands in jobs:
             got = results[seed]
             keys = [(c, s) for c, s, _ in got]
             assert len(keys) == len(set(keys)) == 4 * 24, f"seed {seed}: duplicates or gaps"
@@ -193,3 +193,33 @@ def test_dead_letter_after_max_deliveries(tmp_path, redis_server, real_frames):
         assert r.xpending(key, group)["pending"] == 0
     finally:
         st.stop()
+
+
+def test_password_protected_redis_and_no_secret_in_logs(tmp_path, real_frames):
+    import subprocess
+
+    from tests.conftest import RedisServer, free_port
+
+    secret = "s3cr3t-pa55word-xyz"
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--requirepass", secret], stdout=subprocess.DEVNULL)
+    rs = RedisServer(port, tmp_path, proc)
+    time.sleep(0.5)
+    env = {"WORLDSERVE_QUEUE__PASSWORD": secret}
+    try:
+        st = start_stack(tmp_path, rs, 1, ("--max-slots", "4"), api_env=env, worker_env=env)
+        try:
+            assert len(list(GrpcClient(st.grpc).rollout(MODEL, real_frames[:1], [[2, 2]], frames="none"))) == 2
+        finally:
+            st.stop()
+        for log in [st.api.log, *[w.log for w in st.workers]]:
+            assert secret not in log.read_text()
+        # with the password in the URL, logs show it redacted
+        url = f"redis://:{secret}@127.0.0.1:{port}/0"
+        from worldserve.queue.redis_common import redacted
+
+        assert secret not in redacted(url) and "***" in redacted(url)
+    finally:
+        proc.terminate()
+        proc.wait(10)
