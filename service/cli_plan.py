@@ -1,5 +1,218 @@
-"""Subcommands (being written)."""
+"""Users' side subcommands: `plan` (remote MPC evaluation on the real environment) and `rollout`
+(predicted frames beside the real environment's frames for the same actions, as a PNG strip or a GIF)."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_BEGIN, RESULTS_END = "<!-- plan-results -->", "<!-- /plan-results -->"
 
 
+def _client(a):
+    from .client import GrpcClient, RestClient
+
+    if a.grpc:
+        return GrpcClient(a.grpc)
+    return RestClient(a.http)
+
+
+def _target(p) -> None:
+    p.add_argument("--grpc", help="gRPC target host:port (default: REST at --http)")
+    p.add_argument("--http", default="http://127.0.0.1:8000", help="REST base URL")
+    p.add_argument("--model", default="tiny")
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def cmd_plan(a) -> None:
+    from .plan import (
+        TABLE_HEADER,
+        ExpertPolicy,
+        MPCPolicy,
+        PlanConfig,
+        RandomPolicy,
+        RemoteWorld,
+        SimWorld,
+        eval_seeds,
+        evaluate,
+    )
+
+    cfg = PlanConfig(candidates=a.candidates, horizon=a.horizon, gamma=a.gamma, lava_penalty=a.lava_penalty,
+                     primitives=not a.no_primitives, seed=a.seed)
+    seeds = eval_seeds(a.episodes, a.seed0)
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.verbose else None
+    rows, t0 = [], time.time()
+    for name in a.policies.split(","):
+        if name == "random":
+            rows.append(evaluate("random", RandomPolicy(a.seed), seeds, a.max_steps, log=log))
+        elif name == "served":
+            world = RemoteWorld(_client(a), a.model, temperature=a.temperature)
+            label = f"CEM planner on the served model (K={cfg.candidates}, H={cfg.horizon})"
+            rows.append(evaluate(label, MPCPolicy(world, cfg), seeds, a.max_steps, cfg, log=log))
+        elif name == "sim":
+            label = f"same planner on the true simulator (K={cfg.candidates}, H={cfg.horizon})"
+            rows.append(evaluate(label, MPCPolicy(SimWorld(), cfg), seeds, a.max_steps, cfg, log=log))
+        elif name == "expert":
+            rows.append(evaluate("expert (BFS on the true state)", ExpertPolicy(), seeds, a.max_steps, log=log))
+        else:
+            raise SystemExit(f"unknown policy {name!r} (random, served, sim, expert)")
+        print(rows[-1].row(), file=sys.stderr, flush=True)
+    table = TABLE_HEADER + "\n" + "\n".join(r.row() for r in rows)
+    print(table)
+    if a.write:
+        _write_results(Path(a.write), table, a, time.time() - t0)
+
+
+def _write_results(path: Path, table: str, a, seconds: float) -> None:
+    model = ""
+    if a.card and Path(a.card).is_file():
+        text = Path(a.card).read_text()
+        sha = re.search(r"weights_sha256:\s*([0-9a-f]{64})", text)
+        first = text.strip().splitlines()[0].lstrip("# ") if text.strip() else ""
+        model = f"Model: `{a.card}` — {first}" + (f" (weights sha256 `{sha.group(1)[:16]}…`)" if sha else "") + ".\n"
+    argv = " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("worldserve", "cli.py") else ""
+    block = (f"{RESULTS_BEGIN}\n{model}Episodes: seeds {a.seed0}..{a.seed0 + a.episodes - 1} (held out), "
+             f"max {a.max_steps} steps; measured {time.strftime('%Y-%m-%d')} in {seconds / 60:.1f} min.\n"
+             + (f"Command: `worldserve {argv}`\n" if argv else "") + f"\n{table}\n{RESULTS_END}")
+    old = path.read_text() if path.exists() else ""
+    if RESULTS_BEGIN in old and RESULTS_END in old:
+        new = old[: old.index(RESULTS_BEGIN)] + block + old[old.index(RESULTS_END) + len(RESULTS_END) :]
+    else:
+        new = old + ("\n" if old else "") + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+    print(f"wrote the results into {path}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+def real_rollout(seed: int, n_actions: int, actions: list[int] | None, epsilon: float = 0.25):
+    """Real frames uint8 [T+1, H, W, 3] and actions [T] (default: an epsilon-expert episode, padded)."""
+    from .data.minigrid_env import Simulator, run_episode
+
+    if actions is None:
+        actions = run_episode(seed, epsilon, pad=n_actions)[1].tolist()
+        rng = np.random.default_rng(seed)
+        actions += rng.integers(0, 3, max(0, n_actions - len(actions))).tolist()
+    actions = actions[:n_actions]
+    sim = Simulator(seed)
+    frames = [sim.frame()] + [sim.step(x)[0] for x in actions]
+    return np.stack(frames), actions
+
+
+def predict_inprocess(model_dir: str, context, context_actions, actions, seed: int, temperature: float):
+    """The engine in this process (no server): predicted frames uint8 [T, H, W, 3]."""
+    from .engine.engine import Engine, EngineConfig
+    from .messages import RolloutRequest
+    from .model.io import load_model_dir
+
+    events = []
+    model = load_model_dir(model_dir)
+    eng = Engine(model, EngineConfig(max_slots=4), emit=events.append)
+    ca = np.asarray(context_actions, np.int64) if context_actions else None
+    eng.submit(RolloutRequest("rollout", model.spec.name, np.asarray(context), np.asarray([actions], np.int64),
+                              context_actions=ca, seed=seed, temperature=temperature))
+    while not any(e.final for e in events):
+        eng.step()
+    if events[-1].message:
+        raise SystemExit(f"rollout failed: {events[-1].error.name}: {events[-1].message}")
+    return np.stack([e.frame for e in sorted((e for e in events if not e.final), key=lambda e: e.step)])
+
+
+def strip_image(real, pred, context: int, actions: list[int], scale: int = 2):
+    """PIL image: row 1 the real frames, row 2 the model's (context frames are shared), labelled columns."""
+    from PIL import Image, ImageDraw
+
+    from .data.minigrid_env import ACTION_NAMES
+
+    n, (h, w) = len(real), real.shape[1:3]
+    fw, fh, pad, label_w, head = w * scale, h * scale, 4, 56, 16
+    img = Image.new("RGB", (label_w + n * (fw + pad), head + 2 * (fh + pad)), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    for row, (name, frames) in enumerate((("real", real), ("model", pred))):
+        y = head + row * (fh + pad)
+        d.text((4, y + fh // 2 - 6), name, fill=(0, 0, 0))
+        for i in range(n):
+            f = frames[i] if i >= context else real[i]
+            x = label_w + i * (fw + pad) + (pad if i >= context else 0)
+            img.paste(Image.fromarray(f).resize((fw, fh), Image.NEAREST), (x, y))
+    for i in range(n):
+        x = label_w + i * (fw + pad) + (pad if i >= context else 0)
+        text = "ctx" if i < context else f"+{i - context + 1} {ACTION_NAMES[actions[i - 1]]}"
+        d.text((x + 2, 2), text, fill=(0, 0, 0) if i >= context else (120, 120, 120))
+    return img
+
+
+def write_gif(path: Path, real, pred, context: int, scale: int = 4, ms: int = 300) -> None:
+    from PIL import Image
+
+    frames = []
+    for i in range(context - 1, len(real)):
+        both = np.concatenate([real[i], np.full((real.shape[1], 2, 3), 255, np.uint8),
+                               pred[i] if i >= context else real[i]], axis=1)
+        frames.append(Image.fromarray(both).resize((both.shape[1] * scale, both.shape[0] * scale), Image.NEAREST))
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms, loop=0)
+
+
+def cmd_rollout(a) -> None:
+    if a.context < 1:
+        raise SystemExit("--context must be at least 1")
+    given = [int(x) for x in a.actions.split(",")] if a.actions else None
+    real, actions = real_rollout(a.seed, a.context - 1 + a.horizon, given)
+    if len(actions) < a.context:
+        raise SystemExit(f"need at least {a.context} actions (context - 1 + 1), got {len(actions)}")
+    ctx, ctx_actions, future = real[: a.context], actions[: a.context - 1], actions[a.context - 1 :]
+    if a.model_dir:
+        pred = predict_inprocess(a.model_dir, ctx, ctx_actions, future, a.sample_seed, a.temperature)
+    else:
+        pred = _client(a).predict(a.model, ctx, future, context_actions=ctx_actions or None, seed=a.sample_seed,
+                                  temperature=a.temperature)
+    full = np.concatenate([ctx, pred])  # aligned with `real`
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".gif":
+        write_gif(out, real, full, a.context)
+    else:
+        strip_image(real, full, a.context, actions, a.scale).save(out)
+    mse = ((real[a.context :].astype(np.float64) - pred) ** 2).mean(axis=(1, 2, 3))
+    psnr = [100.0 if m < 1e-10 else 10 * np.log10(255.0**2 / m) for m in mse]
+    print(f"wrote {out}: seed {a.seed}, {a.context} context frames, {len(future)} predicted; "
+          f"PSNR per step vs the real frames (dB): {' '.join(f'{p:.1f}' for p in psnr)}")
+
+
+# ---------------------------------------------------------------------------------------------- argparse
 def add_commands(sub) -> None:
-    del sub
+    p = sub.add_parser("plan", help="evaluate a remote MPC planner (CEM over Rollout) on the real environment")
+    _target(p)
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--seed0", type=int, default=2_000_000, help="first held-out layout seed")
+    p.add_argument("--policies", default="random,served,sim,expert", help="comma list: random,served,sim,expert")
+    p.add_argument("--candidates", type=int, default=64)
+    p.add_argument("--horizon", type=int, default=16)
+    p.add_argument("--gamma", type=float, default=0.95)
+    p.add_argument("--lava-penalty", type=float, default=1.0)
+    p.add_argument("--no-primitives", action="store_true", help="CEM samples only (no L-shaped primitive library)")
+    p.add_argument("--temperature", type=float, default=0.0, help="world-model sampling temperature")
+    p.add_argument("--max-steps", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0, help="planner / random-policy seed")
+    p.add_argument("--write", help="put the table (and the command) into this markdown file, e.g. docs/planning.md")
+    p.add_argument("--card", default="models/tiny/MODEL_CARD.md", help="model card named in --write output")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per episode on stderr")
+    p.set_defaults(fn=cmd_plan)
+
+    r = sub.add_parser("rollout", help="predicted frames beside the real environment's (PNG strip or GIF)")
+    _target(r)
+    r.add_argument("--model-dir", help="run the model in this process instead of calling a server")
+    r.add_argument("--seed", type=int, default=2_000_003, help="environment layout seed")
+    r.add_argument("--actions", help="comma list of actions (0 left, 1 right, 2 forward); default: "
+                   "an epsilon-expert episode")
+    r.add_argument("--context", type=int, default=4, help="real context frames given to the model")
+    r.add_argument("--horizon", type=int, default=10, help="predicted steps")
+    r.add_argument("--sample-seed", type=int, default=0)
+    r.add_argument("--temperature", type=float, default=0.0)
+    r.add_argument("--scale", type=int, default=2)
+    r.add_argument("--out", default="rollout.png", help=".png (strip) or .gif (animation)")
+    r.set_defaults(fn=cmd_rollout)

@@ -1,5 +1,162 @@
-"""Subcommands (being written)."""
+"""Runtime subcommands: `export` (build backend artifacts) and `quantize` (quantize + quality gate + save)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _say(t0: float):
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+    return say
+
+
+def parity(ref, model, steps: int = 8, batch: int = 4, seed: int = 0) -> dict[str, float]:
+    """Greedy rollout of `ref` from a random context; `model` (another backend) is fed the same tokens.
+
+    Returns token agreement of model's greedy tokens with ref's, max |logit diff| and decoded-frame PSNR.
+    """
+    import numpy as np
+    import torch
+
+    from .model.dynamics import advance
+
+    cfg = ref.cfg
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.randint(0, 256, (batch * 2, cfg.height, cfg.width, 3), dtype=torch.uint8, generator=g)
+    dev = next(ref.parameters()).device
+    tokens = ref.encode(frames.to(dev)).view(batch, 2, -1)
+    acts, known = ref.unknown_actions(batch, 1, dev)
+    c_ref, c_mod = ref.allocate_cache(batch), model.allocate_cache(batch)
+    slots = torch.arange(batch, device=dev)
+    ref.prefill(c_ref, slots, tokens, acts, known)
+    model.prefill(c_mod, slots, tokens, acts, known)
+    agree, diff, mse = [], 0.0, []
+    for _ in range(steps):
+        if cfg.continuous:
+            a = torch.rand(batch, cfg.action_dim, generator=g).to(dev) * 2 - 1
+        else:
+            a = torch.randint(0, cfg.n_actions, (batch,), generator=g).to(dev)
+        l_ref, _, _ = ref.step(c_ref, slots, a)
+        l_mod, _, _ = model.step(c_mod, slots, a)
+        nxt = l_ref.argmax(-1)
+        agree.append(float((l_mod.argmax(-1).to(dev) == nxt).float().mean()))
+        diff = max(diff, float((l_mod.float().to(dev) - l_ref.float()).abs().max()))
+        mse.append(float(((model.decode(nxt).float().cpu() - ref.decode(nxt).float().cpu()) ** 2).mean()))
+        advance(c_ref, slots, nxt)
+        advance(c_mod, slots, nxt)
+    m = float(np.mean(mse))
+    return {"token_agreement": float(np.mean(agree)), "max_logit_diff": diff,
+            "frame_psnr": 100.0 if m <= 1e-10 else 10 * float(np.log10(255.0**2 / m))}
+
+
+def cmd_export(a) -> None:
+    import torch
+
+    from .runtime.loader import load_model
+    from .settings import ModelSettings
+
+    torch.set_num_threads(a.threads)
+    say = _say(time.perf_counter())
+    ms = ModelSettings(dir=Path(a.model_dir), device=a.device, backend=a.backend, precision=a.precision,
+                       artifact_dir=Path(a.artifact_dir))
+    say(f"loading {a.model_dir} on {a.device}")
+    ref = load_model(ms)
+    model = ref
+    if a.precision in ("int8", "fp8"):
+        from .runtime.quantize import quantize_model
+
+        say(f"quantizing to {a.precision}")
+        model = quantize_model(ref, a.precision)
+    elif a.precision in ("fp16", "bf16"):
+        model = ref.to(torch.float16 if a.precision == "fp16" else torch.bfloat16)
+    if a.backend == "onnxruntime":
+        from .runtime.onnx_backend import OnnxWorldModel
+
+        built = OnnxWorldModel.build(model, ms, say=say)
+    else:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError as e:
+            raise SystemExit("backend 'tensorrt' needs the tensorrt package and an NVIDIA GPU "
+                             "(pip install 'worldserve[tensorrt]'); it is not importable here") from e
+        from .runtime.trt_backend import TrtWorldModel
+
+        built = TrtWorldModel.build(model, ms, say=say)
+    say(f"artifacts: {built.path}")
+    if a.check_steps:
+        say(f"checking against eager {a.precision} ({a.check_steps} greedy steps, batch 4)")
+        r = parity(model, built, a.check_steps)
+        say(f"token agreement {100 * r['token_agreement']:.2f}%, max |logit diff| {r['max_logit_diff']:.2e}, "
+            f"decoded frames {r['frame_psnr']:.1f} dB PSNR")
+    say("done")
+
+
+def cmd_quantize(a) -> None:
+    import torch
+
+    from .model.io import load_model_dir, model_hash, sha256_file
+    from .runtime.quantize import quantize_model, save_quantized
+
+    torch.set_num_threads(a.threads)
+    say = _say(time.perf_counter())
+    src = Path(a.model_dir)
+    out = Path(a.out) if a.out else src.with_name(f"{src.name}-{a.precision}")
+    say(f"loading {src}")
+    model = load_model_dir(src, device=a.device)
+    q = quantize_model(model, a.precision, progress=lambda i, n, name: say(f"  [{i}/{n}] {name}"))
+    fp_bytes = sum(p.numel() * p.element_size() for p in model.dynamics.parameters())
+    q_bytes = sum(t.numel() * t.element_size() for t in q.dynamics.state_dict().values())
+    say(f"dynamics weights {fp_bytes / 1e6:.2f} MB -> {q_bytes / 1e6:.2f} MB")
+    verdict = "not checked (--episodes 0)"
+    if a.episodes:
+        from .evaluate import evaluate, heldout_episodes, table
+
+        say(f"quality gate: {a.episodes} held-out episodes, fp32 vs {a.precision}")
+        eps = heldout_episodes(a.episodes)
+        ref, res = evaluate(model, eps), evaluate(q, eps)
+        loss8 = ref.model_psnr[8] - res.model_psnr[8]
+        ok = loss8 <= 0.5
+        print(table(ref) + "\n\n" + table(res, a.precision), flush=True)
+        verdict = f"{-loss8:+.2f} dB open-loop PSNR at step 8 vs fp32 (gate: lose at most 0.5 dB): " + (
+            "PASS" if ok else "FAIL")
+        say(verdict)
+        if not ok and not a.force:
+            say(f"not writing {out} (use --force to write it anyway)")
+            sys.exit(1)
+    source_sha = sha256_file(src / "model.safetensors")
+    card = (f"# {model.cfg.name} — {a.precision} weight-only quantization\n\n"
+            f"- Source: {src} (weights_sha256 {source_sha})\n"
+            f"- Quantized layers: the dynamics transformer's linears (blocks + vocabulary head), per output channel\n"
+            f"- Quality: {verdict}\n"
+            f"- Made by: `worldserve quantize {src} --precision {a.precision}`\n")
+    digest = save_quantized(q, out, source_sha, card)
+    say(f"wrote {out} (sha256 {digest[:16]}…, source {model_hash(src)})")
 
 
 def add_commands(sub) -> None:
-    del sub
+    e = sub.add_parser("export", help="build backend artifacts (ONNX / TensorRT) for a model directory",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("model_dir")
+    e.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
+    e.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "fp8"], default="fp32")
+    e.add_argument("--device", default="cpu", help="cpu for onnxruntime, cuda for tensorrt")
+    e.add_argument("--artifact-dir", default="artifacts")
+    e.add_argument("--check-steps", type=int, default=8, help="greedy steps compared with eager (0: skip)")
+    e.add_argument("--threads", type=int, default=2)
+    e.set_defaults(fn=cmd_export)
+
+    q = sub.add_parser("quantize", help="quantize a model directory, check it on held-out rollouts, save it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("model_dir")
+    q.add_argument("--precision", choices=["int8", "fp8"], default="int8")
+    q.add_argument("--out", help="output directory (default: MODEL_DIR-PRECISION next to MODEL_DIR)")
+    q.add_argument("--episodes", type=int, default=16, help="held-out episodes for the 0.5 dB gate (0: skip)")
+    q.add_argument("--force", action="store_true", help="write the output even if the gate fails")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--threads", type=int, default=2)
+    q.set_defaults(fn=cmd_quantize)

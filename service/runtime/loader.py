@@ -19,6 +19,10 @@ def load_model(ms: ModelSettings) -> WorldModel:
         if ms.preset not in PRESETS:
             raise SystemExit(f"unknown preset {ms.preset!r}; choose one of {sorted(PRESETS)}")
         model = build(PRESETS[ms.preset], seed=0)
+    elif (ms.dir / "quantization.json").exists():  # written by `worldserve quantize`
+        from .quantize import load_quantized
+
+        return load_quantized(ms.dir, ms.device).eval()
     else:
         model = load_model_dir(ms.dir)
     return model.to(ms.device).eval()
@@ -30,7 +34,7 @@ def prepare(ms: ModelSettings) -> WorldModel:
     if ms.precision == "int8":
         from .quantize import quantize_model
 
-        model = quantize_model(model, "int8")
+        model = quantize_model(model, "int8", use_triton=ms.triton_kernels)
     elif ms.precision in ("fp16", "bf16"):
         if ms.device == "cpu" and ms.precision == "fp16":
             raise SystemExit("fp16 needs a GPU; use bf16 or int8 on CPU")
@@ -38,7 +42,7 @@ def prepare(ms: ModelSettings) -> WorldModel:
     elif ms.precision == "fp8":
         from .quantize import quantize_model
 
-        model = quantize_model(model, "fp8")
+        model = quantize_model(model, "fp8", use_triton=ms.triton_kernels)
     if ms.backend == "compile":
         from .compiled import compile_model
 

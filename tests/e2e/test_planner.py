@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from worldserve.client import GrpcClient
 from worldserve.plan import (
     CEMPlanner,

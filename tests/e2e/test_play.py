@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
+
 from worldserve.client import RestClient
 
 pytestmark = pytest.mark.e2e

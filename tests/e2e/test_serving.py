@@ -8,6 +8,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+
 from worldserve.client import GrpcClient, RestClient, ServerError
 
 pytestmark = pytest.mark.e2e
@@ -16,11 +17,10 @@ MODEL = "tiny"
 
 def inprocess_frames(context, actions, seed, temperature, candidates=1):
     """The engine's own result, no server: frames uint8 [K, T, H, W, 3]."""
+    from tests.conftest import MODEL_DIR
     from worldserve.engine.engine import Engine, EngineConfig
     from worldserve.messages import RolloutRequest
     from worldserve.model.io import load_model_dir
-
-    from tests.conftest import MODEL_DIR
 
     events = []
     eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=64), emit=events.append)

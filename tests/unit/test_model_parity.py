@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from worldserve.model.config import PRESETS, ModelConfig
 from worldserve.model.dynamics import advance
 from worldserve.model.world_model import build
