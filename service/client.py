@@ -115,20 +115,21 @@ class RestClient:
                     return
                 yield self._event(d)
 
-    def session(self, model: str, context, **opts) -> WsSession:
+    def session(self, model: str, context, context_actions=None, **opts) -> WsSession:
         return WsSession(self.base.replace("http", "ws", 1) + f"/v1/models/{model}/session",
-                         [self._frame_json(f) for f in context], _opts(**opts))
+                         [self._frame_json(f) for f in context], _opts(**opts), _plain(context_actions))
 
 
 class WsSession:
-    def __init__(self, url: str, context: list[dict], options: dict):
-        self.url, self.context, self.options = url, context, options
+    def __init__(self, url: str, context: list[dict], options: dict, context_actions=None):
+        self.url, self.context, self.options, self.context_actions = url, context, options, context_actions
 
     def __enter__(self) -> WsSession:
         from websockets.sync.client import connect
 
         self.ws = connect(self.url, max_size=2**24)
-        self.ws.send(json.dumps({"type": "open", "context": self.context, "options": self.options}))
+        self.ws.send(json.dumps({"type": "open", "context": self.context, "options": self.options,
+                                 "context_actions": self.context_actions}))
         msg = json.loads(self.ws.recv())
         if msg.get("type") != "opened":
             raise ServerError(msg.get("code", "ERROR"), msg.get("message", str(msg)))

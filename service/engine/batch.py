@@ -26,3 +26,22 @@ def pad_to(x: torch.Tensor, n: int, value) -> torch.Tensor:
         return x
     pad = torch.full((n - x.shape[0], *x.shape[1:]), value, dtype=x.dtype, device=x.device)
     return torch.cat([x, pad])
+
+
+CHUNK = 8
+
+
+def run_fixed_chunks(fn, x: torch.Tensor, size: int = CHUNK) -> torch.Tensor:
+    """Apply a per-row function in chunks of exactly `size` rows (the last one padded).
+
+    CPU conv / matmul kernels pick their algorithm by batch size, so the same row can round differently
+    in a batch of 1 and a batch of 16. A fixed chunk size keeps encode / decode batch-invariant.
+    """
+    outs = []
+    for i in range(0, x.shape[0], size):
+        part = x[i : i + size]
+        n = part.shape[0]
+        if n < size:
+            part = torch.cat([part, part[:1].expand(size - n, *part.shape[1:])])
+        outs.append(fn(part)[:n])
+    return torch.cat(outs)

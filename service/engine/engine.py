@@ -29,7 +29,7 @@ from ..errors import QueueFull
 from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 from ..model.dynamics import advance
 from ..model.world_model import WorldModel
-from .batch import bucket, pad_to
+from .batch import bucket, pad_to, run_fixed_chunks
 from .sampler import Sampler
 
 log = logging.getLogger("worldserve.engine")
@@ -177,7 +177,7 @@ class Engine:
             return
         # encode every context frame of every admitted request in one batch
         ctx = torch.from_numpy(np.concatenate([a.req.context for a in admitted])).to(self.device)
-        tokens = self.model.encode(ctx)  # int64 [sum(C), N]
+        tokens = run_fixed_chunks(self.model.encode, ctx)  # int64 [sum(C), N], batch-invariant
         groups: dict[int, list[tuple[Active, torch.Tensor]]] = {}
         off = 0
         for a in admitted:
@@ -236,7 +236,7 @@ class Engine:
                            stepi.to(self.device))
         advance(self.cache, slots[:b], nxt)
         want = [i for i, r in enumerate(rows) if self._wants_frame(r[0])]
-        frames = self.model.decode(nxt[want]).cpu().numpy() if want else None
+        frames = run_fixed_chunks(self.model.decode, nxt[want]).cpu().numpy() if want else None
         frame_of = {i: j for j, i in enumerate(want)}
         reward, done, nxt_cpu = reward[:b].float().cpu().numpy(), done[:b].float().cpu().numpy(), nxt.cpu().numpy()
         now = time.monotonic()
