@@ -94,7 +94,9 @@ def server(request, tmp_path_factory):
     """The e2e surface, twice: `serve` (in-process queue) and api + worker through a real Redis."""
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "local":
-        srv = start_server(tmp, "--model-dir", str(MODEL_DIR), "--max-slots", "64", "--max-queue", "128")
+        # e.g. WORLDSERVE_TEST_SERVE_ARGS="--backend onnxruntime --precision int8" runs the suite on that backend
+        extra = os.environ.get("WORLDSERVE_TEST_SERVE_ARGS", "").split()
+        srv = start_server(tmp, "--model-dir", str(MODEL_DIR), "--max-slots", "64", "--max-queue", "128", *extra)
         srv.metrics_urls = [srv.http]
     else:
         redis = request.getfixturevalue("redis_server")

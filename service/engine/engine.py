@@ -252,6 +252,7 @@ class Engine:
         metrics.FRAMES.inc(b)
         for a in {id(r[0]): r[0] for r in rows}.values():  # 5. update
             a.step += 1
+            a.last_seen = time.monotonic()  # a session is idle only when no action is being processed
             if not a.req.session and a.step >= a.req.horizon:
                 self._finish(a, ErrorCode.OK, "")
 
