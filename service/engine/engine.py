@@ -68,6 +68,7 @@ class Engine:
         self.waiting: list[tuple[int, int, RolloutRequest, float]] = []  # heap (priority, seq, req, t)
         self._seq = itertools.count()
         self._inbox: deque = deque()
+        self._early: dict[str, list[SessionAction]] = {}  # actions that arrived before their session's admission
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -134,7 +135,9 @@ class Engine:
                 heapq.heappush(self.waiting, (int(obj.priority), next(self._seq), obj, t))
             elif kind == "act":
                 a = self.active.get(obj.request_id)
-                if a is None:
+                if a is None:  # session not admitted yet: keep its actions for admission
+                    if any(w[2].id == obj.request_id for w in self.waiting):
+                        self._early.setdefault(obj.request_id, []).append(obj)
                     continue
                 a.last_seen = time.monotonic()
                 if obj.close:
@@ -172,7 +175,13 @@ class Engine:
         while self.waiting and len(self.free) >= self.waiting[0][2].candidates:
             _, _, req, t = heapq.heappop(self.waiting)
             slots = [self.free.pop() for _ in range(req.candidates)]
-            admitted.append(Active(req, slots, submitted=t, last_seen=time.monotonic()))
+            a = Active(req, slots, submitted=t, last_seen=time.monotonic())
+            for early in self._early.pop(req.id, []):
+                if early.close:
+                    a.closing = True
+                else:
+                    a.actions.append(early.action)
+            admitted.append(a)
         if not admitted:
             return
         # encode every context frame of every admitted request in one batch
