@@ -139,3 +139,12 @@ def test_session_steps_only_when_actions_arrive(model):
     eng.act(SessionAction("s", np.zeros(0), close=True))
     eng.step()
     assert ev[-1].final and ev[-1].error == ErrorCode.OK and eng.free_slots() == 2
+
+
+def test_session_action_sent_with_the_open_is_not_lost(model):
+    eng, ev = make(model, slots=2)
+    eng.submit(RolloutRequest("s2", "tiny", ctx(1), np.zeros((1, 0), np.int64), session=True))
+    eng.act(SessionAction("s2", np.asarray(2)))  # same engine step as the submit
+    for _ in range(3):
+        eng.step()
+    assert [e.step for e in ev if not e.final] == [0]
