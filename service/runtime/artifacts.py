@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from ..model.io import sha256_file
+
 log = logging.getLogger("worldserve.runtime")
 MANIFEST = "manifest.json"
 
@@ -49,14 +51,6 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check(path: Path, key: dict) -> str | None:
     """None if the directory at `path` is a complete, uncorrupted build of `key`; else why not."""
     mpath = path / MANIFEST
@@ -73,7 +67,7 @@ def check(path: Path, key: dict) -> str | None:
         f = path / name
         if not f.is_file():
             return f"{name} missing"
-        if file_sha256(f) != digest:
+        if sha256_file(f) != digest:
             return f"{name} does not match its sha256 (corrupt or modified)"
     return None
 
@@ -99,7 +93,7 @@ def load_or_build(root: Path, label: str, key: dict, build: Callable[[Path], Non
     tmp.mkdir()
     try:
         build(tmp)
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"key": key, "files": files}, indent=2, sort_keys=True) + "\n")
         try:
             os.replace(tmp, path)
