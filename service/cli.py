@@ -42,8 +42,9 @@ def cmd_train(a) -> None:
 - Held-out evaluation: fresh seeds from 1,000,000 on (never trained on).
 - Training: `worldserve train --tok-steps {a.tok_steps} --dyn-steps {a.dyn_steps} --batch {a.batch} --seed {a.seed}`
   on {a.threads} CPU threads, {minutes:.1f} minutes (tokenizer + dynamics).
-- Architecture: FSQ tokenizer (levels {list(model.cfg.fsq_levels)}), block-causal transformer
-  d={model.cfg.d_model} L={model.cfg.n_layers} H={model.cfg.n_heads}, window {model.cfg.window} frames.
+- Architecture: patch VQ tokenizer ({model.cfg.codebook_size} codes, k-means over training patches),
+  block-causal transformer d={model.cfg.d_model} L={model.cfg.n_layers} H={model.cfg.n_heads},
+  window {model.cfg.window} frames.
 - Parameters: {model.param_counts()}
 """
     digest = save_model_dir(model, Path(a.out), card)

@@ -64,6 +64,62 @@ def train_tokenizer(model: WorldModel, frames: np.ndarray, steps: int, batch: in
     return losses
 
 
+def unique_patches(frames: np.ndarray, patch: int, max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # uint8 [F, H, W, 3] -> distinct patches uint8 [U, p*p*3] and their counts [U] (subsampled if U is huge)
+    f, h, w, _ = frames.shape
+    rows = frames.reshape(f, h // patch, patch, w // patch, patch, 3).transpose(0, 1, 3, 2, 4, 5)
+    rows = np.ascontiguousarray(rows).reshape(-1, patch * patch * 3)
+    uniq, counts = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))), return_counts=True)
+    uniq = uniq.view(np.uint8).reshape(-1, rows.shape[1])
+    if len(uniq) > max_rows:  # natural images: every patch is distinct, keep a random subset
+        keep = np.random.default_rng(seed).choice(len(uniq), max_rows, replace=False, p=counts / counts.sum())
+        uniq, counts = uniq[keep], np.ones(max_rows, np.int64)
+    return uniq, counts
+
+
+def fit_codebook(frames: np.ndarray, k: int, patch: int, seed: int, iters: int = 25,
+                 max_rows: int = 200_000) -> tuple[torch.Tensor, dict]:
+    """k-means over training patches: weighted k-means++ seeding, then Lloyd steps. -> float [K, p*p*3]."""
+    uniq, counts = unique_patches(frames, patch, max_rows, seed)
+    z = torch.from_numpy(uniq).double().div(127.5).sub(1.0)  # [U, D] in [-1, 1]
+    w = torch.from_numpy(counts).double()
+    gen = np.random.default_rng(seed)
+    centres = [int(gen.choice(len(z), p=(w / w.sum()).numpy()))]
+    d2 = (z - z[centres[0]]).pow(2).sum(1)
+    for _ in range(1, min(k, len(z))):
+        mass = (d2 * w).numpy()
+        if mass.sum() <= 0:  # every distinct patch already has a code
+            break
+        centres.append(int(gen.choice(len(z), p=mass / mass.sum())))
+        d2 = torch.minimum(d2, (z - z[centres[-1]]).pow(2).sum(1))
+    c = z[centres].clone()
+    for _ in range(iters):
+        assign = (c.pow(2).sum(1) - 2 * z @ c.t()).argmin(1)
+        mass = torch.zeros(len(c), dtype=torch.float64).index_add_(0, assign, w)
+        sums = torch.zeros_like(c).index_add_(0, assign, z * w[:, None])
+        c = torch.where(mass[:, None] > 0, sums / mass.clamp_min(1e-12)[:, None], c)
+    used = len(c)
+    if used < k:  # fewer distinct patches than codes: repeat the most common one (argmin never picks a repeat)
+        c = torch.cat([c, c[mass.argmax()].expand(k - used, -1)])
+    assign = (c.pow(2).sum(1) - 2 * z @ c.t()).argmin(1)
+    mse = float(((z - c[assign]).pow(2).mean(1) * w).sum() / w.sum())
+    stats = {"distinct_patches": len(uniq), "codes_used": len(assign.unique()), "patch_mse": mse}
+    return c.float(), stats
+
+
+def train_patch_vq(model: WorldModel, frames: np.ndarray, seed: int, ckpt: Path) -> None:
+    if ckpt.exists():
+        model.tokenizer.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
+        return
+    codebook, stats = fit_codebook(frames, model.cfg.codebook_size, model.cfg.patch, seed)
+    psnr = 10 * math.log10(4.0 / max(stats["patch_mse"], 1e-10))
+    print(f"tokenizer: {stats['distinct_patches']} distinct patches -> {stats['codes_used']} codes, "
+          f"recon {psnr:.1f} dB on training patches")
+    with torch.no_grad():
+        model.tokenizer.codebook.copy_(codebook)
+    _ckpt(ckpt, model=model.tokenizer.state_dict(), stats=stats)
+
+
 @torch.no_grad()
 def tokenize(model: WorldModel, frames: np.ndarray, batch: int = 1024) -> np.ndarray:
     out = [model.encode(torch.from_numpy(frames[i : i + batch])).numpy().astype(np.int16)
@@ -156,7 +212,10 @@ def run(data: dict, out_ckpt_dir: Path, cfg: ModelConfig, tok_steps: int, dyn_st
     torch.manual_seed(seed)
     model = WorldModel(cfg)
     out_ckpt_dir.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(model, data["frames"], tok_steps, 64, seed, out_ckpt_dir / "tokenizer.pt")
+    if cfg.tokenizer == "vq":
+        train_patch_vq(model, data["frames"], seed, out_ckpt_dir / "tokenizer.pt")
+    else:
+        train_tokenizer(model, data["frames"], tok_steps, 64, seed, out_ckpt_dir / "tokenizer.pt")
     tokens = tokenize(model, data["frames"])
     windows = Windows(data, tokens, cfg.window)
     print(f"{len(windows.starts)} training windows, {len(data['frames'])} frames")

@@ -5,11 +5,16 @@ from __future__ import annotations
 import torch
 
 
-def bucket(n: int, max_n: int) -> int:
+def pow2(n: int) -> int:
+    # the smallest power of two >= n (the padded batch size compiled shapes are keyed on)
     b = 1
     while b < n:
         b *= 2
-    return min(b, max(max_n, n))
+    return b
+
+
+def bucket(n: int, max_n: int) -> int:
+    return min(pow2(n), max(max_n, n))
 
 
 def buckets(max_n: int) -> list[int]:

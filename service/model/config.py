@@ -13,7 +13,9 @@ class ModelConfig:
     height: int = 64
     width: int = 64
     patch: int = 8  # one token per patch x patch pixels -> 8 x 8 tokens per frame
-    # tokenizer (FSQ: vocabulary = prod(levels))
+    # tokenizer: "vq" (patch VQ, vocabulary = codebook_size) or "fsq" (conv FSQ, vocabulary = prod(levels))
+    tokenizer: str = "vq"
+    codebook_size: int = 64
     fsq_levels: tuple[int, ...] = (5, 5, 5)
     tok_channels: int = 128
     # dynamics transformer
@@ -40,6 +42,8 @@ class ModelConfig:
 
     @property
     def vocab_size(self) -> int:
+        if self.tokenizer == "vq":
+            return self.codebook_size
         v = 1
         for level in self.fsq_levels:
             v *= level
@@ -74,6 +78,8 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> None:
+        if self.tokenizer not in ("vq", "fsq"):
+            raise ValueError(f"tokenizer must be 'vq' or 'fsq', got {self.tokenizer!r}")
         if self.height % self.patch or self.width % self.patch:
             raise ValueError("frame size must be a multiple of patch")
         if self.d_model % self.n_heads or self.head_dim % 2:
@@ -88,10 +94,10 @@ PRESETS: dict[str, ModelConfig] = {
     # random weights, realistic compute; continuous actions so both action kinds are exercised
     "base": ModelConfig(
         name="base", d_model=512, n_layers=8, n_heads=8, n_actions=0, action_dim=4,
-        action_names=(), tok_channels=256, fsq_levels=(8, 8, 8, 5, 5, 5),
+        action_names=(), tokenizer="fsq", tok_channels=256, fsq_levels=(8, 8, 8, 5, 5, 5),
     ),
     "large": ModelConfig(
-        name="large", d_model=1024, n_layers=16, n_heads=16, tok_channels=256,
+        name="large", d_model=1024, n_layers=16, n_heads=16, tokenizer="fsq", tok_channels=256,
         fsq_levels=(8, 8, 8, 5, 5, 5), n_actions=16, action_names=(),
     ),
 }

@@ -1,8 +1,18 @@
-"""Per-frame FSQ tokenizer: uint8 [B, 64, 64, 3] <-> int64 tokens [B, 8, 8] (flattened to [B, 64]).
+"""Per-frame tokenizers: uint8 [B, 64, 64, 3] <-> int64 tokens [B, 8, 8] (flattened to [B, 64]).
 
-Finite scalar quantization (Mentzer et al., 2023): the encoder emits len(levels) channels per
-token, each bounded with tanh and rounded to one of `levels[i]` values; the token id is the
-mixed-radix number of the rounded values. No codebook to collapse, so it trains in minutes on a CPU.
+Two kinds, chosen by `ModelConfig.tokenizer` (`make_tokenizer`):
+
+- "vq" (the trained tiny model): patch vector quantization. Every p x p patch becomes the index of the
+  nearest codebook entry in pixel space; decoding puts that entry back. The codebook is fitted by k-means
+  (k-means++ seeding weighted by patch counts, then Lloyd steps) over the training patches. Strictly per
+  patch, so a token means one cell image whatever surrounds it, and D^2 seeding gives rare patches (the
+  agent's four headings: 1 cell in 64) their own codes. Learned conv encoders on this data aliased cells
+  (a 3x3 mixing conv: 13 cell images -> 29 context-dependent tokens) or merged the rare headings (per-patch
+  FSQ: 10 codes for 16 cell images; per-patch VQ trained by gradient: 6-13 codes). iGPT's k-means colour
+  palette is the same idea one level down.
+- "fsq" (the random `base` / `large` presets): finite scalar quantization (Mentzer et al., 2023) over a
+  conv encoder; the encoder emits len(levels) channels per token, each bounded with tanh and rounded to one
+  of `levels[i]` values; the token id is the mixed-radix number of the rounded values.
 """
 
 from __future__ import annotations
@@ -49,7 +59,19 @@ class FSQ(nn.Module):
         return (digits.to(torch.float32) - half) / half
 
 
+def to_float(frames: torch.Tensor) -> torch.Tensor:
+    # uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]
+    return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    # float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]
+    return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 class Tokenizer(nn.Module):
+    """FSQ over a learned conv encoder / decoder."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         c, p, d = cfg.tok_channels, cfg.patch, len(cfg.fsq_levels)
@@ -69,15 +91,8 @@ class Tokenizer(nn.Module):
             nn.ConvTranspose2d(c, 3, p, stride=p),
         )
 
-    @staticmethod
-    def to_float(frames: torch.Tensor) -> torch.Tensor:
-        # uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]
-        return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-    @staticmethod
-    def to_uint8(x: torch.Tensor) -> torch.Tensor:
-        # float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]
-        return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    to_float = staticmethod(to_float)
+    to_uint8 = staticmethod(to_uint8)
 
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
         # float [B, 3, H, W] -> codes [B, h, w, D] in [-1, 1] (straight-through)
@@ -104,6 +119,49 @@ class Tokenizer(nn.Module):
         h, w = self.cfg.grid
         codes = self.fsq.indices_to_codes(tokens.view(-1, h, w)).to(self.dec[0].weight.dtype)
         return self.to_uint8(self.decode_codes(codes).float())
+
+
+class PatchVQ(nn.Module):
+    """Patch VQ: each p x p patch -> index of the nearest codebook patch (squared L2 in pixel space)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # float [K, p*p*3] in [-1, 1], one patch per row in (y, x, channel) order; random until fitted
+        g = torch.Generator().manual_seed(0)
+        self.codebook = nn.Parameter(torch.rand(cfg.codebook_size, cfg.patch * cfg.patch * 3, generator=g) * 2 - 1)
+
+    to_float = staticmethod(to_float)
+    to_uint8 = staticmethod(to_uint8)
+
+    def patches(self, frames: torch.Tensor) -> torch.Tensor:
+        # uint8 [B, H, W, 3] -> float [B, N, p*p*3] in [-1, 1]
+        b, p = frames.shape[0], self.cfg.patch
+        h, w = self.cfg.grid
+        x = frames.reshape(b, h, p, w, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, p * p * 3)
+        return x.to(self.codebook.dtype).div(127.5).sub(1.0)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        # z float [..., D] -> int64 [...]: argmin_k |z - c_k|^2 = argmin_k (|c_k|^2 - 2 z.c_k)
+        c = self.codebook
+        return (c.pow(2).sum(-1) - 2 * z @ c.t()).argmin(-1)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        # uint8 [B, H, W, 3] -> int64 [B, N]
+        return self.nearest(self.patches(frames))
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        # int64 [B, N] -> uint8 [B, H, W, 3]
+        b, p = tokens.shape[0], self.cfg.patch
+        h, w = self.cfg.grid
+        x = self.codebook[tokens].float().reshape(b, h, w, p, p, 3).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, h * p, w * p, 3).add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def make_tokenizer(cfg: ModelConfig) -> nn.Module:
+    return PatchVQ(cfg) if cfg.tokenizer == "vq" else Tokenizer(cfg)
 
 
 def recon_loss(model: Tokenizer, frames: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .dynamics import Dynamics, KVCache
-from .tokenizer import Tokenizer
+from .tokenizer import make_tokenizer
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class WorldModel(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.tokenizer = Tokenizer(cfg)
+        self.tokenizer = make_tokenizer(cfg)
         self.dynamics = Dynamics(cfg)
 
     @property
@@ -87,6 +87,8 @@ class WorldModel(nn.Module):
         n, d, w = c.tokens_per_frame, c.d_model, c.window
         per_layer = 2 * n * (4 * d * d + 2 * c.mlp_ratio * d * d) + 2 * 2 * n * (w * n) * d
         dyn = c.n_layers * per_layer + 2 * n * d * c.vocab_size
+        if c.tokenizer == "vq":  # distances to every code; decoding is a gather
+            return {"dynamics_step": float(dyn), "decode": 0.0, "encode": float(2 * n * c.vocab_size * 3 * c.patch**2)}
         ch, p, hw = c.tok_channels, c.patch, n
         dec = 2 * hw * (len(c.fsq_levels) * ch + 9 * ch * ch + ch * ch + ch * 3 * p * p)
         enc = 2 * hw * (3 * p * p * ch + 9 * ch * ch + ch * ch + ch * len(c.fsq_levels))

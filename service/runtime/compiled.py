@@ -17,8 +17,9 @@ import logging
 
 import torch
 
+from ..engine.batch import pow2
 from ..model.world_model import WorldModel
-from .graphs import BackendModel, DecodeGraph, EncodeGraph, StepGraph, pow2_bucket, scatter, step_inputs
+from .graphs import BackendModel, DecodeGraph, EncodeGraph, StepGraph, scatter, step_inputs
 
 log = logging.getLogger("worldserve.runtime")
 RECOMPILE_LIMIT = 64  # one graph per (bucket, graph): 1..4096 covers 13 buckets
@@ -79,14 +80,14 @@ class CompiledWorldModel(BackendModel):
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         # uint8 [B, H, W, 3] -> int64 [B, N]
         b = frames.shape[0]
-        (tokens,) = self._run(lambda x: (self._encode(x),), _pad_rows(frames, pow2_bucket(b)))
+        (tokens,) = self._run(lambda x: (self._encode(x),), _pad_rows(frames, pow2(b)))
         return tokens[:b]
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         # int64 [B, N] -> uint8 [B, H, W, 3]
         b = tokens.shape[0]
-        (frames,) = self._run(lambda x: (self._decode(x),), _pad_rows(tokens, pow2_bucket(b)))
+        (frames,) = self._run(lambda x: (self._decode(x),), _pad_rows(tokens, pow2(b)))
         return frames[:b]
 
     @torch.no_grad()

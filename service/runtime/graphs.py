@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.dynamics import Dynamics, KVCache, rope_tables
-from ..model.tokenizer import Tokenizer
 from ..model.world_model import WorldModel
 
 
@@ -60,7 +59,7 @@ class StepGraph(nn.Module):
 
 class EncodeGraph(nn.Module):
     # uint8 [B, H, W, 3] -> int64 [B, N]
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: nn.Module):
         super().__init__()
         self.tok = tokenizer
 
@@ -70,7 +69,7 @@ class EncodeGraph(nn.Module):
 
 class DecodeGraph(nn.Module):
     # int64 [B, N] -> uint8 [B, H, W, 3]
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: nn.Module):
         super().__init__()
         self.tok = tokenizer
 
@@ -98,23 +97,6 @@ def step_inputs(model: WorldModel, actions, known):
             known = torch.ones(actions.shape[0], dtype=torch.bool, device=actions.device)
         return actions, known
     return actions.to(torch.int64), None
-
-
-def pow2_bucket(n: int) -> int:
-    # the padded batch size compiled shapes are keyed on (the engine pads its step batches the same way)
-    b = 1
-    while b < n:
-        b *= 2
-    return b
-
-
-def pow2_buckets(max_n: int) -> list[int]:
-    # 1, 2, 4, ... max_n (max_n itself last even when not a power of two), as engine.batch.buckets
-    out, b = [], 1
-    while b < max_n:
-        out.append(b)
-        b *= 2
-    return [*out, max_n]
 
 
 class BackendModel:

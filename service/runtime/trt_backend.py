@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ..engine.batch import buckets
 from ..model.world_model import WorldModel
 from .artifacts import load_or_build
-from .graphs import BackendModel, gather, pow2_buckets, scatter, step_inputs
+from .graphs import BackendModel, gather, scatter, step_inputs
 from .onnx_backend import GRAPHS, export_graphs, export_key
 from .quantize import quantization_of
 
@@ -51,7 +52,7 @@ def precision_flags(precision: str) -> tuple[str, ...]:
 
 def graph_buckets(graph: str, max_batch: int) -> list[int]:
     """Batch sizes each graph gets a profile for. Encode takes whole contexts (up to W frames per request)."""
-    return pow2_buckets(max_batch * 8) if graph == "encoder" else pow2_buckets(max_batch)
+    return buckets(max_batch * 8) if graph == "encoder" else buckets(max_batch)
 
 
 def profile_shapes(input_shapes: dict[str, tuple[int, ...]], batch_axis: dict[str, int], b: int):

@@ -26,7 +26,8 @@ def test_round_half_to_even_like_torch_round():
 
 def test_real_encoder_output():
     # the tokenizer's own pre-quantization activations, channels last [B, h, w, D]
-    cfg = PRESETS["tiny"]
+    cfg = PRESETS["base"]  # the presets with an FSQ tokenizer
+    assert cfg.tokenizer == "fsq"
     torch.manual_seed(0)
     tok = Tokenizer(cfg).eval()
     frames = torch.randint(0, 256, (3, cfg.height, cfg.width, 3), dtype=torch.uint8)
