@@ -37,8 +37,14 @@ def _mix32(x):
 
 
 @triton.jit
-def _row_hash(seed_lo, seed_hi, cand, step_mul, tok_mul):
-    # per-(row, token) prefix of the reference's hash chain; all uint32 scalars
+def _token_hash(keys_ptr, b, n):
+    # per-(row, token) prefix of the reference's hash chain -> uint32 scalar
+    # keys int64 [B, 5]: uint32 words seed lo, seed hi, candidate, step * STEP_MUL; temperature bits (see _keys)
+    seed_lo = tl.load(keys_ptr + b * 5 + 0).to(tl.uint32)
+    seed_hi = tl.load(keys_ptr + b * 5 + 1).to(tl.uint32)
+    cand = tl.load(keys_ptr + b * 5 + 2).to(tl.uint32)
+    step_mul = tl.load(keys_ptr + b * 5 + 3).to(tl.uint32)
+    tok_mul = n.to(tl.uint32) * tl.full([], 0xC2B2AE35, tl.uint32)
     h = _mix32(seed_lo ^ tl.full(seed_lo.shape, 0x9E3779B9, tl.uint32))
     h = _mix32(h ^ seed_hi)
     h = _mix32(h ^ cand)
@@ -59,13 +65,7 @@ def _sample_kernel(logits_ptr, out_ptr, temp_ptr, keys_ptr, n_tokens, vocab, str
     pid = tl.program_id(0)
     b = pid // n_tokens
     n = pid % n_tokens
-    # keys int64 [B, 5]: uint32 words seed lo, seed hi, candidate, step * STEP_MUL; temperature bits (see _keys)
-    seed_lo = tl.load(keys_ptr + b * 5 + 0).to(tl.uint32)
-    seed_hi = tl.load(keys_ptr + b * 5 + 1).to(tl.uint32)
-    cand = tl.load(keys_ptr + b * 5 + 2).to(tl.uint32)
-    step_mul = tl.load(keys_ptr + b * 5 + 3).to(tl.uint32)
-    tok_mul = n.to(tl.uint32) * tl.full([], 0xC2B2AE35, tl.uint32)
-    h_tok = _row_hash(seed_lo, seed_hi, cand, step_mul, tok_mul)
+    h_tok = _token_hash(keys_ptr, b, n)
     temp = tl.load(temp_ptr + b)
     t = tl.load(keys_ptr + b * 5 + 4).to(tl.uint32).to(tl.float32, bitcast=True)  # clamped, in logits' dtype
     row = logits_ptr + b * stride_b + n * stride_n
@@ -94,12 +94,7 @@ def _uniform_kernel(out_ptr, keys_ptr, n_tokens, vocab, BLOCK_V: tl.constexpr):
     pid = tl.program_id(0)
     b = pid // n_tokens
     n = pid % n_tokens
-    seed_lo = tl.load(keys_ptr + b * 5 + 0).to(tl.uint32)
-    seed_hi = tl.load(keys_ptr + b * 5 + 1).to(tl.uint32)
-    cand = tl.load(keys_ptr + b * 5 + 2).to(tl.uint32)
-    step_mul = tl.load(keys_ptr + b * 5 + 3).to(tl.uint32)
-    tok_mul = n.to(tl.uint32) * tl.full([], 0xC2B2AE35, tl.uint32)
-    h_tok = _row_hash(seed_lo, seed_hi, cand, step_mul, tok_mul)
+    h_tok = _token_hash(keys_ptr, b, n)
     for start in range(0, vocab, BLOCK_V):
         voc = start + tl.arange(0, BLOCK_V)
         tl.store(out_ptr + pid * vocab + voc, _uniform(h_tok, voc), mask=voc < vocab)

@@ -32,16 +32,21 @@ def _ckpt(path: Path, **state) -> None:
     tmp.replace(path)
 
 
+def _resume(ckpt: Path, module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
+    # -> (steps done, loss history); (0, []) without a checkpoint
+    if not ckpt.exists():
+        return 0, []
+    st = torch.load(ckpt, weights_only=False)
+    module.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    return st["step"], st["losses"]
+
+
 def train_tokenizer(model: WorldModel, frames: np.ndarray, steps: int, batch: int, seed: int, ckpt: Path,
                     lr: float = 2e-3) -> list[float]:
     tok = model.tokenizer.train()
     opt = torch.optim.AdamW(tok.parameters(), lr=lr, weight_decay=0.0)
-    start, losses = 0, []
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
-        tok.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        start, losses = st["step"], st["losses"]
+    start, losses = _resume(ckpt, tok, opt)
     gen = np.random.default_rng(seed)
     for _ in range(start):  # keep the batch stream identical on resume
         gen.integers(0, len(frames), batch)
@@ -177,12 +182,7 @@ def train_dynamics(model: WorldModel, windows: Windows, steps: int, batch: int, 
                    lr: float = 1e-3, time_budget_s: float | None = None) -> list[float]:
     dyn = model.dynamics.train()
     opt = torch.optim.AdamW(dyn.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
-    start, losses = 0, []
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
-        dyn.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        start, losses = st["step"], st["losses"]
+    start, losses = _resume(ckpt, dyn, opt)
     gen = np.random.default_rng(seed + start)
     tgen = torch.Generator().manual_seed(seed + start)
     t0 = time.time()
