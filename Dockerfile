@@ -36,12 +36,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && /opt/venv/bin/python -c "import torch; assert torch.version.cuda, 'gpu target got a CPU-only torch'"
 # the dependencies from pyproject.toml, plus the tensorrt extra where the base image has no TensorRT bindings
 COPY pyproject.toml /src/
+COPY tools/image_requirements.py /src/tools/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python3 -c 'import importlib.util, tomllib; \
-p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; x = p["optional-dependencies"]; \
-tools = [r for r in x["dev"] if r.startswith("grpcio-tools")]; \
-trt = [] if importlib.util.find_spec("tensorrt") else x["tensorrt"]; \
-print("\n".join(p["dependencies"] + x["onnx"] + trt + tools))' >/tmp/requirements.txt \
+    python3 /src/tools/image_requirements.py /src/pyproject.toml --tensorrt >/tmp/requirements.txt \
  && /opt/venv/bin/pip install -r /tmp/requirements.txt
 COPY pyproject.toml README.m[d] /src/
 COPY proto/ /src/proto/
@@ -106,11 +103,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
  && rm -rf "$torch_dir/include" "$torch_dir/test" "$torch_dir"/bin/test_* "$torch_dir"/bin/*Test
 # then the dependencies, read from pyproject.toml: this layer is rebuilt only when pyproject.toml changes
 COPY pyproject.toml /src/
+COPY tools/image_requirements.py /src/tools/
 RUN --mount=type=cache,target=/root/.cache/pip \
-    python3 -c 'import tomllib; \
-p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; x = p["optional-dependencies"]; \
-tools = [r for r in x["dev"] if r.startswith("grpcio-tools")]; \
-print("\n".join(p["dependencies"] + x["onnx"] + tools))' >/tmp/requirements.txt \
+    python3 /src/tools/image_requirements.py /src/pyproject.toml >/tmp/requirements.txt \
  && /opt/venv/bin/pip install -r /tmp/requirements.txt
 # then the package: gRPC stubs generated first so that they are part of the installed package
 COPY pyproject.toml README.m[d] /src/
