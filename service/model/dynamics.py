@@ -112,6 +112,10 @@ class Dynamics(nn.Module):
         d, n = cfg.d_model, cfg.tokens_per_frame
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.pos_emb = nn.Parameter(torch.randn(n, d) * 0.02)
+        # each token also sees its 3x3 neighbourhood of cells in the same frame (a 3x3 conv as one matmul):
+        # "the agent next to me faces me and moves forward" is local, and absolute position embeddings
+        # alone left the model predicting moves wrong most of the time (84 % of forward moves at step 900)
+        self.local = nn.Linear(9 * d, d)
         if cfg.continuous:
             self.act_emb = nn.Linear(cfg.action_dim, d)
             self.act_unknown = nn.Parameter(torch.zeros(d))
@@ -133,9 +137,18 @@ class Dynamics(nn.Module):
             e = torch.where(known.unsqueeze(-1), e, self.act_unknown.to(e.dtype))
         return e
 
+    def neighbourhood(self, e: torch.Tensor) -> torch.Tensor:
+        # e: [B, T, N, d] -> [B, T, N, 9d]: the 3x3 cells around each token (zeros past the border)
+        b, t, _, d = e.shape
+        h, w = self.cfg.grid
+        g = F.pad(e.reshape(b, t, h, w, d), (0, 0, 1, 1, 1, 1))  # [B, T, h+2, w+2, d]
+        cells = [g[:, :, i : i + h, j : j + w] for i in range(3) for j in range(3)]  # 9 x [B, T, h, w, d]
+        return torch.cat(cells, -1).reshape(b, t, h * w, 9 * d)
+
     def embed(self, tokens: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
         # tokens: int64 [B, T, N]; act: [B, T, d] -> [B, T, N, d]
-        return self.tok_emb(tokens) + self.pos_emb + act.unsqueeze(2)
+        e = self.tok_emb(tokens)
+        return e + self.local(self.neighbourhood(e)) + self.pos_emb + act.unsqueeze(2)
 
     def heads(self, h: torch.Tensor):
         # h: [B, T, N, d] -> logits [B, T, N, V], reward [B, T], done_logit [B, T]

@@ -86,7 +86,7 @@ class WorldModel(nn.Module):
         c = self.cfg
         n, d, w = c.tokens_per_frame, c.d_model, c.window
         per_layer = 2 * n * (4 * d * d + 2 * c.mlp_ratio * d * d) + 2 * 2 * n * (w * n) * d
-        dyn = c.n_layers * per_layer + 2 * n * d * c.vocab_size
+        dyn = c.n_layers * per_layer + 2 * n * d * c.vocab_size + 2 * n * 9 * d * d  # + the 3x3 neighbourhood
         if c.tokenizer == "vq":  # distances to every code; decoding is a gather
             return {"dynamics_step": float(dyn), "decode": 0.0, "encode": float(2 * n * c.vocab_size * 3 * c.patch**2)}
         ch, p, hw = c.tok_channels, c.patch, n
