@@ -35,8 +35,11 @@ def heldout_episodes(n: int, seed0: int = HELDOUT_SEED0):
     return out
 
 
+EXACT = 100.0  # the PSNR reported for identical frames (MSE 0)
+
+
 def psnr(mse: float) -> float:
-    return 100.0 if mse <= 1e-10 else 10 * math.log10(255.0**2 / mse)
+    return EXACT if mse <= 1e-10 else 10 * math.log10(255.0**2 / mse)
 
 
 @dataclass
@@ -103,17 +106,22 @@ def evaluate(model: WorldModel, eps) -> EvalResult:
     )
 
 
+def _db(v: float) -> str:
+    return "exact (MSE 0)" if v >= EXACT else f"{v:.2f} dB"
+
+
 def table(r: EvalResult, title: str = "fp32") -> str:
     rows = [
         f"| metric ({title}, {r.n_episodes} held-out episodes) | value |",
         "|---|---|",
-        f"| tokenizer reconstruction PSNR | {r.recon_psnr:.2f} dB |",
+        f"| tokenizer reconstruction PSNR | {_db(r.recon_psnr)} |",
     ]
     for s in REPORT_STEPS:
-        rows.append(f"| open-loop PSNR step {s} (model / copy-last baseline) | {r.model_psnr[s]:.2f} / "
-                    f"{r.baseline_psnr[s]:.2f} dB (+{r.model_psnr[s] - r.baseline_psnr[s]:.2f}) |")
+        m, b = r.model_psnr[s], r.baseline_psnr[s]
+        gain = "" if m >= EXACT else f" (+{m - b:.2f})"
+        rows.append(f"| open-loop PSNR step {s} (model / copy-last baseline) | {_db(m)} / {_db(b)}{gain} |")
     for s in REPORT_STEPS:
-        rows.append(f"| token agreement step {s} | {100 * r.token_acc[s]:.1f}% |")
+        rows.append(f"| token agreement step {s} | {100 * r.token_acc[s]:.2f}% |")
     rows += [
         f"| reward accuracy (reward > 0 vs not, open loop) | {100 * r.reward_acc:.1f}% |",
         f"| reward event recall ({r.extra['reward_events']} events) | {100 * r.reward_event_recall:.1f}% |",

@@ -62,7 +62,8 @@ def test_quantize_model_keeps_interface_and_original():
     m = small()
     q = quantize_model(m, "int8")
     names = target_layers(m)
-    assert names == [f"blocks.{i}.{n}" for i in range(2) for n in ("qkv", "proj", "fc1", "fc2")] + ["head"]
+    blocks = [f"blocks.{i}.{n}" for i in range(2) for n in ("qkv", "proj", "fc1", "fc2")]
+    assert names == ["local", *blocks, "head"]
     assert all(isinstance(q.dynamics.get_submodule(n), Int8Linear) for n in names)
     assert all(isinstance(m.dynamics.get_submodule(n), torch.nn.Linear) for n in names)  # not modified
     assert quantization_of(q) == "int8" and quantization_of(m) == "fp32"

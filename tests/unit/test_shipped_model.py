@@ -9,6 +9,7 @@ def test_shipped_model_beats_copy_last_frame():
     model = load_model_dir(MODEL_DIR)
     r = evaluate(model, heldout_episodes(12))
     assert r.recon_psnr >= 28.0, r
-    for s, margin in ((1, 0.5), (4, 1.0), (8, 1.0)):  # shipped: +1.2 / +2.0 / +2.2 dB on 64 episodes
-        assert r.model_psnr[s] >= r.baseline_psnr[s] + margin, (s, r.model_psnr, r.baseline_psnr)
-    assert r.token_acc[1] >= 0.95
+    for s in (1, 4, 8):  # the bar is +3 dB at step 8; the shipped model predicts (almost) exactly
+        assert r.model_psnr[s] >= r.baseline_psnr[s] + 3.0, (s, r.model_psnr, r.baseline_psnr)
+        assert r.token_acc[s] >= 0.99, r.token_acc
+    assert r.reward_acc >= 0.95 and r.done_acc >= 0.9, r
