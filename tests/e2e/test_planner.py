@@ -1,5 +1,5 @@
 """The remote MPC planner: scoring, the planner on the true simulator, and against the real server it must
-beat a random policy on held-out MiniGrid layouts (fails with an untrained model)."""
+beat a random policy on held-out MiniGrid layouts by a wide margin (fails with an untrained or broken model)."""
 
 from __future__ import annotations
 
@@ -67,8 +67,6 @@ def test_remote_planner_beats_random_on_the_real_environment(server, request):
     report = f"\n{planned.row()}\n{rnd.row()}"
     assert len(policy.latencies) == sum(e.steps for e in planned.episodes)  # one Rollout per tick
     assert all(0 <= a <= 2 for e in planned.episodes for a in e.actions)
-    if not (planned.success_rate > rnd.success_rate and wins and planned.mean_return > rnd.mean_return):
-        # the shipped tiny model predicts rewards too weakly to plan with (docs/model.md, "Known
-        # limitation"); the loop above is checked, the win over random is not reached yet
-        pytest.xfail("served model does not beat random yet:" + report)
-    assert planned.success_rate >= 0.5, report
+    # the planner on the served model solves (nearly) what the planner on the true simulator solves
+    assert planned.success_rate >= 0.8 and planned.success_rate > rnd.success_rate and wins, report
+    assert planned.mean_return > rnd.mean_return + 0.3, report
