@@ -79,7 +79,7 @@ def test_dockerignore_is_an_allow_list() -> None:
     patterns = [ln for ln in lines if ln and not ln.startswith("#")]
     assert patterns[0] == "*", "everything is excluded first"
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "proto", "tools/gen_proto.py", "service", "kernels",
-                       "models/tiny"}
+    assert allowed == {"pyproject.toml", "README.md", "proto", "tools/gen_proto.py", "tools/image_requirements.py",
+                       "service", "kernels", "models/tiny"}
     for path in (".venv", "data", "runs", ".git", "artifacts", "build", "logs", "bench", "tests"):
         assert not any(a == path or a.startswith(path + "/") for a in allowed), path
