@@ -1,7 +1,7 @@
 """Worker side of Redis mode: engine + model, no public API.
 
 Loops (asyncio; the engine runs in its own thread):
-  reader      XREADGROUP only while the engine has free slots and nothing waiting (load spreads)
+  reader      XREADGROUP while the engine has slots left for what it took (load spreads)
   publisher   engine events -> XADD to each request's result stream (buffered across outages);
               on a request's final event XACK + XDEL its entry
   heartbeat   liveness in a sorted set, model info, and XCLAIM-touch of our own pending entries so
@@ -89,7 +89,9 @@ class Worker:
 
     # ---- taking work ------------------------------------------------------------------------------
     def _has_room(self) -> bool:
-        return self.accepting and self.engine.waiting_count() == 0 and self.engine.free_slots() > 0
+        # one entry per read, as long as the requests taken so far leave slots free: a burst of finished
+        # rollouts is refilled within one engine step, and a worker never holds work it has no slots for
+        return self.accepting and self.engine.room() > 0
 
     async def _accept(self, entry_id: bytes, fields: dict, reclaimed: bool = False) -> None:
         req: RolloutRequest = unpack(fields[b"m"])

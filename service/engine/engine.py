@@ -100,9 +100,10 @@ class Engine:
     def free_slots(self) -> int:
         return len(self.free)
 
-    def waiting_count(self) -> int:
-        """Requests not yet admitted (a Redis worker reads more only when this is 0)."""
-        return len(self.waiting) + sum(1 for k, *_ in list(self._inbox) if k == "submit")
+    def room(self) -> int:
+        """Slots left once every request not yet admitted has its slots (a Redis worker reads while > 0)."""
+        pending = [w[2] for w in list(self.waiting)] + [obj for k, obj, _ in list(self._inbox) if k == "submit"]
+        return len(self.free) - sum(r.candidates for r in pending)
 
     def run(self) -> None:
         while not self._stop.is_set():
