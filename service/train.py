@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from .data.collect import episodes
 from .model.config import ModelConfig
-from .model.tokenizer import recon_loss
+from .model.tokenizer import nearest_code, patchify, recon_loss, to_unit
 from .model.world_model import WorldModel
 
 
@@ -71,9 +71,7 @@ def train_tokenizer(model: WorldModel, frames: np.ndarray, steps: int, batch: in
 
 def unique_patches(frames: np.ndarray, patch: int, max_rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     # uint8 [F, H, W, 3] -> distinct patches uint8 [U, p*p*3] and their counts [U] (subsampled if U is huge)
-    f, h, w, _ = frames.shape
-    rows = frames.reshape(f, h // patch, patch, w // patch, patch, 3).transpose(0, 1, 3, 2, 4, 5)
-    rows = np.ascontiguousarray(rows).reshape(-1, patch * patch * 3)
+    rows = patchify(torch.from_numpy(frames), patch).reshape(-1, patch * patch * 3).numpy()
     uniq, counts = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))), return_counts=True)
     uniq = uniq.view(np.uint8).reshape(-1, rows.shape[1])
     if len(uniq) > max_rows:  # natural images: every patch is distinct, keep a random subset
@@ -86,27 +84,27 @@ def fit_codebook(frames: np.ndarray, k: int, patch: int, seed: int, iters: int =
                  max_rows: int = 200_000) -> tuple[torch.Tensor, dict]:
     """k-means over training patches: weighted k-means++ seeding, then Lloyd steps. -> float [K, p*p*3]."""
     uniq, counts = unique_patches(frames, patch, max_rows, seed)
-    z = torch.from_numpy(uniq).double().div(127.5).sub(1.0)  # [U, D] in [-1, 1]
+    z = to_unit(torch.from_numpy(uniq), torch.float64)  # [U, D] in [-1, 1]
     w = torch.from_numpy(counts).double()
     gen = np.random.default_rng(seed)
     centres = [int(gen.choice(len(z), p=(w / w.sum()).numpy()))]
     d2 = (z - z[centres[0]]).pow(2).sum(1)
     for _ in range(1, min(k, len(z))):
-        mass = (d2 * w).numpy()
-        if mass.sum() <= 0:  # every distinct patch already has a code
+        prob = (d2 * w).numpy()
+        if prob.sum() <= 0:  # every distinct patch already has a code
             break
-        centres.append(int(gen.choice(len(z), p=mass / mass.sum())))
+        centres.append(int(gen.choice(len(z), p=prob / prob.sum())))
         d2 = torch.minimum(d2, (z - z[centres[-1]]).pow(2).sum(1))
     c = z[centres].clone()
     for _ in range(iters):
-        assign = (c.pow(2).sum(1) - 2 * z @ c.t()).argmin(1)
+        assign = nearest_code(z, c)
         mass = torch.zeros(len(c), dtype=torch.float64).index_add_(0, assign, w)
         sums = torch.zeros_like(c).index_add_(0, assign, z * w[:, None])
         c = torch.where(mass[:, None] > 0, sums / mass.clamp_min(1e-12)[:, None], c)
-    used = len(c)
-    if used < k:  # fewer distinct patches than codes: repeat the most common one (argmin never picks a repeat)
-        c = torch.cat([c, c[mass.argmax()].expand(k - used, -1)])
-    assign = (c.pow(2).sum(1) - 2 * z @ c.t()).argmin(1)
+    assign = nearest_code(z, c)
+    if len(c) < k:  # fewer distinct patches than codes: repeat the most common one (argmin never picks a repeat)
+        mass = torch.zeros(len(c), dtype=torch.float64).index_add_(0, assign, w)
+        c = torch.cat([c, c[mass.argmax()].expand(k - len(c), -1)])
     mse = float(((z - c[assign]).pow(2).mean(1) * w).sum() / w.sum())
     stats = {"distinct_patches": len(uniq), "codes_used": len(assign.unique()), "patch_mse": mse}
     return c.float(), stats

@@ -59,14 +59,32 @@ class FSQ(nn.Module):
         return (digits.to(torch.float32) - half) / half
 
 
-def to_float(frames: torch.Tensor) -> torch.Tensor:
-    # uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]
-    return frames.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def to_unit(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # uint8 pixels [...] -> float [...] in [-1, 1]
+    return x.to(dtype).div(127.5).sub(1.0)
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    # float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]
-    return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+def from_unit(x: torch.Tensor) -> torch.Tensor:
+    # float [...] in [-1, 1] -> uint8 pixels [...] (rounded, clamped)
+    return x.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def patchify(frames: torch.Tensor, p: int) -> torch.Tensor:
+    # [B, H, W, 3] -> [B, N, p*p*3]: one row per p x p patch, row-major patches, (y, x, channel) inside
+    b, hh, ww, _ = frames.shape
+    h, w = hh // p, ww // p
+    return frames.reshape(b, h, p, w, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, p * p * 3)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:
+    # [B, N, p*p*3] -> [B, H, W, 3], the inverse of patchify
+    b, (h, w) = x.shape[0], grid
+    return x.reshape(b, h, w, p, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, h * p, w * p, 3)
+
+
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    # z float [..., D], codebook [K, D] -> int64 [...]: argmin_k |z - c_k|^2 = argmin_k (|c_k|^2 - 2 z.c_k)
+    return (codebook.pow(2).sum(-1) - 2 * z @ codebook.t()).argmin(-1)
 
 
 class Tokenizer(nn.Module):
@@ -91,8 +109,15 @@ class Tokenizer(nn.Module):
             nn.ConvTranspose2d(c, 3, p, stride=p),
         )
 
-    to_float = staticmethod(to_float)
-    to_uint8 = staticmethod(to_uint8)
+    @staticmethod
+    def to_float(frames: torch.Tensor) -> torch.Tensor:
+        # uint8 [B, H, W, 3] -> float [B, 3, H, W] in [-1, 1]
+        return to_unit(frames.permute(0, 3, 1, 2))
+
+    @staticmethod
+    def to_uint8(x: torch.Tensor) -> torch.Tensor:
+        # float [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3]
+        return from_unit(x).permute(0, 2, 3, 1).contiguous()
 
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
         # float [B, 3, H, W] -> codes [B, h, w, D] in [-1, 1] (straight-through)
@@ -131,33 +156,15 @@ class PatchVQ(nn.Module):
         g = torch.Generator().manual_seed(0)
         self.codebook = nn.Parameter(torch.rand(cfg.codebook_size, cfg.patch * cfg.patch * 3, generator=g) * 2 - 1)
 
-    to_float = staticmethod(to_float)
-    to_uint8 = staticmethod(to_uint8)
-
-    def patches(self, frames: torch.Tensor) -> torch.Tensor:
-        # uint8 [B, H, W, 3] -> float [B, N, p*p*3] in [-1, 1]
-        b, p = frames.shape[0], self.cfg.patch
-        h, w = self.cfg.grid
-        x = frames.reshape(b, h, p, w, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(b, h * w, p * p * 3)
-        return x.to(self.codebook.dtype).div(127.5).sub(1.0)
-
-    def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        # z float [..., D] -> int64 [...]: argmin_k |z - c_k|^2 = argmin_k (|c_k|^2 - 2 z.c_k)
-        c = self.codebook
-        return (c.pow(2).sum(-1) - 2 * z @ c.t()).argmin(-1)
-
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         # uint8 [B, H, W, 3] -> int64 [B, N]
-        return self.nearest(self.patches(frames))
+        return nearest_code(to_unit(patchify(frames, self.cfg.patch), self.codebook.dtype), self.codebook)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         # int64 [B, N] -> uint8 [B, H, W, 3]
-        b, p = tokens.shape[0], self.cfg.patch
-        h, w = self.cfg.grid
-        x = self.codebook[tokens].float().reshape(b, h, w, p, p, 3).permute(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, h * p, w * p, 3).add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+        return from_unit(unpatchify(self.codebook[tokens].float(), self.cfg.patch, self.cfg.grid))
 
 
 def make_tokenizer(cfg: ModelConfig) -> nn.Module:
