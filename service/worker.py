@@ -2,8 +2,8 @@
 
 Loops (asyncio; the engine runs in its own thread):
   reader      XREADGROUP while the engine has slots left for what it took (load spreads)
-  publisher   engine events -> XADD to each request's result stream (buffered across outages);
-              on a request's final event XACK + XDEL its entry
+  publisher   engine events (one list per engine step) -> XADD to each request's result stream, a step
+              (or several) per pipeline, buffered across outages; on a request's final event XACK + XDEL
   heartbeat   liveness in a sorted set, model info, and XCLAIM-touch of our own pending entries so
               a long rollout is never mistaken for a dead worker's
   reclaimer   entries idle longer than claim_idle_ms belong to dead workers: claim and rerun them
@@ -53,8 +53,12 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- engine thread -> loop ----------------------------------------------------------------
-    def _emit(self, ev: RolloutEvent) -> None:
-        self._loop.call_soon_threadsafe(self.out.put_nowait, ev)
+    def _emit(self, events: list[RolloutEvent] | RolloutEvent) -> None:
+        """All events of one engine step (one call per step); published together in one pipeline."""
+        if isinstance(events, RolloutEvent):  # an engine that still emits event by event
+            events = [events]
+        if events:
+            self._loop.call_soon_threadsafe(self.out.put_nowait, list(events))
 
     def ready(self) -> bool:
         return self.connected and self.accepting
@@ -153,10 +157,10 @@ class Worker:
         batch: list[RolloutEvent] = []
         while True:
             try:
-                if not batch:
-                    batch.append(await self.out.get())
+                if not batch:  # whole steps only: a step's events always go out in one pipeline
+                    batch.extend(await self.out.get())
                 while not self.out.empty() and len(batch) < 512:
-                    batch.append(self.out.get_nowait())
+                    batch.extend(self.out.get_nowait())
                 acks = {ev.request_id: self.inflight[ev.request_id].entry_id
                         for ev in batch if ev.final and ev.request_id in self.inflight}
                 await self._publish(batch, acks)
