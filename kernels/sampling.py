@@ -1,15 +1,17 @@
-"""Batch-invariant Gumbel-max sampling in one Triton kernel (reference: worldserve.model.sampling).
+"""Batch-invariant sampling in one Triton kernel (reference: worldserve.model.sampling).
 
     triton_sample(logits [B, N, V], temperature [B], seed [B], candidate [B], step [B]) -> int64 [B, N]
-    triton_uniform(seed [B], candidate [B], step [B], n_tokens, vocab) -> float32 [B, N, V]
+    triton_token_uniform(seed [B], candidate [B], step [B], n_tokens) -> float32 [B, N]
 
-One program per (row b, token n) walks the vocabulary in blocks, hashing (seed, candidate, step, token,
-vocab entry) with the same lowbias32 chain as the reference (uint32 arithmetic, wrapping multiplies), so
-the uniforms are bit-identical; the Gumbel transform -log(-log(u)) and the running first-index argmax
-follow the reference operation by operation. No [B, N, V] noise tensor is materialised.
-The uniforms are exactly equal to the reference's. The logs are computed in fp64 and rounded once to fp32
-(the correctly rounded logf), which torch.log matches except in rare last-bit cases; a token could then
-differ only if two candidates of a row were also within that last bit of each other.
+One program per (row b, token n) walks the vocabulary in blocks of the reference's block size:
+  1. max and first-index argmax (greedy rows stop here)
+  2. total mass of p = exp((x - max) / t)
+  3. the block whose running mass first exceeds u * total, then the first index inside it whose running
+     mass (from the block's start) exceeds what is left: the reference's two-level inverse CDF, in the same order.
+The per-token uniform comes from the same lowbias32 chain as the reference (uint32 arithmetic, wrapping
+multiplies), bit for bit. Block sums are reduced in a different order than torch's, so a token can differ from
+the reference only when u * total falls within float rounding of a boundary between two entries.
+No [B, N, V] temporary is materialised.
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..model.sampling import block_size
 from .device import require_device
 
-GOLDEN = 0x9E3779B9
 STEP_MUL = 0x85EBCA6B
-TOKEN_MUL = 0xC2B2AE35
 M32 = 0xFFFFFFFF
 
 
@@ -37,25 +38,18 @@ def _mix32(x):
 
 
 @triton.jit
-def _token_hash(keys_ptr, b, n):
-    # per-(row, token) prefix of the reference's hash chain -> uint32 scalar
-    # keys int64 [B, 5]: uint32 words seed lo, seed hi, candidate, step * STEP_MUL; temperature bits (see _keys)
-    seed_lo = tl.load(keys_ptr + b * 5 + 0).to(tl.uint32)
-    seed_hi = tl.load(keys_ptr + b * 5 + 1).to(tl.uint32)
-    cand = tl.load(keys_ptr + b * 5 + 2).to(tl.uint32)
-    step_mul = tl.load(keys_ptr + b * 5 + 3).to(tl.uint32)
+def _uniform(keys_ptr, b, n):
+    # keys int64 [B, 4]: uint32 words seed lo, seed hi, candidate, step * STEP_MUL (see _keys) -> float32 in (0, 1)
+    seed_lo = tl.load(keys_ptr + b * 4 + 0).to(tl.uint32)
+    seed_hi = tl.load(keys_ptr + b * 4 + 1).to(tl.uint32)
+    cand = tl.load(keys_ptr + b * 4 + 2).to(tl.uint32)
+    step_mul = tl.load(keys_ptr + b * 4 + 3).to(tl.uint32)
     tok_mul = n.to(tl.uint32) * tl.full([], 0xC2B2AE35, tl.uint32)
     h = _mix32(seed_lo ^ tl.full(seed_lo.shape, 0x9E3779B9, tl.uint32))
     h = _mix32(h ^ seed_hi)
     h = _mix32(h ^ cand)
     h = _mix32(h ^ step_mul)
-    return _mix32(h ^ tok_mul)
-
-
-@triton.jit
-def _uniform(h_tok, voc):
-    # h_tok uint32 scalar, voc int32 [BLOCK] -> float32 [BLOCK] in (0, 1)
-    h = _mix32(h_tok ^ voc.to(tl.uint32))
+    h = _mix32(h ^ tok_mul)
     return ((h >> 8).to(tl.float32) + 0.5) / 16777216.0
 
 
@@ -65,63 +59,67 @@ def _sample_kernel(logits_ptr, out_ptr, temp_ptr, keys_ptr, n_tokens, vocab, str
     pid = tl.program_id(0)
     b = pid // n_tokens
     n = pid % n_tokens
-    h_tok = _token_hash(keys_ptr, b, n)
-    temp = tl.load(temp_ptr + b)
-    t = tl.load(keys_ptr + b * 5 + 4).to(tl.uint32).to(tl.float32, bitcast=True)  # clamped, in logits' dtype
     row = logits_ptr + b * stride_b + n * stride_n
+    # 1. max and its first index
     best = tl.full([], float("-inf"), tl.float32)
     best_i = tl.full([], 0, tl.int32)
     for start in range(0, vocab, BLOCK_V):
         voc = start + tl.arange(0, BLOCK_V)
-        m = voc < vocab
-        x = tl.load(row + voc, mask=m, other=float("-inf")).to(tl.float32)
-        if temp > 0:
-            u = _uniform(h_tok, voc)
-            # each log in fp64 rounded once to fp32: the correctly rounded logf the reference's two logs give
-            l1 = tl.log(u.to(tl.float64)).to(tl.float32)
-            g = -(tl.log(-l1.to(tl.float64)).to(tl.float32))
-            x = x / t + g
-        x = tl.where(m, x, float("-inf"))
+        x = tl.load(row + voc, mask=voc < vocab, other=float("-inf")).to(tl.float32)
         blk_best, blk_i = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
         better = blk_best > best  # strict: an earlier block keeps a tie (first index, as torch.argmax)
         best_i = tl.where(better, blk_i + start, best_i)
         best = tl.where(better, blk_best, best)
+    t = tl.load(temp_ptr + b)
+    if t > 0:
+        t = tl.maximum(t, 1e-6)
+        # 2. total mass
+        total = tl.full([], 0.0, tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            voc = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row + voc, mask=voc < vocab, other=float("-inf")).to(tl.float32)
+            total += tl.sum(tl.exp((x - best) / t), 0)
+        target = _uniform(keys_ptr, b, n) * total
+        # 3. the block, then the index: first running mass above the target
+        acc = tl.full([], 0.0, tl.float32)
+        chosen = tl.full([], -1, tl.int32)
+        last_nz = tl.full([], 0, tl.int32)
+        for start in range(0, vocab, BLOCK_V):
+            voc = start + tl.arange(0, BLOCK_V)
+            x = tl.load(row + voc, mask=voc < vocab, other=float("-inf")).to(tl.float32)
+            p = tl.exp((x - best) / t)
+            s = tl.sum(p, 0)
+            blk_last = tl.max(tl.where(p > 0, voc, -1), 0)
+            j = tl.min(tl.where(tl.cumsum(p, 0) > target - acc, voc, vocab), 0)
+            j = tl.minimum(j, blk_last)  # rounding guard: never an entry of zero mass
+            take = (chosen < 0) & (acc + s > target)
+            chosen = tl.where(take, j, chosen)
+            last_nz = tl.maximum(last_nz, blk_last)
+            acc += s
+        best_i = tl.where(chosen < 0, last_nz, chosen)  # target == total by rounding: the last entry with mass
     tl.store(out_ptr + pid, best_i.to(tl.int64))
 
 
 @triton.jit
-def _uniform_kernel(out_ptr, keys_ptr, n_tokens, vocab, BLOCK_V: tl.constexpr):
+def _uniform_kernel(out_ptr, keys_ptr, n_tokens):
     pid = tl.program_id(0)
-    b = pid // n_tokens
-    n = pid % n_tokens
-    h_tok = _token_hash(keys_ptr, b, n)
-    for start in range(0, vocab, BLOCK_V):
-        voc = start + tl.arange(0, BLOCK_V)
-        tl.store(out_ptr + pid * vocab + voc, _uniform(h_tok, voc), mask=voc < vocab)
+    tl.store(out_ptr + pid, _uniform(keys_ptr, pid // n_tokens, pid % n_tokens))
 
 
-def _keys(seed, candidate, step, temperature=None, dtype=torch.float32) -> torch.Tensor:
-    """int64 [B, 5]: the reference's per-row hash inputs reduced to uint32 words, and the clamped temperature.
+def _keys(seed, candidate, step) -> torch.Tensor:
+    """int64 [B, 4]: the reference's per-row hash inputs reduced to uint32 words.
 
     The reference computes in int64 then masks to 32 bits, so (x * C) & M32 only needs the low words.
     """
-    b = seed.shape[0]
-    t = torch.ones(b, device=seed.device) if temperature is None else temperature
-    t = t.clamp(min=1e-6).to(dtype).float()  # the reference divides by the temperature cast to the logits dtype
-    return torch.stack([
-        seed & M32, (seed >> 32) & M32, candidate & M32, (step * STEP_MUL) & M32,
-        t.view(torch.int32).to(torch.int64) & M32,
-    ], 1).contiguous()
+    return torch.stack([seed & M32, (seed >> 32) & M32, candidate & M32, (step * STEP_MUL) & M32], 1).contiguous()
 
 
-def triton_uniform(seed, candidate, step, n_tokens: int, vocab: int) -> torch.Tensor:
-    # seed, candidate, step int64 [B] -> float32 [B, n_tokens, vocab]; equals model.sampling.uniform bit for bit
+def triton_token_uniform(seed, candidate, step, n_tokens: int) -> torch.Tensor:
+    # seed, candidate, step int64 [B] -> float32 [B, n_tokens]; equals model.sampling.token_uniform bit for bit
     require_device(_uniform_kernel, seed)
-    b = seed.shape[0]
-    out = torch.empty(b, n_tokens, vocab, dtype=torch.float32, device=seed.device)
+    out = torch.empty(seed.shape[0], n_tokens, dtype=torch.float32, device=seed.device)
     if out.numel():
-        _uniform_kernel[(b * n_tokens,)](out, _keys(seed, candidate, step), n_tokens, vocab,
-                                         BLOCK_V=min(1024, triton.next_power_of_2(vocab)))
+        _uniform_kernel[(out.numel(),)](out, _keys(seed, candidate, step), n_tokens)
     return out
 
 
@@ -133,8 +131,6 @@ def triton_sample(logits, temperature, seed, candidate, step) -> torch.Tensor:
         logits = logits.contiguous()
     out = torch.empty(b, n, dtype=torch.int64, device=logits.device)
     if out.numel():
-        keys = _keys(seed, candidate, step, temperature.float(), logits.dtype)
-        _sample_kernel[(b * n,)](logits, out, temperature.float().contiguous(), keys, n, v,
-                                 logits.stride(0), logits.stride(1), BLOCK_V=min(1024, triton.next_power_of_2(v)),
-                                 enable_fp_fusion=False)
+        _sample_kernel[(b * n,)](logits, out, temperature.float().contiguous(), _keys(seed, candidate, step), n, v,
+                                 logits.stride(0), logits.stride(1), BLOCK_V=block_size(v), enable_fp_fusion=False)
     return out

@@ -1,8 +1,21 @@
-"""Batch-invariant, counter-based sampling (pure PyTorch reference).
+"""Batch-invariant, counter-based sampling (pure PyTorch).
 
-Every random number is a hash of (seed, candidate, step, token, vocab entry): no generator state,
-so a rollout samples the same tokens alone or inside any batch, and a rerun on another worker
-reproduces it exactly. Gumbel-max over the logits turns the uniforms into a categorical sample.
+Every random number is a hash of (seed, candidate, step, token): no generator state, so a rollout samples the
+same tokens alone or inside any batch, and a rerun on another worker reproduces it exactly.
+
+Greedy rows (temperature 0) take the argmax and nothing else. Sampled rows draw by inverse CDF with ONE uniform
+per token: p = exp((logits - max) / t), r = u * sum(p), token = the first index whose running sum exceeds r.
+That is an exact categorical sample (no truncation), and it needs one uniform per token instead of one per
+vocabulary entry (what Gumbel-max needs: at a 64k vocabulary the hashes cost 50x the model's argmax).
+The running sum is two-level: per-block sums of BLOCK entries, a scan over the blocks, then a scan inside the
+chosen block only. Rows are processed in fixed-size chunks (the last one padded), so the work per row never
+depends on the batch and no [B, N, V] temporary exists beyond the logits themselves.
+
+    sample(logits float [B, N, V], temperature float [B], seed int64 [B], candidate int64 [B], step int64 [B])
+        -> int64 [B, N] in [0, V)
+
+`sample_reference` is the same distribution written plainly (one cumsum over the whole row), the reference the
+chunked path and the Triton kernel (worldserve.kernels.sampling) are tested against.
 """
 
 from __future__ import annotations
@@ -10,6 +23,8 @@ from __future__ import annotations
 import torch
 
 M32 = 0xFFFFFFFF
+BLOCK = 512  # vocabulary entries per block of the two-level scan (the Triton kernel uses the same)
+CHUNK_BYTES = 1 << 21  # float32 scratch per chunk of rows: stays in cache
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -22,31 +37,86 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor, n_tokens: int, vocab: int):
-    """seed, candidate, step: int64 [B] -> float32 [B, n_tokens, vocab] in (0, 1)."""
-    dev = seed.device
-    seed = seed[:, None, None]
+def token_uniform(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """seed, candidate, step: int64 [B] -> float32 [B, n_tokens] in (0, 1): one uniform per token."""
+    seed = seed[:, None]
     h = _mix32((seed & M32) ^ 0x9E3779B9)
     h = _mix32(h ^ ((seed >> 32) & M32))
-    h = _mix32(h ^ candidate[:, None, None])
-    h = _mix32(h ^ (step[:, None, None] * 0x85EBCA6B))
-    tok = torch.arange(n_tokens, device=dev, dtype=torch.int64)[None, :, None]
-    voc = torch.arange(vocab, device=dev, dtype=torch.int64)[None, None, :]
-    h = _mix32(h ^ (tok * 0xC2B2AE35))
-    h = _mix32(h ^ voc)
-    # 24 high-quality bits -> (0, 1)
-    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+    h = _mix32(h ^ (candidate[:, None] & M32))
+    h = _mix32(h ^ ((step[:, None] * 0x85EBCA6B) & M32))
+    tok = torch.arange(n_tokens, device=seed.device, dtype=torch.int64)[None, :]
+    h = _mix32(h ^ ((tok * 0xC2B2AE35) & M32))
+    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 high bits -> (0, 1)
+
+
+def block_size(vocab: int) -> int:
+    # entries per block: BLOCK, or the vocabulary rounded up to a power of two when it is smaller
+    return min(BLOCK, 1 << max(0, (vocab - 1).bit_length()))
+
+
+def chunk_rows(vocab: int) -> int:
+    # rows per chunk: a function of the vocabulary only, never of the batch (batch invariance)
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _sample_rows(x: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One chunk: x float [R, V] logits, t float32 [R] > 0, u float32 [R] in (0, 1) -> int64 [R]."""
+    r_, v = x.shape
+    bs = block_size(v)
+    nb = -(-v // bs)
+    p = torch.zeros(r_, nb * bs, dtype=torch.float32, device=x.device)  # [R, nb * bs], zero padded
+    pv = p[:, :v]
+    pv.copy_(x)
+    pv.sub_(pv.amax(-1, keepdim=True)).div_(t[:, None]).exp_()  # (0, 1], the max entry is exactly 1
+    blocks = p.view(r_, nb, bs)
+    csum = blocks.sum(-1).cumsum(-1)  # [R, nb] running mass at each block's end
+    target = (u * csum[:, -1])[:, None]  # [R, 1], in [0, total)
+    blk = torch.searchsorted(csum, target, right=True)  # first block whose running mass exceeds the target
+    nonempty = torch.cat([csum[:, :1] > 0, csum[:, 1:] > csum[:, :-1]], -1)  # [R, nb] blocks with mass
+    last_blk = nb - 1 - nonempty.flip(-1).int().argmax(-1, keepdim=True)
+    blk = torch.minimum(blk, last_blk)  # target == total by rounding: the last block with mass
+    prev = torch.where(blk > 0, csum.gather(1, (blk - 1).clamp(min=0)), torch.zeros_like(target))
+    inner = blocks.gather(1, blk[:, :, None].expand(r_, 1, bs)).squeeze(1)  # [R, bs]
+    j = torch.searchsorted(inner.cumsum(-1), target - prev, right=True)  # [R, 1]
+    last_j = bs - 1 - (inner > 0).flip(-1).int().argmax(-1, keepdim=True)
+    return (blk * bs + torch.minimum(j, last_j)).squeeze(1)
 
 
 def sample(logits, temperature, seed, candidate, step):
-    """logits float [B, N, V]; temperature float [B] (0 = greedy); seed/candidate/step int64 [B].
+    """logits float [B, N, V]; temperature float [B] (0 = greedy); seed/candidate/step int64 [B] -> int64 [B, N]."""
+    b, n, v = logits.shape
+    hot = temperature > 0  # [B] bool
+    n_hot = int(hot.sum())
+    if n_hot == 0:
+        return logits.argmax(-1)  # greedy rows: argmax and nothing else
+    out = torch.empty(b, n, dtype=torch.int64, device=logits.device)
+    for i in (~hot).nonzero().squeeze(1).tolist():  # greedy rows of a mixed batch: argmax on views, no copy
+        out[i] = logits[i].argmax(-1)
+    rows = hot.nonzero().squeeze(1)  # [S] sampled batch rows
+    u = token_uniform(seed[rows], candidate[rows], step[rows], n).reshape(-1)  # [S * N]
+    t = temperature[rows].float().clamp(min=1e-6).repeat_interleave(n)  # [S * N]
+    flat = logits.reshape(b * n, v)  # a view for contiguous logits
+    idx = (rows[:, None] * n + torch.arange(n, device=logits.device)).reshape(-1)  # [S * N] rows of flat
+    got = torch.empty(n_hot * n, dtype=torch.int64, device=logits.device)
+    size = chunk_rows(v)
+    for i in range(0, idx.shape[0], size):  # fixed chunks, the last padded with its first row: batch-invariant
+        ii = idx[i : i + size]
+        k = ii.shape[0]
+        sel = torch.cat([torch.arange(i, i + k, device=idx.device),
+                         torch.full((size - k,), i, dtype=torch.int64, device=idx.device)])  # [size]
+        got[i : i + k] = _sample_rows(flat.index_select(0, idx[sel]), t[sel], u[sel])[:k]
+    out[rows] = got.view(n_hot, n)
+    return out
 
-    Returns int64 [B, N].
-    """
+
+def sample_reference(logits, temperature, seed, candidate, step):
+    """The same distribution, plainly: float64 softmax weights, one cumsum per row, first index above u * total."""
     b, n, v = logits.shape
     greedy = logits.argmax(-1)
-    u = uniform(seed, candidate, step, n, v)
-    gumbel = -torch.log(-torch.log(u))
-    t = temperature.clamp(min=1e-6).to(logits.dtype)[:, None, None]
-    sampled = (logits.float() / t + gumbel).argmax(-1)
-    return torch.where((temperature > 0)[:, None], sampled, greedy)
+    t = temperature.double().clamp(min=1e-6)[:, None, None]
+    x = logits.double()
+    p = ((x - x.amax(-1, keepdim=True)) / t).exp()  # [B, N, V]
+    c = p.cumsum(-1)
+    u = token_uniform(seed, candidate, step, n).double()[..., None]  # [B, N, 1]
+    idx = torch.searchsorted(c, u * c[..., -1:], right=True).squeeze(-1).clamp(max=v - 1)
+    return torch.where((temperature > 0)[:, None], idx, greedy)
