@@ -96,7 +96,7 @@ def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frame
     torch.set_num_threads(1)  # as the server (OMP_NUM_THREADS=1): 2 threads thrash on a shared 2-core box
     model = build(PRESETS[preset]) if preset else load_model_dir(model_dir)
     events = []
-    eng = Engine(model, EngineConfig(max_slots=max_slots, max_queue=4 * n), emit=events.append)
+    eng = Engine(model, EngineConfig(max_slots=max_slots, max_queue=4 * n), emit=events.extend)
     ctx = context_frames()
     mode = {"all": FrameMode.ALL, "last": FrameMode.LAST, "none": FrameMode.NONE}[frames]
     step_times, done_frames = [], 0

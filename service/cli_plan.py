@@ -111,7 +111,7 @@ def predict_inprocess(model_dir: str, context, context_actions, actions, seed: i
 
     events = []
     model = load_model_dir(model_dir)
-    eng = Engine(model, EngineConfig(max_slots=4), emit=events.append)
+    eng = Engine(model, EngineConfig(max_slots=4), emit=events.extend)
     ca = np.asarray(context_actions, np.int64) if context_actions else None
     eng.submit(RolloutRequest("rollout", model.spec.name, np.asarray(context), np.asarray([actions], np.int64),
                               context_actions=ca, seed=seed, temperature=temperature))

@@ -4,10 +4,16 @@ One `step()` = schedule -> execute -> update:
   1. take in new requests, session actions and cancels
   2. retire cancelled / expired requests (their slots free up this step)
   3. admit waiting requests into free slots: encode + prefill batched, fork K candidates
-  4. one dynamics step for every slot that has an action (bucketed batch), sample, decode where asked
-  5. emit events, free finished requests
-The engine knows no transport: requests in, `emit(RolloutEvent)` out. Thread-safe entry points:
-`submit`, `act`, `cancel`; the loop runs in one thread (`run`).
+  4. one dynamics step for every slot that has an action (bucketed batch), sample, decode where asked,
+     then ONE device->host copy of everything the step produced
+  5. emit the step's events in one batch, free finished requests
+The engine knows no transport: requests in, `emit(list[RolloutEvent])` out, once per step. Thread-safe entry
+points: `submit`, `act`, `cancel`; the loop runs in one thread (`run`).
+
+Failures: an exception while admitting or stepping ends the requests it touched with INTERNAL and the engine
+goes on (their slots are freed; a later prefill overwrites whatever the failed step left in them). After
+`max_consecutive_failures` failing steps in a row, or an error outside the model, the engine is fatal: every
+active and waiting request ends with INTERNAL, `fatal` holds the exception and `run()` returns.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..errors import QueueFull
+from ..errors import QueueFull, Unavailable
 from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 from ..model.dynamics import advance
 from ..model.world_model import WorldModel
 from .batch import bucket, pad_to, run_fixed_chunks
+from .host import to_host
 from .sampler import Sampler
 
 log = logging.getLogger("worldserve.engine")
@@ -41,6 +48,7 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests; beyond this, submit raises QueueFull
     max_candidates: int = 64
     session_idle_s: float = 300.0
+    max_consecutive_failures: int = 3  # failing steps in a row before the engine gives up (fatal)
 
 
 @dataclass
@@ -55,8 +63,26 @@ class Active:
     closing: bool = False
 
 
+@dataclass(order=True)
+class Waiting:
+    priority: int
+    seq: int
+    req: RolloutRequest = field(compare=False)
+    submitted: float = field(compare=False)  # monotonic
+
+
+@dataclass
+class Row:
+    """One slot's work in this step."""
+
+    active: Active
+    candidate: int
+    slot: int
+    action: object  # discrete int | continuous float32 [A]
+
+
 class Engine:
-    def __init__(self, model: WorldModel, cfg: EngineConfig, emit: Callable[[RolloutEvent], None],
+    def __init__(self, model: WorldModel, cfg: EngineConfig, emit: Callable[[list[RolloutEvent]], None],
                  sampler: Sampler | None = None):
         self.model, self.cfg, self.emit = model, cfg, emit
         self.spec = model.spec
@@ -65,10 +91,13 @@ class Engine:
         self.cache = model.allocate_cache(cfg.max_slots + 1)
         self.free: list[int] = list(range(cfg.max_slots))
         self.active: dict[str, Active] = {}
-        self.waiting: list[tuple[int, int, RolloutRequest, float]] = []  # heap (priority, seq, req, t)
+        self.waiting: list[Waiting] = []  # heap: priority, then arrival
         self._seq = itertools.count()
         self._inbox: deque = deque()
         self._early: dict[str, list[SessionAction]] = {}  # actions that arrived before their session's admission
+        self._out: list[RolloutEvent] = []  # this step's events, emitted together at its end
+        self._failures = 0  # failing steps in a row
+        self.fatal: BaseException | None = None
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -83,6 +112,8 @@ class Engine:
 
     def submit(self, req: RolloutRequest) -> None:
         with self._lock:
+            if self.fatal is not None:
+                raise Unavailable(f"engine failed ({type(self.fatal).__name__}: {self.fatal}); not taking work")
             if len(self.waiting) + len(self._inbox) >= self.cfg.max_queue:
                 metrics.REQUESTS.labels("rejected").inc()
                 raise QueueFull(f"queue full ({self.cfg.max_queue} requests waiting); retry later")
@@ -102,14 +133,20 @@ class Engine:
 
     def room(self) -> int:
         """Slots left once every request not yet admitted has its slots (a Redis worker reads while > 0)."""
-        pending = [w[2] for w in list(self.waiting)] + [obj for k, obj, _ in list(self._inbox) if k == "submit"]
+        pending = [w.req for w in list(self.waiting)] + [obj for k, obj, _ in list(self._inbox) if k == "submit"]
         return len(self.free) - sum(r.candidates for r in pending)
 
+    def alive(self) -> bool:
+        return self.fatal is None
+
     def run(self) -> None:
-        while not self._stop.is_set():
-            if not self.step():
-                self._wake.wait(0.01)
-                self._wake.clear()
+        try:
+            while not self._stop.is_set():
+                if not self.step():
+                    self._wake.wait(0.01)
+                    self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - whatever it is, every request gets its status
+            self._die(e)
 
     def stop(self) -> None:
         self._stop.set()
@@ -118,26 +155,34 @@ class Engine:
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> bool:
         t0 = time.perf_counter()
-        self._drain_inbox()  # 1
-        self._retire(time.time())  # 2
-        self._admit()  # 3
-        rows = self._schedule()
-        if rows:
-            self._execute(rows)  # 4 + 5
-            metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
-        metrics.QUEUE_DEPTH.set(len(self.waiting))
-        metrics.ACTIVE_SLOTS.set(self.cfg.max_slots - len(self.free))
-        return bool(rows) or bool(self._inbox)
+        try:
+            self._drain_inbox()  # 1
+            self._retire(time.time())  # 2
+            self._admit()  # 3
+            rows = self._schedule()
+            if rows:
+                self._guarded(rows)  # 4 + 5
+                metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
+            metrics.QUEUE_DEPTH.set(len(self.waiting))
+            metrics.ACTIVE_SLOTS.set(self.cfg.max_slots - len(self.free))
+            return bool(rows) or bool(self._inbox)
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            self.emit(out)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             kind, obj, t = self._inbox.popleft()
             if kind == "submit":
-                heapq.heappush(self.waiting, (int(obj.priority), next(self._seq), obj, t))
+                heapq.heappush(self.waiting, Waiting(int(obj.priority), next(self._seq), obj, t))
             elif kind == "act":
                 a = self.active.get(obj.request_id)
                 if a is None:  # session not admitted yet: keep its actions for admission
-                    if any(w[2].id == obj.request_id for w in self.waiting):
+                    if any(w.req.id == obj.request_id for w in self.waiting):
                         self._early.setdefault(obj.request_id, []).append(obj)
                     continue
                 a.last_seen = time.monotonic()
@@ -148,10 +193,15 @@ class Engine:
             elif kind == "cancel":
                 if obj in self.active:
                     self._finish(self.active[obj], ErrorCode.CANCELLED, "cancelled by the client")
-                elif any(w[2].id == obj for w in self.waiting):
-                    self.waiting = [w for w in self.waiting if w[2].id != obj]
-                    heapq.heapify(self.waiting)
-                    self.emit(RolloutEvent.end(obj, ErrorCode.CANCELLED, "cancelled by the client"))
+                elif any(w.req.id == obj for w in self.waiting):
+                    self._drop_waiting({obj}, ErrorCode.CANCELLED, "cancelled by the client")
+
+    def _drop_waiting(self, ids: set[str], code: ErrorCode, message: str) -> None:
+        self.waiting = [w for w in self.waiting if w.req.id not in ids]
+        heapq.heapify(self.waiting)
+        for rid in ids:
+            self._early.pop(rid, None)
+            self._end(rid, code, message)
 
     def _retire(self, now: float) -> None:
         mono = time.monotonic()
@@ -163,21 +213,17 @@ class Engine:
             elif r.session and (a.closing and not a.actions or mono - a.last_seen > self.cfg.session_idle_s):
                 self._finish(a, ErrorCode.OK if a.closing else ErrorCode.DEADLINE_EXCEEDED,
                              "" if a.closing else "session idle timeout")
-        expired = [w for w in self.waiting if w[2].deadline is not None and now > w[2].deadline]
-        for w in expired:
-            self.emit(RolloutEvent.end(w[2].id, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded while queued"))
-            metrics.REQUESTS.labels("deadline").inc()
+        expired = {w.req.id for w in self.waiting if w.req.deadline is not None and now > w.req.deadline}
         if expired:
-            self.waiting = [w for w in self.waiting if w not in expired]
-            heapq.heapify(self.waiting)
+            self._drop_waiting(expired, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
 
     def _admit(self) -> None:
         admitted: list[Active] = []
-        while self.waiting and len(self.free) >= self.waiting[0][2].candidates:
-            _, _, req, t = heapq.heappop(self.waiting)
-            slots = [self.free.pop() for _ in range(req.candidates)]
-            a = Active(req, slots, submitted=t, last_seen=time.monotonic())
-            for early in self._early.pop(req.id, []):
+        while self.waiting and len(self.free) >= self.waiting[0].req.candidates:
+            w = heapq.heappop(self.waiting)
+            a = Active(w.req, [self.free.pop() for _ in range(w.req.candidates)], submitted=w.submitted,
+                       last_seen=time.monotonic())
+            for early in self._early.pop(w.req.id, []):
                 if early.close:
                     a.closing = True
                 else:
@@ -185,6 +231,15 @@ class Engine:
             admitted.append(a)
         if not admitted:
             return
+        try:
+            self._prefill(admitted)
+        except Exception as e:  # encode / prefill failed: these requests end, the engine goes on
+            self._failed(admitted, e, "admission")
+            return
+        for a in admitted:
+            self.active[a.req.id] = a
+
+    def _prefill(self, admitted: list[Active]) -> None:
         # encode every context frame of every admitted request in one batch
         ctx = torch.from_numpy(np.concatenate([a.req.context for a in admitted])).to(self.device)
         tokens = run_fixed_chunks(self.model.encode, ctx)  # int64 [sum(C), N], batch-invariant
@@ -201,7 +256,6 @@ class Engine:
             for a, _ in members:  # fork: prefill once, copy into the other K-1 slots
                 if len(a.slots) > 1:
                     self.cache.fork(a.slots[0], torch.tensor(a.slots[1:], device=self.device))
-                self.active[a.req.id] = a
 
     def _context_actions(self, reqs: list[RolloutRequest], n: int):
         acts, known = self.model.unknown_actions(len(reqs), n, self.device)
@@ -212,57 +266,94 @@ class Engine:
                     known[i] = True
         return acts, known
 
-    def _schedule(self) -> list[tuple[Active, int, int, object]]:
-        """Rows of this step: (request, candidate, slot, action)."""
+    def _schedule(self) -> list[Row]:
         rows = []
         for a in self.active.values():
             if a.req.session:
                 if a.actions:
-                    rows.append((a, 0, a.slots[0], a.actions.popleft()))
+                    rows.append(Row(a, 0, a.slots[0], a.actions.popleft()))
             else:
-                for k, s in enumerate(a.slots):
-                    rows.append((a, k, s, a.req.actions[k, a.step]))
+                rows.extend(Row(a, k, s, a.req.actions[k, a.step]) for k, s in enumerate(a.slots))
         return rows
 
-    def _execute(self, rows) -> None:
+    def _guarded(self, rows: list[Row]) -> None:
+        """Execute; on failure isolate the request(s) at fault when the cache was not yet advanced."""
+        self._advanced = False
+        try:
+            self._execute(rows)
+            self._failures = 0
+            return
+        except Exception as e:
+            owners = list({id(r.active): r.active for r in rows}.values())
+            if self._advanced or len(owners) == 1:
+                self._failed(owners, e, "step")
+                return
+            log.warning("engine step of %d requests failed (%s: %s); retrying each alone", len(owners),
+                        type(e).__name__, e)
+        for a in owners:  # one request per step: the others are served, the one at fault ends
+            mine = [r for r in rows if r.active is a]
+            self._advanced = False
+            try:
+                self._execute(mine)
+                self._failures = 0
+            except Exception as e:
+                self._failed([a], e, "step")
+
+    def _failed(self, actives: list[Active], e: Exception, where: str) -> None:
+        self._failures += 1
+        log.error("engine %s failed for %s: %s: %s", where, [a.req.id for a in actives], type(e).__name__, e,
+                  exc_info=e)
+        for a in actives:
+            if a.req.id in self.active:
+                self._finish(a, ErrorCode.INTERNAL, f"engine {where} failed: {type(e).__name__}: {e}")
+            else:  # not admitted yet: give its slots back
+                self.free.extend(a.slots)
+                a.slots = []
+                self._end(a.req.id, ErrorCode.INTERNAL, f"engine {where} failed: {type(e).__name__}: {e}")
+        if self._failures >= self.cfg.max_consecutive_failures:
+            raise EngineFailed(f"{self._failures} engine steps failed in a row; last: {type(e).__name__}: {e}") from e
+
+    def _execute(self, rows: list[Row]) -> None:
         b = len(rows)
         nb = bucket(b, self.cfg.max_slots)
         metrics.BATCH_SIZE.observe(b)
-        slots = pad_to(torch.tensor([r[2] for r in rows]), nb, self.pad_slot).to(self.device)
+        slots = pad_to(torch.tensor([r.slot for r in rows]), nb, self.pad_slot).to(self.device)
         if self.spec.action_dim:
             acts = torch.zeros(nb, self.spec.action_dim)
-            acts[:b] = torch.from_numpy(np.stack([np.asarray(r[3], np.float32) for r in rows]))
+            acts[:b] = torch.from_numpy(np.stack([np.asarray(r.action, np.float32) for r in rows]))
         else:
             acts = torch.zeros(nb, dtype=torch.int64)
-            acts[:b] = torch.tensor([int(r[3]) for r in rows])
+            acts[:b] = torch.tensor([int(r.action) for r in rows])
         logits, reward, done = self.model.step(self.cache, slots, acts.to(self.device))
         # sample with per-row keys: candidate k of a request seeded s draws from stream s + k, so a fork
         # equals K separate requests seeded s .. s+K-1, alone or in any batch
-        seed = torch.tensor([(r[0].req.seed + r[1]) % (1 << 63) for r in rows], dtype=torch.int64)
-        cand = torch.zeros(b, dtype=torch.int64)
-        stepi = torch.tensor([r[0].step for r in rows], dtype=torch.int64)
-        temp = torch.tensor([r[0].req.temperature for r in rows], dtype=torch.float32)
-        nxt = self.sampler(logits[:b], temp.to(self.device), seed.to(self.device), cand.to(self.device),
-                           stepi.to(self.device))
+        seed = torch.tensor([(r.active.req.seed + r.candidate) % (1 << 63) for r in rows], dtype=torch.int64)
+        zeros = torch.zeros(b, dtype=torch.int64)
+        stepi = torch.tensor([r.active.step for r in rows], dtype=torch.int64)
+        temp = torch.tensor([r.active.req.temperature for r in rows], dtype=torch.float32)
+        dev = self.device
+        nxt = self.sampler(logits[:b], temp.to(dev), seed.to(dev), zeros.to(dev), stepi.to(dev))  # int64 [b, N]
         advance(self.cache, slots[:b], nxt)
-        want = [i for i, r in enumerate(rows) if self._wants_frame(r[0])]
-        frames = run_fixed_chunks(self.model.decode, nxt[want]).cpu().numpy() if want else None
+        self._advanced = True
+        want = [i for i, r in enumerate(rows) if self._wants_frame(r.active)]
+        frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # uint8 [F, H, W, 3]
+        host = to_host(reward[:b], done[:b], nxt, frames)  # 4b. one device -> host copy
         frame_of = {i: j for j, i in enumerate(want)}
-        reward, done, nxt_cpu = reward[:b].float().cpu().numpy(), done[:b].float().cpu().numpy(), nxt.cpu().numpy()
         now = time.monotonic()
-        for i, (a, k, _, _) in enumerate(rows):
+        for i, r in enumerate(rows):  # 5. events, handed over together at the end of the step
+            a = r.active
             if not a.first_event:
                 a.first_event = True
                 metrics.TTFF.observe(now - a.submitted)
-            self.emit(RolloutEvent(
-                a.req.id, k, a.step, float(reward[i]), float(done[i]),
-                frame=frames[frame_of[i]] if i in frame_of else None,
-                tokens=nxt_cpu[i] if a.req.return_tokens else None,
+            self._out.append(RolloutEvent(
+                a.req.id, r.candidate, a.step, float(host.reward[i]), float(host.done[i]),
+                frame=host.frames[frame_of[i]] if i in frame_of else None,
+                tokens=host.tokens[i].astype(np.int64) if a.req.return_tokens else None,
             ))
         metrics.FRAMES.inc(b)
-        for a in {id(r[0]): r[0] for r in rows}.values():  # 5. update
+        for a in {id(r.active): r.active for r in rows}.values():  # update
             a.step += 1
-            a.last_seen = time.monotonic()  # a session is idle only when no action is being processed
+            a.last_seen = now  # a session is idle only when no action is being processed
             if not a.req.session and a.step >= a.req.horizon:
                 self._finish(a, ErrorCode.OK, "")
 
@@ -270,9 +361,50 @@ class Engine:
         m = a.req.frames
         return m == FrameMode.ALL or (m == FrameMode.LAST and (a.req.session or a.step == a.req.horizon - 1))
 
+    def _end(self, request_id: str, code: ErrorCode, message: str) -> None:
+        metrics.REQUESTS.labels(code.name.lower()).inc()
+        self._out.append(RolloutEvent.end(request_id, code, message))
+
     def _finish(self, a: Active, code: ErrorCode, message: str) -> None:
         self.active.pop(a.req.id, None)
         self.free.extend(a.slots)
         a.slots = []
-        metrics.REQUESTS.labels(code.name.lower()).inc()
-        self.emit(RolloutEvent.end(a.req.id, code, message))
+        self._end(a.req.id, code, message)
+
+    def _die(self, e: BaseException) -> None:
+        """Fatal: end every request this engine holds or was given, then stop taking work."""
+        with self._lock:
+            self.fatal = e
+            log.critical("engine failed and stops: %s: %s", type(e).__name__, e, exc_info=e)
+            msg = f"engine failed: {type(e).__name__}: {e}"
+            for a in list(self.active.values()):
+                self._finish(a, ErrorCode.INTERNAL, msg)
+            ids = {w.req.id for w in self.waiting}
+            ids |= {obj.id for kind, obj, _ in self._inbox if kind == "submit"}
+            self._inbox.clear()
+            self._drop_waiting(ids, ErrorCode.INTERNAL, msg)
+        try:
+            self._flush()
+        except Exception:  # the consumer of events failed too: nothing more can be told
+            log.exception("could not hand over the final events")
+
+
+class EngineFailed(RuntimeError):
+    """Too many failing steps in a row: the engine cannot go on."""
+
+
+def complete(engine: Engine, requests: list[RolloutRequest]) -> list[RolloutEvent]:
+    """Offline use (warm-up, benchmarks, tools): submit, step this engine in the calling thread until every request
+    has its final event; returns the events in order. The engine's own `emit` is restored afterwards."""
+    events: list[RolloutEvent] = []
+    own, engine.emit = engine.emit, events.extend
+    try:
+        for r in requests:
+            engine.submit(r)
+        todo = {r.id for r in requests}
+        while todo:
+            engine.step()
+            todo -= {e.request_id for e in events if e.final}
+    finally:
+        engine.emit = own
+    return events

@@ -17,6 +17,10 @@ class Queue(Protocol):
 
     def ready(self) -> bool: ...
 
+    def alive(self) -> bool:
+        """False when this process cannot go on (its engine died): /healthz answers 503 so it is restarted."""
+        ...
+
     async def submit(self, req: RolloutRequest) -> AsyncIterator[RolloutEvent]:
         """Enqueue (raises QueueFull at once when over capacity); returns the request's event stream.
 

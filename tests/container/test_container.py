@@ -156,7 +156,7 @@ def inprocess_frames(context: np.ndarray, actions: list[int], seed: int, tempera
     from worldserve.model.io import load_model_dir
 
     events = []
-    eng = ModelEngine(load_model_dir(ROOT / "models" / MODEL), EngineConfig(max_slots=16), emit=events.append)
+    eng = ModelEngine(load_model_dir(ROOT / "models" / MODEL), EngineConfig(max_slots=16), emit=events.extend)
     eng.submit(RolloutRequest("r", MODEL, np.asarray(context), np.asarray([actions], np.int64), seed=seed,
                               temperature=temperature))
     while not any(e.final for e in events):

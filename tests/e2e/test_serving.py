@@ -23,7 +23,7 @@ def inprocess_frames(context, actions, seed, temperature, candidates=1):
     from worldserve.model.io import load_model_dir
 
     events = []
-    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=64), emit=events.append)
+    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=64), emit=events.extend)
     acts = np.asarray(actions, np.int64)
     eng.submit(RolloutRequest("r", MODEL, np.asarray(context), acts, seed=seed, temperature=temperature))
     while not any(e.final for e in events):

@@ -24,7 +24,7 @@ def inprocess(context, requests):
     from worldserve.model.io import load_model_dir
 
     events = []
-    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=128, max_queue=64), emit=events.append)
+    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=128, max_queue=64), emit=events.extend)
     for i, (seed, cands) in enumerate(requests):
         eng.submit(RolloutRequest(f"r{i}:{seed}", MODEL, context, np.asarray(cands), seed=seed, temperature=1.0))
     while sum(e.final for e in events) < len(requests):

@@ -24,7 +24,7 @@ def model():
 
 def make(model, slots=16, queue=64):
     events = []
-    return Engine(model, EngineConfig(max_slots=slots, max_queue=queue), emit=events.append), events
+    return Engine(model, EngineConfig(max_slots=slots, max_queue=queue), emit=events.extend), events
 
 
 def ctx(n=2, seed=0):

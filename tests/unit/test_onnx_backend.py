@@ -78,7 +78,7 @@ def test_engine_runs_on_onnx(models):
 
     def run(model):
         events = []
-        eng = Engine(model, EngineConfig(max_slots=8), emit=events.append)
+        eng = Engine(model, EngineConfig(max_slots=8), emit=events.extend)
         eng.submit(RolloutRequest("r", "tiny", f[:CONTEXT], acts, return_tokens=True, seed=7, temperature=1.0))
         while not any(e.final for e in events):
             eng.step()
