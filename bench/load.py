@@ -2,13 +2,16 @@
 
     python -m bench.load --preset-dir models/tiny --clients 1,8,64 --horizon 16 --candidates 4 --mode local
     python -m bench.load --quick                                   # a short smoke run
+    python -m bench.load --with-base ...                           # then the same for the `base` preset:
+        # engine frame time vs bare model.step at batch 16, served vs raw at 16 clients (16 slots)
 
 For each client count N it runs N concurrent gRPC (and HTTP) clients doing rollouts of H steps with K
 candidates against the real server (a subprocess), and reports frames/s (candidate-steps per second),
 time to first frame and inter-frame p50/p99; then the same model and batch shape through the raw engine
 loop in this process (no server, no queue) as the ceiling. Also: stack overhead at 1 client
 (served inter-frame time minus the raw step time) and the fork speedup (K=64 in one request vs 64
-separate requests). Writes bench/out/load-<tag>.json and .md (+ .png when matplotlib is installed).
+separate requests), and the engine's frame time vs the bare `model.step` at --engine-batch rows
+(bench/load_engine.py). Writes bench/out/load-<tag>.json and .md (+ .png when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -161,15 +164,63 @@ def main() -> None:
     p.add_argument("--modes", default="local", help="local,redis")
     p.add_argument("--max-slots", type=int, default=64)
     p.add_argument("--tag", default=None)
+    p.add_argument("--engine-batch", type=int, default=16, help="engine frame vs bare model.step (0: skip)")
+    p.add_argument("--engine-steps", type=int, default=10)
+    p.add_argument("--legacy-sampler", default=None, metavar="REV",
+                   help="also time the engine with the sampler of commit REV (before/after in one run)")
+    p.add_argument("--with-base", action="store_true", help="then the base preset: 16 clients, 16 slots, H=4")
+    p.add_argument("--base-duration", type=float, default=30.0)
+    p.add_argument("--base-engine-steps", type=int, default=4)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     if a.quick:
-        a.clients, a.duration, a.horizon, a.transports = "1,4", 2.0, 4, "grpc"
+        a.clients, a.duration, a.horizon, a.transports, a.engine_steps = "1,4", 2.0, 4, "grpc", 3
+    run(a)
+    if a.with_base:
+        b = argparse.Namespace(**vars(a))
+        b.preset, b.clients, b.candidates, b.horizon, b.modes, b.max_slots = "base", "16", 1, 4, "local", 16
+        b.duration, b.engine_steps, b.tag, b.engine_batch = a.base_duration, a.base_engine_steps, None, 16
+        run(b)
+
+
+def engine_section(a, out: Path) -> tuple[list[dict], list[str]]:
+    """Engine frame time vs bare model.step at a.engine_batch rows: latent only at T=0 and T=1, frames at T=0."""
+    import torch
+
+    from bench.load_engine import engine_vs_step, legacy_sampler
+    from worldserve.model.config import PRESETS
+    from worldserve.model.io import load_model_dir
+    from worldserve.model.world_model import build
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    model = build(PRESETS[a.preset]) if a.preset else load_model_dir(a.model_dir)
+    ctx = context_frames()
+    cases = [("none", 0.0, "current", None), ("none", 1.0, "current", None), ("all", 0.0, "current", None)]
+    if a.legacy_sampler:
+        cases.append(("none", 0.0, a.legacy_sampler, legacy_sampler(a.legacy_sampler)))
+    rows = []
+    for frames, temp, label, sampler in cases:
+        r = {**engine_vs_step(model, ctx, a.engine_batch, a.engine_steps, frames, temp, sampler), "sampler": label}
+        rows.append(r)
+        print("engine", json.dumps(r), flush=True)
+    md = ["", f"Engine frame time vs bare model.step, batch {a.engine_batch}, median of {a.engine_steps} steps "
+          "(timed alternately in one process, 1 thread; bare = model.step, + decode when frames are returned):", "",
+          "| frames | temperature | sampler | engine step ms | bare ms | bare / engine | overhead ms |",
+          "|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        md.append(f"| {r['frames']} | {r['temperature']:g} | {r['sampler']} | {r['engine_ms']:.1f} | "
+                  f"{r['bare_ms']:.1f} | {r['efficiency']:.2f} | {r['overhead_ms']:.1f} |")
+    return rows, md
+
+
+def run(a) -> None:
     tag = a.tag or (a.preset or Path(a.model_dir).name)
     out = ROOT / "bench" / "out"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "logs"
     tmp.mkdir(exist_ok=True)
+    engine_rows, engine_md = engine_section(a, out) if a.engine_batch else ([], [])
     model_args = ("--preset", a.preset) if a.preset else ("--model-dir", a.model_dir)
     continuous = a.preset == "base"
 
@@ -212,6 +263,8 @@ def main() -> None:
             if redis:
                 redis.stop()
     report["results"] = rows
+    report["engine"] = engine_rows
+    report["time"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     (out / f"load-{tag}.json").write_text(json.dumps(report, indent=2))
     md = [f"### {tag}: K={a.candidates}, H={a.horizon}, frames={a.frames}, {a.duration:.0f}s per point",
           "", "| mode | transport | clients | served frames/s | raw frames/s | served/raw | TTFF p50/p99 ms | "
@@ -226,6 +279,7 @@ def main() -> None:
         f = report["fork"]
         md += ["", f"Fork (8 context frames, H=4, latent only): K=64 in one request {f['fork_s']:.3f}s "
                f"vs 64 separate requests {f['separate_s']:.3f}s -> {f['speedup']:.2f}x"]
+    md += engine_md
     (out / f"load-{tag}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     try:

@@ -1,0 +1,173 @@
+"""Clients and workloads for bench/peer_bench.py: the same planner / player work sent to worldserve
+(gRPC, REST + WebSocket) and to the LitServe peer (bench/peer_litserve.py, HTTP JSON).
+
+Every workload is a closed loop of N clients for `duration` seconds (each client also finishes at least
+`min_iters` iterations); it returns frames/s (candidate-steps delivered per second of wall time) and the
+latency percentiles of what that user waits for: a planner the whole rollout (request latency), a
+player each step (action in -> frame out).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+from bench.peer_litserve import from_png_b64, png_b64
+from worldserve.client import GrpcClient, RestClient
+
+SYSTEMS = ("ours-grpc", "ours-rest", "peer-http")  # + "peer-b1": the peer without LitServe batching
+
+
+class PeerClient:
+    """What a user of the LitServe endpoint writes: one JSON POST per call."""
+
+    def __init__(self, base_url: str, timeout: float = 600.0):
+        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def predict(self, context, candidates, context_actions=None, frames="all", temperature=0.0, seed=0) -> dict:
+        body = {"context": [png_b64(np.asarray(f, np.uint8)) for f in context], "candidates": _plain(candidates),
+                "context_actions": _plain(context_actions), "frames": frames, "temperature": temperature,
+                "seed": seed}
+        r = self.http.post("/predict", json=body)
+        r.raise_for_status()
+        d = r.json()
+        d["frames"] = [[from_png_b64(s) for s in cand] for cand in d["frames"]]
+        return d
+
+
+def make_client(system: str, target: str):
+    if system == "ours-grpc":
+        return GrpcClient(target)
+    if system == "ours-rest":
+        return RestClient(target)
+    return PeerClient(target)
+
+
+def rollout(system: str, c, model: str, ctx, cands, frames: str, seed: int = 0, temperature: float = 0.0):
+    """One planner request. Returns (rewards [K, H], dones [K, H], frames {(k, t): uint8 [H, W, 3]})."""
+    k, h = len(cands), len(cands[0])
+    rew, done, fr = np.zeros((k, h)), np.zeros((k, h)), {}
+    if system.startswith("peer"):
+        d = c.predict(ctx, cands, frames=frames, temperature=temperature, seed=seed)
+        steps = {"all": range(h), "last": [h - 1], "none": []}[frames]
+        for j in range(k):
+            for i, t in enumerate(steps):
+                fr[(j, t)] = d["frames"][j][i]
+        return np.asarray(d["rewards"]), np.asarray(d["dones"]), fr
+    for ev in c.rollout(model, ctx, cands, frames=frames, seed=seed, temperature=temperature):
+        rew[ev.candidate, ev.step], done[ev.candidate, ev.step] = ev.reward, ev.done
+        if ev.frame is not None:
+            fr[(ev.candidate, ev.step)] = ev.frame
+    return rew, done, fr
+
+
+class Player:
+    """A person playing: one observation, then one action at a time, a frame back for each.
+
+    worldserve: a Session (gRPC bidi / WebSocket). Peer: a one-step /predict whose context is the last
+    `window` frames seen (observation + predictions) with the actions between them.
+    """
+
+    def __init__(self, system: str, c, model: str, obs: np.ndarray, window: int):
+        self.system, self.c, self.model, self.window = system, c, model, window
+        self.frames, self.actions = [obs], []
+        self.sess = None
+        if not system.startswith("peer"):
+            self.sess = c.session(model, obs[None]).__enter__()
+
+    def step(self, action) -> np.ndarray:
+        if self.sess is not None:
+            f = self.sess.step(action).frame
+        else:
+            ctx = self.frames[-self.window:]
+            ca = self.actions[len(self.actions) - len(ctx) + 1:] if len(ctx) > 1 else None
+            f = self.c.predict(ctx, [[action]], context_actions=ca, frames="all")["frames"][0][0]
+        self.frames.append(f)
+        self.actions.append(action)
+        return f
+
+    def close(self) -> None:
+        if self.sess is not None:
+            self.sess.__exit__(None, None, None)
+
+
+@dataclass
+class Workload:
+    name: str  # "planner" | "player"
+    k: int = 1  # candidates (planner)
+    h: int = 8  # horizon (planner) or steps per session (player)
+    context: int = 4  # context frames a planner sends
+    frames: str = "none"
+    temperature: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.name == "player":
+            return f"player: session of {self.h} single steps, frame each step"
+        t = f", T={self.temperature:g}" if self.temperature else ""
+        return f"planner: K={self.k} x H={self.h}, {self.context} context frames, frames={self.frames}{t}"
+
+
+def run_point(system: str, target: str, model: str, w: Workload, n: int, duration: float, min_iters: int,
+              ctx: np.ndarray, actions, window: int) -> dict:
+    """N closed-loop clients of workload w against one system. actions(i, j, h) -> an action sequence."""
+    lat, counts, errors = [], [0] * n, []
+    stop = time.time() + duration
+
+    def client(i):
+        c = make_client(system, target)
+        it = 0
+        try:
+            while time.time() < stop or it < min_iters:
+                if w.name == "planner":
+                    cands = [actions(i, it * 1000 + j, w.h) for j in range(w.k)]
+                    t0 = time.perf_counter()
+                    rollout(system, c, model, ctx[-w.context:], cands, w.frames, seed=i, temperature=w.temperature)
+                    lat.append(time.perf_counter() - t0)
+                    counts[i] += w.k * w.h
+                else:
+                    p = Player(system, c, model, ctx[-1], window)
+                    try:
+                        for a in actions(i, it, w.h):
+                            t0 = time.perf_counter()
+                            p.step(a)
+                            lat.append(time.perf_counter() - t0)
+                            counts[i] += 1
+                    finally:
+                        p.close()
+                it += 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e)[:300])
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    ms = 1e3 * np.asarray(lat) if lat else np.asarray([np.nan])
+    return {"system": system, "workload": w.label, "kind": w.name, "clients": n, "frames_per_s": sum(counts) / wall,
+            "lat_p50_ms": float(np.percentile(ms, 50)), "lat_p99_ms": float(np.percentile(ms, 99)),
+            "samples": len(lat), "wall_s": wall, "errors": errors[:3]}
+
+
+def _plain(x):
+    if x is None:
+        return None
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.integer | np.floating):
+        return x.item()
+    return x
