@@ -26,7 +26,7 @@ def build_engine(settings: Settings):
     model = prepare(settings.model)
     e = settings.engine
     engine = Engine(model, EngineConfig(e.max_slots, e.max_queue, e.max_candidates, e.session_idle_s),
-                    emit=lambda ev: None, sampler=Sampler(settings.model.triton_kernels))
+                    emit=lambda evs: None, sampler=Sampler(settings.model.triton_kernels))
     if settings.model.warmup:
         warmup(engine)
     return engine, engine.info(settings.model.backend, settings.model.precision)
@@ -75,7 +75,7 @@ def warmup(engine) -> None:
 
     s = engine.spec
     events = []
-    engine.emit = events.append
+    engine.emit = events.extend
     ctx = np.zeros((1, s.height, s.width, 3), np.uint8)
     for b in buckets(engine.cfg.max_slots):
         acts = (np.zeros((b, 2, s.action_dim), np.float32) if s.action_dim else np.zeros((b, 2), np.int64))
@@ -89,8 +89,8 @@ async def serve_frontends(settings: Settings, queue) -> None:
     srv = settings.server
     await queue.start()
     dp = DataPlane(queue, srv)
-    app = create_app(dp, srv.max_body_bytes)
-    grpc_server, gport, hs = await start_grpc(dp, srv.host, srv.grpc_port)
+    app = create_app(dp, srv)
+    grpc_server, gport, hs = await start_grpc(dp, srv)
     config = uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level=srv.log_level,
                             timeout_graceful_shutdown=int(srv.grace_s), ws_max_size=srv.max_body_bytes)
     http = uvicorn.Server(config)

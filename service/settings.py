@@ -7,10 +7,10 @@ WORLDSERVE_QUEUE__URL=redis://:password@host:6379/0. Nothing else in the code re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny"
 
@@ -37,11 +37,60 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     http_port: int = 8000
     grpc_port: int = 50051
-    max_body_bytes: int = 16 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024  # REST body, WS message and gRPC message limit
+    max_request_items: int = Field(65536, ge=16, description="most JSON arrays/objects in a REST body, "
+                                   "repeated messages in a gRPC request: bounds parse memory")
     max_image_pixels: int = 4096 * 4096
     max_image_bytes: int = 4 * 1024 * 1024
     grace_s: float = 10.0
     log_level: str = "info"
+    # TLS: PEM files; both set = HTTPS/WSS and gRPC over TLS. tls_client_ca also set = gRPC requires client
+    # certificates signed by that CA (mTLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # connection hygiene
+    http_max_connections: int = Field(1024, ge=1, description="open HTTP connections + tasks; over it: 503")
+    http_keep_alive_s: float = 5.0
+    http_header_timeout_s: float = Field(10.0, gt=0, description="a connection must send its headers within this")
+    grpc_max_concurrent_rpcs: int = Field(1024, ge=0, description="0 = unlimited; over it: RESOURCE_EXHAUSTED")
+    grpc_keepalive_time_s: float = 60.0  # server pings idle connections this often
+    grpc_keepalive_timeout_s: float = 20.0  # ... and drops them when a ping goes unanswered this long
+    grpc_max_connection_idle_s: float = 600.0
+    grpc_min_ping_interval_s: float = 10.0  # clients pinging more often are refused (GOAWAY)
+    max_sessions: int = Field(256, ge=1, description="open sessions (WS + gRPC) in this front end")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None and self.tls_key is not None
+
+
+class KeyLimits(BaseModel):
+    """Per-key limits; 0 = unlimited."""
+
+    rate: float = Field(0.0, ge=0, description="requests per second (token bucket), sessions' actions excluded")
+    burst: float = Field(0.0, ge=0, description="bucket size (default: max(1, rate))")
+    max_concurrent: int = Field(0, ge=0, description="requests in flight (rollouts, predicts, sessions)")
+    max_sessions: int = Field(0, ge=0, description="open sessions")
+    max_priority: Literal["interactive", "normal", "bulk"] = "interactive"
+
+
+class AuthSettings(BaseModel):
+    """API keys. None configured = open mode (bind to 127.0.0.1). Env: WORLDSERVE_AUTH__API_KEYS=k1,k2."""
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # comma-separated in env
+    api_keys_file: Path | None = Field(None, description="one key per line; `key name` or JSON lines "
+                                       '{"key": ..., "name": ..., "rate": ..., "max_concurrent": ...}')
+    public_metrics: bool = False  # /metrics without a key
+    public_docs: bool = False  # /docs, /redoc, /openapi.json, /play, /static without a key
+    limits: KeyLimits = KeyLimits()  # default limits of every key (a keys-file line may override them)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
 
 
 class QueueSettings(BaseModel):
@@ -65,3 +114,4 @@ class Settings(BaseSettings):
     engine: EngineSettings = EngineSettings()
     server: ServerSettings = ServerSettings()
     queue: QueueSettings = QueueSettings()
+    auth: AuthSettings = AuthSettings()

@@ -22,6 +22,16 @@ from .images import decode_frame
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 10.0
 CONTINUOUS_LIMIT = 1.0  # continuous actions are normalised to [-1, 1]
+MAX_DEADLINE_MS = 86_400_000
+
+
+def _short(x, n: int = 40) -> str:
+    """repr for an error message, cut (a 400-digit number or a huge list never lands in a message whole)."""
+    try:
+        r = repr(x) if not isinstance(x, int) or abs(x) < 10**30 else f"an integer of {len(str(abs(x)))} digits"
+    except ValueError:  # over Python's int -> str digit limit
+        r = "a huge integer"
+    return r if len(r) <= n else r[:n] + "..."
 
 
 @dataclass
@@ -72,22 +82,36 @@ class DataPlane:
     def ready(self) -> bool:
         return self.queue.ready()
 
+    def alive(self) -> bool:
+        """False when the process cannot go on (engine dead): /healthz 503 so that a probe restarts it."""
+        return bool(getattr(self.queue, "alive", lambda: True)())
+
     # ---- validation -----------------------------------------------------------------------------
     def _action(self, m: ModelInfo, a, where: str) -> object:
+        """One action, checked exactly: continuous = flat list of action_dim finite numbers in [-1, 1],
+        discrete = an integer in [0, n_actions). -> float32 [A] | int."""
         if m.continuous:
             if not isinstance(a, list | tuple | np.ndarray) or len(a) != m.action_dim:
-                raise InvalidArgument(f"{where}: continuous action must be {m.action_dim} numbers, got {a!r}", where)
-            try:
-                v = np.asarray(a, np.float32)
-            except (TypeError, ValueError) as e:
-                raise InvalidArgument(f"{where}: action values must be numbers", where) from e
-            if not np.all(np.isfinite(v)) or np.any(np.abs(v) > CONTINUOUS_LIMIT):
-                raise InvalidArgument(f"{where}: continuous action values must be finite and in [-1, 1]", where)
-            return v
-        if isinstance(a, bool) or not isinstance(a, int | np.integer):
-            raise InvalidArgument(f"{where}: discrete action must be an integer, got {a!r}", where)
+                raise InvalidArgument(f"{where}: continuous action must be a flat list of {m.action_dim} numbers, "
+                                      f"got {_short(a)}", where)
+            vals = []
+            for j, x in enumerate(a):
+                if isinstance(x, bool | np.bool_) or not isinstance(x, int | float | np.integer | np.floating):
+                    raise InvalidArgument(f"{where}[{j}]: continuous action values must be numbers (a flat list of "
+                                          f"{m.action_dim}), got {_short(x)}", where)
+                try:
+                    v = float(x)
+                except OverflowError:
+                    v = math.inf
+                if not math.isfinite(v) or abs(v) > CONTINUOUS_LIMIT:
+                    raise InvalidArgument(f"{where}[{j}]: continuous action values must be finite and in [-1, 1], "
+                                          f"got {_short(x)}", where)
+                vals.append(v)
+            return np.asarray(vals, np.float32)
+        if isinstance(a, bool | np.bool_) or not isinstance(a, int | np.integer):
+            raise InvalidArgument(f"{where}: discrete action must be an integer, got {_short(a)}", where)
         if not 0 <= int(a) < m.n_actions:
-            raise InvalidArgument(f"{where}: action {a} out of range [0, {m.n_actions - 1}]", where)
+            raise InvalidArgument(f"{where}: action {_short(a)} out of range [0, {m.n_actions - 1}]", where)
         return int(a)
 
     def _actions(self, m: ModelInfo, seq: list, where: str) -> np.ndarray:
@@ -96,14 +120,41 @@ class DataPlane:
             return np.stack(vals).astype(np.float32) if vals else np.zeros((0, m.action_dim), np.float32)
         return np.asarray(vals, np.int64)
 
-    def build(self, inp: RolloutInput, session: bool = False) -> RolloutRequest:
-        m = self.model(inp.model)
-        o = inp.options
-        if not inp.context:
+    def precheck(self, name: str, n_context: int, horizons: list[int] | None, n_context_actions: int,
+                 single: bool = False) -> ModelInfo:
+        """Counts only, before anything is converted or decoded: horizons = the length of each candidate
+        (None for a session, -1 for a candidate that is not a list)."""
+        m = self.model(name)
+        if n_context < 1:
             raise InvalidArgument("context: at least one context frame is required", "context")
-        if len(inp.context) > m.context_window:
-            raise InvalidArgument(f"context: {len(inp.context)} frames, the model takes at most "
-                                  f"{m.context_window}", "context")
+        if n_context > m.context_window:
+            raise InvalidArgument(f"context: {n_context} frames, the model takes at most {m.context_window}", "context")
+        if n_context_actions and n_context_actions != n_context - 1:
+            raise InvalidArgument(f"context_actions: need {n_context - 1} (one between each pair of context "
+                                  f"frames), got {n_context_actions}", "context_actions")
+        if horizons is None:
+            return m
+        seq = "actions" if single else "candidates"
+        if not horizons:
+            raise InvalidArgument(f"{seq}: at least one action sequence is required", seq)
+        if len(horizons) > m.max_candidates:
+            raise InvalidArgument(f"candidates: {len(horizons)} sequences, at most {m.max_candidates}", "candidates")
+        if -1 in horizons:
+            raise InvalidArgument(f"{seq}: " + ("must be a list of actions" if single
+                                                else "each candidate must be a list of actions"), seq)
+        if len(set(horizons)) != 1:
+            raise InvalidArgument("candidates: all action sequences must have the same length", "candidates")
+        if not 1 <= horizons[0] <= m.max_horizon:
+            raise InvalidArgument(f"actions: horizon {horizons[0]} must be in [1, {m.max_horizon}]", "actions")
+        return m
+
+    def build(self, inp: RolloutInput, session: bool = False) -> RolloutRequest:
+        o = inp.options
+        ca = inp.context_actions
+        if ca is not None and not isinstance(ca, list | tuple):
+            raise InvalidArgument("context_actions: must be a list of actions", "context_actions")
+        horizons = None if session else [len(c) if isinstance(c, list | tuple) else -1 for c in inp.candidates]
+        m = self.precheck(inp.model, len(inp.context), horizons, len(ca or ()), inp.single)
         frames = np.stack([
             decode_frame(f.encoding, f.data, f.height, f.width, (m.height, m.width), self.server.max_image_pixels,
                          self.server.max_image_bytes, f"context[{i}]")
@@ -112,37 +163,20 @@ class DataPlane:
         if session:
             actions = self._actions(m, [], "actions")[None]  # [1, 0]: actions arrive one by one
         else:
-            if not inp.candidates:
-                raise InvalidArgument("candidates: at least one action sequence is required", "candidates")
-            if len(inp.candidates) > m.max_candidates:
-                raise InvalidArgument(f"candidates: {len(inp.candidates)} sequences, at most "
-                                      f"{m.max_candidates}", "candidates")
-            lens = {len(c) if isinstance(c, list | tuple) else -1 for c in inp.candidates}
-            if -1 in lens:
-                if inp.single:
-                    raise InvalidArgument("actions: must be a list of actions", "actions")
-                raise InvalidArgument("candidates: each candidate must be a list of actions", "candidates")
-            if len(lens) != 1:
-                raise InvalidArgument("candidates: all action sequences must have the same length", "candidates")
-            horizon = lens.pop()
-            if not 1 <= horizon <= m.max_horizon:
-                raise InvalidArgument(f"actions: horizon {horizon} must be in [1, {m.max_horizon}]", "actions")
             name = (lambda k: "actions") if inp.single else (lambda k: f"candidates[{k}]")
             actions = np.stack([self._actions(m, c, name(k)) for k, c in enumerate(inp.candidates)])
-        ctx_actions = None
-        if inp.context_actions:
-            if len(inp.context_actions) != len(inp.context) - 1:
-                raise InvalidArgument(f"context_actions: need {len(inp.context) - 1} (one between each pair of "
-                                      f"context frames), got {len(inp.context_actions)}", "context_actions")
-            ctx_actions = self._actions(m, inp.context_actions, "context_actions")
+        ctx_actions = self._actions(m, ca, "context_actions") if ca else None
         if isinstance(o.seed, bool) or not isinstance(o.seed, int) or not 0 <= o.seed <= MAX_SEED:
-            raise InvalidArgument(f"options.seed must be an integer in [0, 2^63-1], got {o.seed!r}", "options.seed")
+            raise InvalidArgument(f"options.seed must be an integer in [0, 2^63-1], got {_short(o.seed)}",
+                                  "options.seed")
         t = o.temperature
         if not isinstance(t, int | float) or not math.isfinite(t) or not 0 <= t <= MAX_TEMPERATURE:
-            raise InvalidArgument(f"options.temperature must be in [0, {MAX_TEMPERATURE}], got {t!r}",
+            raise InvalidArgument(f"options.temperature must be in [0, {MAX_TEMPERATURE}], got {_short(t)}",
                                   "options.temperature")
-        if not isinstance(o.deadline_ms, int) or o.deadline_ms < 0:
-            raise InvalidArgument("options.deadline_ms must be a non-negative integer", "options.deadline_ms")
+        dl = o.deadline_ms
+        if isinstance(dl, bool) or not isinstance(dl, int) or not 0 <= dl <= MAX_DEADLINE_MS:
+            raise InvalidArgument(f"options.deadline_ms must be an integer in [0, {MAX_DEADLINE_MS}] (24 h), got "
+                                  f"{_short(o.deadline_ms)}", "options.deadline_ms")
         if o.frame_encoding not in ("raw", "png", "jpeg"):
             raise InvalidArgument("options.frame_encoding must be raw, png or jpeg", "options.frame_encoding")
         deadline = inp.deadline
@@ -168,11 +202,14 @@ class DataPlane:
         inp.single = True
         req, events = await self.rollout(inp)
         out = []
-        async for ev in events:
-            if ev.final:
-                raise_for(ev)
-            else:
-                out.append(ev)
+        try:
+            async for ev in events:
+                if ev.final:
+                    raise_for(ev)
+                else:
+                    out.append(ev)
+        finally:  # cancelled (client gone): closing the stream cancels the request and frees its slots
+            await events.aclose()
         return req.id, out
 
     async def open_session(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:

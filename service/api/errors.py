@@ -1,10 +1,34 @@
-"""The one place that maps domain errors to HTTP and gRPC status codes."""
+"""The one place that maps domain errors to HTTP, gRPC and WebSocket status codes."""
 
 from __future__ import annotations
 
 import grpc
 
+from ..errors import ServiceError
 from ..messages import ErrorCode
+
+
+class Unauthenticated(ServiceError):
+    """No or an unknown API key (front-end only: never travels through the queue)."""
+
+    code = "UNAUTHENTICATED"  # type: ignore[assignment]
+
+
+class PermissionDenied(ServiceError):
+    """A known key asked for more than it may (e.g. a priority above its cap)."""
+
+    code = "PERMISSION_DENIED"  # type: ignore[assignment]
+
+
+class RateLimited(ServiceError):
+    """Over a per-key limit: 429 / RESOURCE_EXHAUSTED with Retry-After."""
+
+    code = ErrorCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float = 1.0, field: str | None = None):
+        super().__init__(message, field)
+        self.retry_after = retry_after
+
 
 HTTP_STATUS = {
     ErrorCode.INVALID_ARGUMENT: 400,
@@ -14,6 +38,8 @@ HTTP_STATUS = {
     ErrorCode.CANCELLED: 499,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
 }
 
 GRPC_STATUS = {
@@ -24,12 +50,41 @@ GRPC_STATUS = {
     ErrorCode.CANCELLED: grpc.StatusCode.CANCELLED,
     ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
 }
 
+# WebSocket close codes (RFC 6455 + IANA registry): 1008 policy violation, 1011 server error,
+# 1012 service restart, 1013 try again later.
+WS_CLOSE = {
+    ErrorCode.INVALID_ARGUMENT: 1008,
+    ErrorCode.NOT_FOUND: 1008,
+    ErrorCode.RESOURCE_EXHAUSTED: 1013,
+    ErrorCode.DEADLINE_EXCEEDED: 1000,
+    ErrorCode.CANCELLED: 1000,
+    ErrorCode.UNAVAILABLE: 1012,
+    ErrorCode.INTERNAL: 1011,
+    "UNAUTHENTICATED": 1008,
+    "PERMISSION_DENIED": 1008,
+}
+WS_UNSUPPORTED_DATA = 1003  # a binary frame
 
-def http_status(code: ErrorCode) -> int:
+
+def code_name(code) -> str:
+    return code if isinstance(code, str) else code.name
+
+
+def http_status(code) -> int:
     return HTTP_STATUS.get(code, 500)
 
 
-def grpc_status(code: ErrorCode) -> grpc.StatusCode:
+def grpc_status(code) -> grpc.StatusCode:
     return GRPC_STATUS.get(code, grpc.StatusCode.INTERNAL)
+
+
+def ws_close_code(code) -> int:
+    return WS_CLOSE.get(code, 1011)
+
+
+def retry_after(e: ServiceError) -> float | None:
+    return getattr(e, "retry_after", None)

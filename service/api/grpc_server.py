@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
+import math
 import time
 
 import grpc
@@ -13,21 +15,36 @@ from grpc_reflection.v1alpha import reflection
 
 from ..errors import InvalidArgument, ServiceError
 from ..messages import FrameMode, ModelInfo, Priority, RolloutEvent
+from ..settings import ServerSettings
 from .dataplane import DataPlane, Options, RolloutInput, WireFrame, raise_for
-from .errors import grpc_status
+from .errors import grpc_status, retry_after
 from .gen import worldserve_pb2 as pb
 from .gen import worldserve_pb2_grpc as pbg
 from .images import encode_frame
+from .wire import check, guarded
 
 ENC_NAME = {pb.Frame.RAW_RGB8: "raw", pb.Frame.PNG: "png", pb.Frame.JPEG: "jpeg"}
 ENC_PB = {v: k for k, v in ENC_NAME.items()}
 PRIORITY = {pb.PRIORITY_NORMAL: Priority.NORMAL, pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
             pb.PRIORITY_BULK: Priority.BULK}
 SERVICE = pb.DESCRIPTOR.services_by_name["WorldModelService"].full_name
+log = logging.getLogger("worldserve.api.grpc")
+
+
+async def _abort(context, e: ServiceError):
+    ra = retry_after(e)
+    md = (("retry-after", str(max(1, math.ceil(ra)))),) if ra is not None else ()
+    await context.abort(grpc_status(e.code), e.message, trailing_metadata=md)
+
+
+async def _abort_internal(context, fn_name: str):
+    log.exception("gRPC %s failed", fn_name)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {fn_name}")
 
 
 def maps_errors(fn):
-    """Domain errors -> gRPC status, for unary and streaming handlers alike (the one mapping)."""
+    """Domain errors -> gRPC status, for unary and streaming handlers alike (the one mapping); anything
+    else is logged and answered INTERNAL (never UNKNOWN)."""
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
         async def gen(self, request, context):
@@ -35,7 +52,11 @@ def maps_errors(fn):
                 async for item in fn(self, request, context):
                     yield item
             except ServiceError as e:
-                await context.abort(grpc_status(e.code), e.message)
+                await _abort(context, e)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception:  # noqa: BLE001
+                await _abort_internal(context, fn.__name__)
         return gen
 
     @functools.wraps(fn)
@@ -43,7 +64,11 @@ def maps_errors(fn):
         try:
             return await fn(self, request, context)
         except ServiceError as e:
-            await context.abort(grpc_status(e.code), e.message)
+            await _abort(context, e)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:  # noqa: BLE001
+            await _abort_internal(context, fn.__name__)
     return unary
 
 
@@ -114,6 +139,9 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
 
     @maps_errors
     async def Predict(self, request, context):
+        check(request)
+        self.dp.precheck(request.model, len(request.context), [len(request.actions.actions)],
+                         len(request.context_actions.actions), single=True)
         inp = RolloutInput(request.model, _frames(request.context), [_seq(request.actions, "actions")],
                            _seq(request.context_actions, "context_actions") or None, _options(request.options),
                            deadline=_deadline(context))
@@ -128,6 +156,9 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
 
     @maps_errors
     async def Rollout(self, request, context):
+        check(request)
+        self.dp.precheck(request.model, len(request.context), [len(c.actions) for c in request.candidates],
+                         len(request.context_actions.actions))
         cands = [_seq(c, f"candidates[{k}]") for k, c in enumerate(request.candidates)]
         inp = RolloutInput(request.model, _frames(request.context), cands,
                            _seq(request.context_actions, "context_actions") or None, _options(request.options),
@@ -142,46 +173,96 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
 
     @maps_errors
     async def Session(self, request_iterator, context):
+        """open, then actions; a bad, second-open or malformed message ends the stream with INVALID_ARGUMENT."""
         it = request_iterator.__aiter__()
-        first = await it.__anext__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            raise InvalidArgument("the Session stream ended before its `open` message", "open") from None
+        check(first)
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument("the first Session message must be `open`", "open")
         o = first.open
+        self.dp.precheck(o.model, len(o.context), None, len(o.context_actions.actions))
         req, events = await self.dp.open_session(RolloutInput(
             o.model, _frames(o.context), [], _seq(o.context_actions, "context_actions") or None,
             _options(o.options), deadline=_deadline(context)))
         enc = ENC_NAME[o.options.frame_encoding]
+        failed: asyncio.Future = asyncio.get_running_loop().create_future()
 
         async def feed():
             try:
                 async for msg in it:
-                    if msg.WhichOneof("kind") != "action":
-                        continue
+                    check(msg)
+                    kind = msg.WhichOneof("kind")
+                    if kind == "open":
+                        raise InvalidArgument("a second `open`: a Session takes one `open`, then actions", "open")
+                    if kind != "action":
+                        raise InvalidArgument("a Session message must be `open` or `action`", "kind")
                     await self.dp.act(req, _action(msg.action, "action"))
             except InvalidArgument as e:
-                await context.abort(grpc_status(e.code), e.message)
+                failed.set_result(e)
             finally:
                 await self.dp.close_session(req)
 
         feeder = asyncio.create_task(feed())
+        stream = events.__aiter__()
         try:
-            async for ev in events:
+            while True:
+                nxt = asyncio.ensure_future(stream.__anext__())
+                done, _ = await asyncio.wait({nxt, failed}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:  # a bad message: end the stream (cancelling nxt closes the events)
+                    nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)
+                    raise failed.result()
+                try:
+                    ev = nxt.result()
+                except StopAsyncIteration:
+                    return
                 if ev.final:
+                    if failed.done():
+                        raise failed.result()
                     raise_for(ev)
                     return
                 yield _event(ev, enc)
         finally:
             feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
 
 
-async def start_grpc(dp: DataPlane, host: str, port: int) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                                      ("grpc.so_reuseport", 0)])
-    pbg.add_WorldModelServiceServicer_to_server(WorldModelServicer(dp), server)
+def _handlers(servicer: WorldModelServicer, max_items: int) -> dict:
+    """The generated table, with deserializers that count a request's items before parsing it."""
+    return {
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels, request_deserializer=guarded(pb.ListModelsRequest, max_items),
+            response_serializer=pb.ListModelsResponse.SerializeToString),
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict, request_deserializer=guarded(pb.PredictRequest, max_items),
+            response_serializer=pb.PredictResponse.SerializeToString),
+        "Rollout": grpc.unary_stream_rpc_method_handler(
+            servicer.Rollout, request_deserializer=guarded(pb.RolloutRequest, max_items),
+            response_serializer=pb.RolloutEvent.SerializeToString),
+        "Session": grpc.stream_stream_rpc_method_handler(
+            servicer.Session, request_deserializer=guarded(pb.SessionMessage, max_items),
+            response_serializer=pb.RolloutEvent.SerializeToString),
+    }
+
+
+def server_options(srv: ServerSettings) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", srv.max_body_bytes), ("grpc.so_reuseport", 0)]
+
+
+async def start_grpc(dp: DataPlane, srv: ServerSettings, interceptors=(), options=None,
+                     credentials=None) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
+    server = grpc.aio.server(interceptors=list(interceptors), options=options or server_options(srv),
+                             maximum_concurrent_rpcs=srv.grpc_max_concurrent_rpcs or None)
+    handlers = _handlers(WorldModelServicer(dp), srv.max_request_items)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     hs = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    addr = f"{srv.host}:{srv.grpc_port}"
+    bound = server.add_secure_port(addr, credentials) if credentials else server.add_insecure_port(addr)
     await server.start()
     return server, bound, hs
 

@@ -1,0 +1,108 @@
+"""JSON wire schemas (REST + WebSocket) and their translation to the data plane's types. No torch here.
+
+Unknown fields are refused (422 naming the field), so a typo in an option never passes silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import InvalidArgument
+from ..messages import ErrorCode, FrameMode, Priority, RolloutEvent
+from .dataplane import MAX_DEADLINE_MS, Options, WireFrame
+from .images import encode_frame
+
+FRAME_MODES = {"all": FrameMode.ALL, "last": FrameMode.LAST, "none": FrameMode.NONE}
+PRIORITIES = {"interactive": Priority.INTERACTIVE, "normal": Priority.NORMAL, "bulk": Priority.BULK}
+STRICT = ConfigDict(extra="forbid")
+
+
+class FrameIn(BaseModel):
+    model_config = STRICT
+    encoding: Literal["raw", "png", "jpeg"] = "png"
+    data: str = Field(description="base64 of the PNG/JPEG file or of raw RGB8 bytes")
+    height: int = Field(0, ge=0, le=1 << 20, description="required for raw")
+    width: int = Field(0, ge=0, le=1 << 20, description="required for raw")
+
+
+class OptionsIn(BaseModel):
+    model_config = STRICT
+    frames: Literal["all", "last", "none"] = "all"
+    seed: int = Field(0, description="in [0, 2^63-1]")
+    temperature: float = Field(0.0, description="in [0, 10]; 0 = greedy")
+    deadline_ms: int = Field(0, ge=0, le=MAX_DEADLINE_MS, description="0 = none")
+    priority: Literal["interactive", "normal", "bulk"] = "normal"
+    return_tokens: bool = False
+    frame_encoding: Literal["raw", "png", "jpeg"] = "png"
+
+
+class PredictIn(BaseModel):
+    model_config = STRICT
+    context: list[FrameIn]
+    actions: list[Any] = Field(description="one action per step: int (discrete) or a flat list of floats")
+    context_actions: list[Any] | None = None
+    options: OptionsIn = OptionsIn()
+
+
+class RolloutIn(BaseModel):
+    model_config = STRICT
+    context: list[FrameIn]
+    candidates: list[list[Any]]
+    context_actions: list[Any] | None = None
+    options: OptionsIn = OptionsIn()
+
+
+class SessionOpenIn(BaseModel):
+    model_config = STRICT
+    type: Literal["open"] = "open"
+    context: list[FrameIn]
+    context_actions: list[Any] | None = None
+    options: OptionsIn = OptionsIn()
+
+
+def frames_in(frames: list[FrameIn]) -> list[WireFrame]:
+    out = []
+    for i, f in enumerate(frames):
+        try:
+            data = base64.b64decode(f.data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InvalidArgument(f"context[{i}].data is not valid base64", f"context[{i}].data") from e
+        out.append(WireFrame(f.encoding, data, f.height, f.width))
+    return out
+
+
+def options_in(o: OptionsIn) -> Options:
+    return Options(FRAME_MODES[o.frames], o.seed, o.temperature, o.deadline_ms, PRIORITIES[o.priority],
+                   o.return_tokens, o.frame_encoding)
+
+
+def describe(errors: list[dict], skip: int = 0) -> tuple[str, str]:
+    """pydantic errors -> (field, message) naming the first problem."""
+    if not errors:
+        return "body", "invalid request"
+    e = errors[0]
+    where = ".".join(str(x) for x in e["loc"][skip:]) or "body"
+    return where, f"{where}: {e['msg']}"
+
+
+def validation_error(ve: ValidationError) -> InvalidArgument:
+    where, msg = describe(ve.errors())
+    return InvalidArgument(msg, where)
+
+
+def event_json(ev: RolloutEvent, encoding: str) -> dict:
+    if ev.final:
+        err = None if ev.error == ErrorCode.OK else {"code": ev.error.name, "message": ev.message}
+        return {"final": True, "error": err}
+    d: dict = {"candidate": ev.candidate, "step": ev.step, "reward": ev.reward, "done": ev.done}
+    if ev.frame is not None:
+        h, w = ev.frame.shape[:2]
+        d["frame"] = {"encoding": encoding, "height": h, "width": w,
+                      "data": base64.b64encode(encode_frame(ev.frame, encoding)).decode()}
+    if ev.tokens is not None:
+        d["tokens"] = ev.tokens.tolist()
+    return d
