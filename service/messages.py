@@ -150,6 +150,41 @@ def unpack(data: bytes):
     return cls(**kw)
 
 
+def check_request(req, info: ModelInfo) -> str | None:
+    """Why a request taken off a queue cannot run on this model (None: it can). Structure only, cheap:
+    the front end validated the content; this guards the engine against a corrupt or foreign entry."""
+    if not isinstance(req, RolloutRequest):
+        return f"expected a RolloutRequest, got {type(req).__name__}"
+    if not isinstance(req.id, str) or not req.id:
+        return "request id missing"
+    if req.model != info.name:
+        return f"request for model {req.model!r} reached a worker of {info.name!r}"
+    c = req.context
+    frame = (info.height, info.width, 3)
+    if not isinstance(c, np.ndarray) or c.dtype != np.uint8 or c.ndim != 4 or c.shape[1:] != frame:
+        return f"context must be uint8 [C, {info.height}, {info.width}, 3]"
+    if not 1 <= c.shape[0] <= info.context_window:
+        return f"context: {c.shape[0]} frames, must be 1..{info.context_window}"
+    a, cont = req.actions, info.continuous
+    if not isinstance(a, np.ndarray) or a.ndim != (3 if cont else 2) or (cont and a.shape[2] != info.action_dim):
+        return "actions must be " + (f"float [K, T, {info.action_dim}]" if cont else "int [K, T]")
+    if not 1 <= a.shape[0] <= info.max_candidates or a.shape[1] > info.max_horizon:
+        return (f"actions: shape {list(a.shape)} outside 1..{info.max_candidates} candidates, "
+                f"0..{info.max_horizon} steps")
+    ca = req.context_actions
+    if ca is not None and (not isinstance(ca, np.ndarray) or ca.ndim != (2 if cont else 1)
+                           or (cont and ca.shape[1] != info.action_dim)):
+        return "context_actions must be " + (f"float [C-1, {info.action_dim}]" if cont else "int [C-1]")
+    for x in (a, ca):
+        if x is None or x.size == 0:
+            continue
+        if cont and (not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all()):
+            return "continuous actions must be finite floats"
+        if not cont and (not np.issubdtype(x.dtype, np.integer) or x.min() < 0 or x.max() >= info.n_actions):
+            return f"discrete actions must be integers in [0, {info.n_actions})"
+    return None
+
+
 @dataclass
 class Stats:
     """Engine counters exposed through /metrics."""

@@ -1,35 +1,44 @@
 """Worker side of Redis mode: engine + model, no public API.
 
 Loops (asyncio; the engine runs in its own thread):
-  reader      XREADGROUP while the engine has slots left for what it took (load spreads)
+  reader      XREADGROUP while the engine has slots left for what it took (load spreads); starts after
+              the first heartbeat, and the worker is not ready until it has joined the group and read
   publisher   engine events (one list per engine step) -> XADD to each request's result stream, a step
               (or several) per pipeline, buffered across outages; on a request's final event XACK + XDEL
-  heartbeat   liveness in a sorted set, model info, and XCLAIM-touch of our own pending entries so
-              a long rollout is never mistaken for a dead worker's
-  reclaimer   entries idle longer than claim_idle_ms belong to dead workers: claim and rerun them
-              (seeded, so identical), or dead-letter them after max_deliveries
+  heartbeat   (worker_liveness) alive key with a TTL, liveness on Redis's clock, model info, touch of
+              our own pending entries
+  reclaimer   (worker_liveness) entries of a worker whose alive key is gone are claimed at once and
+              rerun (seeded, so identical), or dead-lettered after max_deliveries
+  watchdog    engine thread ended or engine.fatal set: stop heartbeating, reading and touching our
+              entries (survivors reclaim them), flush what was computed, exit EXIT_ENGINE_DEAD
   cancels     pub/sub cancel channel -> engine.cancel
   sessions    each session's action stream, read from the start (a rebuilt session replays it)
+
+Failures: a request the engine ends with INTERNAL while it stays alive is forwarded and ACKed (never
+retried); INTERNAL ends from an engine that died are dropped, the entries left for another worker; an
+entry that cannot be unpacked or does not fit the model is dead-lettered raw, its client told why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 
 from . import metrics
-from .messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, pack, unpack
+from .messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, check_request, pack, unpack
 from .queue import redis_common as rc
 from .settings import QueueSettings
+from .worker_liveness import Liveness
 
 log = logging.getLogger("worldserve.worker")
+EXIT_ENGINE_DEAD = 70  # the process exits with this when its engine died (the orchestrator restarts it)
+HOLD_INTERNAL_S = 0.2  # an INTERNAL end is published once the engine is seen alive this long after it
 
 
 @dataclass
@@ -39,7 +48,7 @@ class InFlight:
     session_last: bytes = b"0"
 
 
-class Worker:
+class Worker(Liveness):
     def __init__(self, engine, info: ModelInfo, q: QueueSettings):
         self.engine, self.info, self.q = engine, info, q
         self.id = q.worker_name or f"w-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
@@ -47,10 +56,17 @@ class Worker:
         self.key, self.group = rc.requests_key(self.model), rc.group_name(self.model)
         self.r = rc.connect(q)
         self.inflight: dict[str, InFlight] = {}
-        self.out: asyncio.Queue = asyncio.Queue()
+        self.disowned: set[str] = set()  # requests another worker took over: our events for them are dropped
+        self.out: asyncio.Queue = asyncio.Queue()  # (events of one step, engine fatal when emitted)
+        self._held: list[tuple[float, RolloutEvent]] = []  # INTERNAL ends waiting for proof of a live engine
         self.accepting = True
         self.connected = False
+        self.joined = False  # consumer group exists and we have read from it
+        self.dead: str | None = None  # why the engine died
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        Liveness.__init__(self)
 
     # ---- engine thread -> loop ----------------------------------------------------------------
     def _emit(self, events: list[RolloutEvent] | RolloutEvent) -> None:
@@ -58,55 +74,121 @@ class Worker:
         if isinstance(events, RolloutEvent):  # an engine that still emits event by event
             events = [events]
         if events:
-            self._loop.call_soon_threadsafe(self.out.put_nowait, list(events))
+            fatal = getattr(self.engine, "fatal", None) is not None
+            self._loop.call_soon_threadsafe(self.out.put_nowait, (list(events), fatal))
+
+    def _run_engine(self) -> None:
+        try:
+            self.engine.run()
+        except BaseException as e:  # noqa: BLE001 - the watchdog reports it and ends the process
+            self._thread_error = e
+            log.exception("engine thread crashed")
+
+    def engine_dead(self) -> str | None:
+        fatal = getattr(self.engine, "fatal", None)
+        if self.dead is None and (fatal is not None or (self._thread is not None and not self._thread.is_alive())):
+            err = fatal or self._thread_error
+            self.dead = f"{type(err).__name__}: {err}" if err is not None else "engine thread ended"
+        return self.dead
 
     def ready(self) -> bool:
-        return self.connected and self.accepting
+        return self.connected and self.joined and self.accepting and self.dead is None
 
     async def run(self, stop: asyncio.Event, grace_s: float) -> None:
-        import threading
-
+        """Serve until `stop` (drain, return) or engine death (flush, raise SystemExit(EXIT_ENGINE_DEAD))."""
         self._loop = asyncio.get_running_loop()
         self.engine.emit = self._emit
-        thread = threading.Thread(target=self.engine.run, name="engine", daemon=True)
-        thread.start()
+        self._thread = threading.Thread(target=self._run_engine, name="engine", daemon=True)
+        self._thread.start()
         log.warning("worker %s serving %s from %s", self.id, self.model, rc.redacted(self.q.url))
-        tasks = [asyncio.create_task(c) for c in (self._reader(), self._publisher(), self._heartbeat(),
-                                                  self._reclaimer(), self._cancels(), self._sessions())]
-        await stop.wait()
+        loops = dict(reader=self._reader(), publisher=self._publisher(), heartbeat=self._heartbeat(),
+                     reclaimer=self._reclaimer(), cancels=self._cancels(), sessions=self._sessions())
+        tasks = {name: asyncio.create_task(c, name=name) for name, c in loops.items()}
+        watchdog, stopped = asyncio.create_task(self._watchdog()), asyncio.create_task(stop.wait())
+        await asyncio.wait({watchdog, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        watchdog.cancel()
+        stopped.cancel()
+        if self.engine_dead():
+            await self._die(tasks)
+            raise SystemExit(EXIT_ENGINE_DEAD)
         self.accepting = False  # drain: finish what we hold, take nothing new
         t0 = time.time()
-        while self.inflight and time.time() - t0 < grace_s:
+        while self.inflight and time.time() - t0 < grace_s and not self.engine_dead():
             await asyncio.sleep(0.05)
-        while not self.out.empty() and time.time() - t0 < grace_s + 2:
+        while (not self.out.empty() or self._held) and time.time() - t0 < grace_s + 2:
             await asyncio.sleep(0.05)
+        await self._cancel_all(tasks.values())
+        await self._leave()
+        self.engine.stop()
+        self._thread.join(10)
+        await self.r.aclose()
+
+    async def _watchdog(self) -> None:
+        while not self.engine_dead():
+            await asyncio.sleep(0.05)
+
+    async def _die(self, tasks: dict[str, asyncio.Task]) -> None:
+        """Engine gone: no more heartbeats, reads or touches of our pending entries; publish what was
+        computed before the death (finished requests are ACKed), then leave so survivors reclaim the rest."""
+        self.accepting = False
+        log.error("engine died (%s): worker %s stops heartbeating and reading; %d requests left pending for "
+                  "another worker; exiting with status %d", self.dead, self.id, len(self.inflight), EXIT_ENGINE_DEAD)
+        await self._cancel_all([t for n, t in tasks.items() if n != "publisher"])
+        t0 = time.time()
+        while (not self.out.empty() or self._held) and time.time() - t0 < 3:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # the publisher's last pipeline
+        await self._cancel_all([tasks["publisher"]])
+        await self._leave()
+        await self.r.aclose()
+
+    @staticmethod
+    async def _cancel_all(tasks) -> None:
+        tasks = list(tasks)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        try:
-            await self.r.zrem(rc.workers_key(self.model), self.id)
-        except rc.TRANSIENT:
-            pass
-        self.engine.stop()
-        thread.join(10)
-        await self.r.aclose()
 
     # ---- taking work ------------------------------------------------------------------------------
     def _has_room(self) -> bool:
         # one entry per read, as long as the requests taken so far leave slots free: a burst of finished
         # rollouts is refilled within one engine step, and a worker never holds work it has no slots for
-        return self.accepting and self.engine.room() > 0
+        return self.accepting and self.dead is None and self.engine.room() > 0
 
     async def _accept(self, entry_id: bytes, fields: dict, reclaimed: bool = False) -> None:
-        req: RolloutRequest = unpack(fields[b"m"])
+        rid = fields.get(b"id", b"").decode(errors="replace") or None
+        try:
+            req = unpack(fields[b"m"])
+        except Exception as e:  # noqa: BLE001 - a corrupt entry is buried, never retried
+            await self._bury(entry_id, fields, rid, ErrorCode.INTERNAL,
+                             f"request entry could not be unpacked ({type(e).__name__}: {e})")
+            return
+        problem = check_request(req, self.info)
+        if problem:
+            await self._bury(entry_id, fields, rid or getattr(req, "id", None), ErrorCode.INVALID_ARGUMENT,
+                             f"invalid request: {problem}")
+            return
+        if b"d" in fields:  # deadline as a duration, re-anchored on our clock (None: no deadline)
+            req.deadline = rc.reanchor(rc.decode_remaining(fields[b"d"]), entry_id, time.time(), self.redis_offset)
         if await self.r.exists(rc.cancelled_key(req.id)):
             await self._publish([RolloutEvent.end(req.id, ErrorCode.CANCELLED, "cancelled by the client")],
                                 {req.id: entry_id})
+            return
+        held = self.inflight.get(req.id)
+        if held is not None:  # the same request again (re-added after Redis lost it): one run, one set of slots
+            if held.entry_id != entry_id:
+                old, held.entry_id = held.entry_id, entry_id
+                async with self.r.pipeline(transaction=False) as pipe:
+                    pipe.xack(self.key, self.group, old)
+                    pipe.xdel(self.key, old)
+                    await pipe.execute()
+                log.warning("request %s arrived again as %s; kept running once", req.id, entry_id.decode())
             return
         if reclaimed:
             req.attempt += 1
             metrics.REDIS_RECLAIMED.inc()
             log.warning("reclaimed request %s (attempt %d)", req.id, req.attempt + 1)
+        self.disowned.discard(req.id)
         self.inflight[req.id] = InFlight(entry_id, req)
         self.engine.submit(req)
         if req.session:
@@ -114,14 +196,20 @@ class Worker:
 
     async def _reader(self) -> None:
         backoff = rc.Backoff()
-        await self._ensure_group()
+        await self.alive_once.wait()  # our alive key exists before we hold anything: never mistaken for dead
+        ensured = False
         while True:
             try:
+                if not ensured:
+                    await rc.ensure_group(self.r, self.model)
+                    ensured = True
                 if not self._has_room():
                     await asyncio.sleep(0.001)
                     continue
                 resp = await self.r.xreadgroup(self.group, self.id, {self.key: ">"}, count=1, block=self.q.block_ms)
-                self.connected = True
+                if not self.joined:
+                    log.warning("worker %s joined group %s and takes work", self.id, self.group)
+                self.connected = self.joined = True
                 backoff.reset()
                 for _, entries in resp or []:
                     for eid, fields in entries:
@@ -129,43 +217,57 @@ class Worker:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - every failure ends in a retry with backoff
+                if rc.is_nogroup(e):
+                    ensured = self.joined = False
                 await self._on_error(e, backoff, "reader")
 
-    async def _on_error(self, e: Exception, backoff: rc.Backoff, where: str) -> None:
-        if rc.is_nogroup(e):
-            log.warning("%s: consumer group missing (redis restarted?); recreating", where)
-            await backoff.sleep()
-            try:
-                await self._ensure_group()
-            except Exception:  # noqa: BLE001
-                pass
-            return
-        if isinstance(e, rc.TRANSIENT):
-            if self.connected:
-                log.warning("%s: redis unavailable (%s); retrying", where, type(e).__name__)
-            self.connected = False
-        else:
-            log.exception("%s error", where)
-        await backoff.sleep()
-
-    async def _ensure_group(self) -> None:
-        await rc.ensure_group(self.r, self.model)
-
     # ---- results ------------------------------------------------------------------------------------
+    def _sort(self, item: tuple[list[RolloutEvent], bool]) -> list[RolloutEvent]:
+        """Events to publish now; INTERNAL ends are held (or dropped: the engine died emitting them)."""
+        events, fatal = item
+        now, keep = self._loop.time(), []
+        for ev in events:
+            if ev.request_id in self.disowned:
+                if ev.final:
+                    self.disowned.discard(ev.request_id)
+            elif ev.final and ev.error == ErrorCode.INTERNAL and ev.request_id in self.inflight:
+                if not fatal:
+                    self._held.append((now + HOLD_INTERNAL_S, ev))
+            else:
+                keep.append(ev)
+        return keep
+
+    def _release(self) -> list[RolloutEvent]:
+        now = self._loop.time()
+        due = [ev for t, ev in self._held if t <= now]
+        self._held = [(t, ev) for t, ev in self._held if t > now]
+        if due and self.engine_dead():
+            return []  # the engine died right after: these requests go to another worker
+        return due
+
+    async def _next_batch(self) -> list[RolloutEvent]:
+        while True:
+            batch = self._release()
+            if not batch and self.out.empty():
+                if self._held:
+                    await asyncio.sleep(0.02)
+                    continue
+                batch.extend(self._sort(await self.out.get()))
+            while not self.out.empty() and len(batch) < 512:  # whole steps only: one pipeline per step
+                batch.extend(self._sort(self.out.get_nowait()))
+            if batch:
+                return batch
+
     async def _publisher(self) -> None:
         backoff = rc.Backoff()
         batch: list[RolloutEvent] = []
         while True:
             try:
-                if not batch:  # whole steps only: a step's events always go out in one pipeline
-                    batch.extend(await self.out.get())
-                while not self.out.empty() and len(batch) < 512:
-                    batch.extend(self.out.get_nowait())
+                if not batch:
+                    batch = await self._next_batch()
                 acks = {ev.request_id: self.inflight[ev.request_id].entry_id
                         for ev in batch if ev.final and ev.request_id in self.inflight}
                 await self._publish(batch, acks)
-                for rid in acks:
-                    self.inflight.pop(rid, None)
                 for ev in batch:  # finals of requests we no longer track (warm-up) just drop
                     if ev.final:
                         self.inflight.pop(ev.request_id, None)
@@ -191,63 +293,7 @@ class Worker:
                 pipe.xdel(self.key, eid)
             await pipe.execute()
 
-    # ---- liveness, reclaim, cancel, sessions --------------------------------------------------
-    async def _heartbeat(self) -> None:
-        backoff = rc.Backoff()
-        info = json.dumps(dataclasses.asdict(self.info))
-        while True:
-            try:
-                async with self.r.pipeline(transaction=False) as pipe:
-                    pipe.zadd(rc.workers_key(self.model), {self.id: time.time()})
-                    pipe.hset(rc.MODELS, self.model, info)
-                    await pipe.execute()
-                mine = [f.entry_id for f in self.inflight.values()]
-                if mine:  # reset idle time of what we are still working on
-                    await self.r.xclaim(self.key, self.group, self.id, 0, mine, justid=True)
-                summary = await self.r.xpending(self.key, self.group)
-                metrics.REDIS_PENDING.set(summary["pending"])
-                self.connected = True
-                backoff.reset()
-                await asyncio.sleep(self.q.heartbeat_s)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                await self._on_error(e, backoff, "heartbeat")
-
-    async def _reclaimer(self) -> None:
-        backoff = rc.Backoff()
-        while True:
-            try:
-                await asyncio.sleep(max(0.2, self.q.claim_idle_ms / 4000))
-                stale = await self.r.xpending_range(self.key, self.group, "-", "+", 64, idle=self.q.claim_idle_ms)
-                for p in stale:
-                    if p["consumer"].decode() == self.id:
-                        continue
-                    if p["times_delivered"] >= self.q.max_deliveries:
-                        await self._dead_letter(p["message_id"], p["times_delivered"])
-                    elif self._has_room():
-                        for eid, fields in await self.r.xclaim(self.key, self.group, self.id,
-                                                               self.q.claim_idle_ms, [p["message_id"]]):
-                            if fields:
-                                await self._accept(eid, fields, reclaimed=True)
-                backoff.reset()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # noqa: BLE001
-                await self._on_error(e, backoff, "reclaimer")
-
-    async def _dead_letter(self, eid: bytes, deliveries: int) -> None:
-        claimed = await self.r.xclaim(self.key, self.group, self.id, self.q.claim_idle_ms, [eid])
-        if not claimed or not claimed[0][1]:
-            return
-        req = unpack(claimed[0][1][b"m"])
-        await self.r.xadd(rc.deadletter_key(self.model), {"m": claimed[0][1][b"m"], "deliveries": deliveries},
-                          maxlen=10000, approximate=True)
-        msg = f"request failed on {deliveries} delivery attempts; moved to the dead-letter stream"
-        await self._publish([RolloutEvent.end(req.id, ErrorCode.UNAVAILABLE, msg)], {req.id: eid})
-        metrics.REDIS_DEAD_LETTERED.inc()
-        log.error("dead-lettered %s after %d deliveries", req.id, deliveries)
-
+    # ---- cancel, sessions -------------------------------------------------------------------------
     async def _cancels(self) -> None:
         backoff = rc.Backoff()
         while True:

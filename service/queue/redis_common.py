@@ -9,19 +9,27 @@ Keys (model = model name, rid = request id):
     worldserve:models                hash model -> ModelInfo JSON (written by workers)
     worldserve:workers:{model}       sorted set worker id -> last heartbeat (unix seconds)
     worldserve:wake:{consumer}       stream used to wake a blocked XREAD when the key set changes
+    worldserve:alive:{consumer}      a worker's heartbeat key (PX ttl, judged by Redis's clock): when it is
+                                     gone, survivors claim that worker's pending entries at once
+
+A request entry carries m (packed RolloutRequest), id (its request id, readable even when m is not) and
+d (seconds left until its deadline when it was added, "" = none): deadlines travel as durations and are
+re-anchored on the receiving worker's clock (`reanchor`), so clock skew between hosts never matters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
-from urllib.parse import urlparse
+import time
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import AuthenticationError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
@@ -65,31 +73,103 @@ def wake_key(consumer: str) -> str:
     return f"worldserve:wake:{consumer}"
 
 
+def alive_key(consumer: str) -> str:
+    return f"worldserve:alive:{consumer}"
+
+
+_QUERY_SECRET = re.compile(r"(?i)([?&;](?:password|pass|pwd|auth|token)=)[^&;#]*")
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """url -> (url without user info, username, password), percent-decoded.
+
+    Robust to reserved characters left un-encoded in the password ('/', '@', '?', '#', ':'): the user
+    info is everything between "scheme://" and the LAST '@' (a Redis URL has no '@' after the host)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url, None, None
+    info, _, host = rest.rpartition("@")
+    user, colon, pw = info.partition(":")
+    return f"{scheme}://{host}", unquote(user) or None, unquote(pw) if colon else None
+
+
 def redacted(url: str) -> str:
-    """The URL with any password removed, for logs."""
-    u = urlparse(url)
-    if u.password:
-        netloc = f"{u.username or ''}:***@{u.hostname}" + (f":{u.port}" if u.port else "")
-        return u._replace(netloc=netloc).geturl()
-    return url
+    """The URL with every secret masked, for logs: user info (redis://:pw@, redis://user:pw@, a password
+    with un-encoded reserved characters) and password-like query parameters (unix://...?password=)."""
+    bare, user, pw = split_credentials(url)
+    if user is not None or pw is not None:
+        scheme, _, host = bare.partition("://")
+        bare = f"{scheme}://{user or ''}:***@{host}" if pw is not None else f"{scheme}://{user}@{host}"
+    return _QUERY_SECRET.sub(r"\1***", bare)
 
 
 def connect(q: QueueSettings) -> aioredis.Redis:
-    """A client with retries and socket timeouts longer than any BLOCK we use."""
+    """A client with retries and socket timeouts longer than any BLOCK we use.
+
+    Credentials are taken out of the URL here (QueueSettings.password / username win), so a password
+    with reserved characters never reaches redis-py's URL parser."""
+    url, user, pw = split_credentials(q.url)
     kw: dict = dict(
         socket_timeout=q.block_ms / 1000 + 5, socket_connect_timeout=5, health_check_interval=10,
         retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), 3), retry_on_error=[RedisConnectionError],
         decode_responses=False,
     )
     if q.password is not None:
-        kw["password"] = q.password.get_secret_value()
+        pw = q.password.get_secret_value()
     if q.username:
-        kw["username"] = q.username
-    if q.url.startswith("rediss://"):
+        user = q.username
+    if pw is not None:
+        kw["password"] = pw
+    if user:
+        kw["username"] = user
+    if url.startswith("rediss://"):
         kw["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         if q.tls_ca:
             kw["ssl_ca_certs"] = str(q.tls_ca)
-    return aioredis.from_url(q.url, **kw)
+    return aioredis.from_url(url, **kw)
+
+
+def describe(e: BaseException, url: str) -> str:
+    """A log- and client-safe reason for a Redis failure (auth errors named as such, never a secret)."""
+    if isinstance(e, AuthenticationError) or "NOAUTH" in str(e) or "WRONGPASS" in str(e):
+        return f"redis authentication failed at {redacted(url)} (wrong password or user?): {type(e).__name__}"
+    if isinstance(e, TRANSIENT):
+        return f"redis unreachable at {redacted(url)} ({type(e).__name__}: {redact_text(str(e), url)})"
+    return f"redis error ({type(e).__name__}: {redact_text(str(e), url)})"
+
+
+def redact_text(text: str, url: str) -> str:
+    """`text` with the URL's password (raw and percent-encoded forms) masked."""
+    _, _, pw = split_credentials(url)
+    m = re.search(r"(?i)[?&;]password=([^&;#]*)", url)
+    for secret in {pw, m and m.group(1), m and unquote(m.group(1))} - {None, ""}:
+        text = text.replace(secret, "***")
+    return text
+
+
+def reanchor(remaining_s: float | None, entry_id: bytes, now: float, redis_offset_s: float | None) -> float | None:
+    """Deadline on this host's clock for an entry added with `remaining_s` left (None: no deadline).
+
+    The time the entry spent in the stream is measured on Redis's clock (its id is Redis's time in ms when
+    it was added; `redis_offset_s` = Redis clock - this host's clock, from the heartbeat) and taken off."""
+    if remaining_s is None:
+        return None
+    queued = 0.0
+    if redis_offset_s is not None:
+        added = int(entry_id.split(b"-", 1)[0]) / 1000
+        queued = min(max(0.0, now + redis_offset_s - added), max(0.0, remaining_s))
+    return now + remaining_s - queued
+
+
+def encode_remaining(deadline: float | None, now: float | None = None) -> bytes:
+    """The d field of a request entry: seconds left (this host's clock), b"" for none."""
+    if deadline is None:
+        return b""
+    return repr(max(0.0, deadline - (time.time() if now is None else now))).encode()
+
+
+def decode_remaining(raw: bytes | None) -> float | None:
+    return float(raw) if raw else None
 
 
 async def ensure_group(r: aioredis.Redis, model: str) -> None:

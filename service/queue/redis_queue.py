@@ -4,6 +4,11 @@ Delivery to the client is exactly once: events are keyed by (candidate, step) an
 delivered (a reclaimed request rerun by another worker, seeded, so identical) is dropped. A request
 whose entry Redis lost (restart without persistence) is re-added; a request that outlives its
 deadline gets DEADLINE_EXCEEDED from the front end itself, so no client ever hangs.
+
+Deadlines go out as durations (seconds left, entry field d) and worker liveness is judged on Redis's
+clock, so clock skew between hosts never matters. Interactive sessions get no default deadline (they
+end on close or the engine's idle timeout). While Redis cannot be reached (down, wrong password) model
+look-ups fail with UNAVAILABLE naming the reason, never "model not found".
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from .. import metrics
-from ..errors import QueueFull, Unavailable
+from ..errors import InvalidArgument, QueueFull, Unavailable
 from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction, pack, unpack
 from ..settings import QueueSettings
 from . import redis_common as rc
@@ -46,6 +51,7 @@ class RedisQueue:
         self._live_models: set[str] = set()
         self._tasks: list[asyncio.Task] = []
         self._connected = False
+        self._error: str | None = None  # why Redis cannot be used right now (logged when it changes)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -59,15 +65,40 @@ class RedisQueue:
         await self.r.aclose()
 
     def models(self) -> list[ModelInfo]:
+        if not self._connected and self._error is not None:
+            raise Unavailable(f"queue unavailable: {self._error}")
         return [m for n, m in self._models.items() if n in self._live_models]
 
     def ready(self) -> bool:
         return self._connected and bool(self._live_models)
 
+    def alive(self) -> bool:
+        """The process can go on while its loops run (Redis outages are waited out, not fatal)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
+    def _failed(self, e: BaseException, where: str) -> None:
+        reason = rc.describe(e, self.q.url)
+        if isinstance(e, rc.TRANSIENT):
+            self._connected = False
+        if reason != self._error:
+            self._error = reason
+            log.warning("%s: %s; retrying", where, reason)
+
+    def _ok(self) -> None:
+        if self._error is not None:
+            log.warning("redis reachable again")
+            self._error = None
+        self._connected = True
+
+    def _entry(self, req: RolloutRequest) -> dict:
+        return {"m": pack(req), "id": req.id, "d": rc.encode_remaining(req.deadline)}
+
     # ---- submit ---------------------------------------------------------------------------------
     async def submit(self, req: RolloutRequest) -> AsyncIterator[RolloutEvent]:
-        if req.deadline is None:
+        if req.deadline is None and not req.session:  # sessions end on close or idle, not at a deadline
             req.deadline = time.time() + self.request_timeout_s
+        if req.id in self._pending:
+            raise InvalidArgument(f"request id {req.id!r} is already in flight", "id")
         key = rc.requests_key(req.model)
         try:
             if await self.r.xlen(key) >= self.q.stream_maxlen:
@@ -75,11 +106,12 @@ class RedisQueue:
                 raise QueueFull(f"queue full ({self.q.stream_maxlen} requests outstanding); retry later")
             p = Pending(req, b"", asyncio.Queue())
             self._pending[req.id] = p
-            p.entry_id = await self.r.xadd(key, {"m": pack(req)})
+            p.entry_id = await self.r.xadd(key, self._entry(req))
             await self._wake()
         except rc.TRANSIENT as e:
             self._pending.pop(req.id, None)
-            raise Unavailable(f"queue unavailable: {type(e).__name__}") from e
+            self._failed(e, "submit")
+            raise Unavailable(f"queue unavailable: {rc.describe(e, self.q.url)}") from e
         return self._events(p)
 
     async def _events(self, p: Pending) -> AsyncIterator[RolloutEvent]:
@@ -123,7 +155,7 @@ class RedisQueue:
                 pipe.expire(rc.session_key(action.request_id), self.q.result_ttl_s)
                 await pipe.execute()
         except rc.TRANSIENT as e:
-            raise Unavailable(f"queue unavailable: {type(e).__name__}") from e
+            raise Unavailable(f"queue unavailable: {rc.describe(e, self.q.url)}") from e
 
     async def _wake(self) -> None:
         await self.r.xadd(rc.wake_key(self.id), {"w": b"1"}, maxlen=10, approximate=True)
@@ -155,7 +187,7 @@ class RedisQueue:
                     await self._readd_lost()
                     lost_check = False
                 resp = await self.r.xread(streams, block=self.q.block_ms, count=256)
-                self._connected = True
+                self._ok()
                 backoff.reset()
                 now = time.time()
                 for key, entries in resp or []:
@@ -175,9 +207,7 @@ class RedisQueue:
             except asyncio.CancelledError:
                 raise
             except rc.TRANSIENT as e:
-                if self._connected:
-                    log.warning("redis connection lost (%s); reconnecting", type(e).__name__)
-                self._connected = False
+                self._failed(e, "result reader")
                 lost_check = True
                 wake_id = b"0"
                 await backoff.sleep()
@@ -191,14 +221,15 @@ class RedisQueue:
                 continue
             key = rc.requests_key(p.req.model)
             if not await self.r.xrange(key, p.entry_id, p.entry_id):
-                p.entry_id = await self.r.xadd(key, {"m": pack(p.req)})
+                p.entry_id = await self.r.xadd(key, self._entry(p.req))
                 log.warning("request %s was lost by redis; re-added", p.req.id)
 
     async def _watch(self) -> None:
         """Model list from live workers, and the front end's own deadline enforcement."""
         while True:
             try:
-                now = time.time()
+                sec, usec = await self.r.time()  # workers stamp their liveness with Redis's clock too
+                now = sec + usec / 1e6
                 raw = await self.r.hgetall(rc.MODELS)
                 live = set()
                 for name, info in raw.items():
@@ -209,11 +240,11 @@ class RedisQueue:
                         live.add(name)
                     metrics.REDIS_STREAM_LEN.set(await self.r.xlen(rc.requests_key(name)))
                 self._live_models = live
-                self._connected = True
+                self._ok()
             except asyncio.CancelledError:
                 raise
-            except rc.TRANSIENT:
-                self._connected = False
+            except rc.TRANSIENT as e:
+                self._failed(e, "model watch")
             except Exception:  # noqa: BLE001
                 log.exception("watch error")
             now = time.time()
