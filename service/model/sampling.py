@@ -8,8 +8,10 @@ per token: p = exp((logits - max) / t), r = u * sum(p), token = the first index 
 That is an exact categorical sample (no truncation), and it needs one uniform per token instead of one per
 vocabulary entry (what Gumbel-max needs: at a 64k vocabulary the hashes cost 50x the model's argmax).
 The running sum is two-level: per-block sums of BLOCK entries, a scan over the blocks, then a scan inside the
-chosen block only. Rows are processed in fixed-size chunks (the last one padded), so the work per row never
-depends on the batch and no [B, N, V] temporary exists beyond the logits themselves.
+chosen block only. Rows are processed in chunks that bound the scratch memory (no [B, N, V] temporary beyond the
+logits themselves). Every operation is row-independent: elementwise maps, max, searchsorted, gather, scans along
+a row, and sums over at most BLOCK contiguous entries (torch reduces a contiguous inner dimension per output row,
+serially below its parallel grain), so a row's token does not depend on the batch or on the chunk it falls in.
 
     sample(logits float [B, N, V], temperature float [B], seed int64 [B], candidate int64 [B], step int64 [B])
         -> int64 [B, N] in [0, V)
@@ -55,7 +57,7 @@ def block_size(vocab: int) -> int:
 
 
 def chunk_rows(vocab: int) -> int:
-    # rows per chunk: a function of the vocabulary only, never of the batch (batch invariance)
+    # rows per chunk: the float32 scratch of a chunk stays near CHUNK_BYTES
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
@@ -68,6 +70,10 @@ def _sample_rows(x: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Ten
     pv = p[:, :v]
     pv.copy_(x)
     pv.sub_(pv.amax(-1, keepdim=True)).div_(t[:, None]).exp_()  # (0, 1], the max entry is exactly 1
+    if nb == 1:  # the vocabulary is one block: one scan
+        c = p.cumsum(-1)  # [R, bs]
+        j = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True)
+        return torch.minimum(j, bs - 1 - (p > 0).flip(-1).int().argmax(-1, keepdim=True)).squeeze(1)
     blocks = p.view(r_, nb, bs)
     csum = blocks.sum(-1).cumsum(-1)  # [R, nb] running mass at each block's end
     target = (u * csum[:, -1])[:, None]  # [R, 1], in [0, total)
@@ -99,12 +105,9 @@ def sample(logits, temperature, seed, candidate, step):
     idx = (rows[:, None] * n + torch.arange(n, device=logits.device)).reshape(-1)  # [S * N] rows of flat
     got = torch.empty(n_hot * n, dtype=torch.int64, device=logits.device)
     size = chunk_rows(v)
-    for i in range(0, idx.shape[0], size):  # fixed chunks, the last padded with its first row: batch-invariant
-        ii = idx[i : i + size]
-        k = ii.shape[0]
-        sel = torch.cat([torch.arange(i, i + k, device=idx.device),
-                         torch.full((size - k,), i, dtype=torch.int64, device=idx.device)])  # [size]
-        got[i : i + k] = _sample_rows(flat.index_select(0, idx[sel]), t[sel], u[sel])[:k]
+    for i in range(0, idx.shape[0], size):  # chunks bound the scratch; every op below is row-independent
+        sel = idx[i : i + size]
+        got[i : i + sel.shape[0]] = _sample_rows(flat.index_select(0, sel), t[i : i + size], u[i : i + size])
     out[rows] = got.view(n_hot, n)
     return out
 

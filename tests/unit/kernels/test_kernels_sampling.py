@@ -103,7 +103,12 @@ def test_non_contiguous_logits_and_engine_sampler():
     assert (Sampler(use_triton=True)(logits, temp, seed, cand, step) == ref).float().mean() >= 0.99
 
 
-def test_chunks_are_fixed_by_the_vocabulary():
-    # the chunk a row is sampled in never depends on the batch: rows per chunk is a function of V alone
-    assert sampling.chunk_rows(64000) == sampling.chunk_rows(64000) >= 1
+def test_chunk_boundaries_do_not_change_a_row(monkeypatch):
+    # a row's token is the same whatever chunk it falls in and whatever else that chunk holds
+    logits = _logits(8, 1000, seed=5)
+    temp = torch.ones(len(SEED))
+    whole = sample(logits, temp, SEED, CAND, STEP)
+    for bytes_ in (4000, 3 * 4000, 7 * 4000):  # 1, 3 and 7 rows per chunk
+        monkeypatch.setattr(sampling, "CHUNK_BYTES", bytes_)
+        assert torch.equal(sample(logits, temp, SEED, CAND, STEP), whole)
     assert sampling.block_size(64) == 64 and sampling.block_size(64000) == sampling.BLOCK
