@@ -151,10 +151,12 @@ class Dynamics(nn.Module):
         return e + self.local(self.neighbourhood(e)) + self.pos_emb + act.unsqueeze(2)
 
     def heads(self, h: torch.Tensor):
-        # h: [B, T, N, d] -> logits [B, T, N, V], reward [B, T], done_logit [B, T]
+        # h: [B, T, N, d] -> logits [B, T, N, V] (model dtype), reward [B, T], done_logit [B, T] (float32 whatever
+        # the model dtype: small, and callers turn them into numbers)
         h = self.ln_f(h)
         pooled = h.mean(2)
-        return self.head(h), self.reward_head(pooled).squeeze(-1), self.done_head(pooled).squeeze(-1)
+        return (self.head(h), self.reward_head(pooled).squeeze(-1).float(),
+                self.done_head(pooled).squeeze(-1).float())
 
     # ---- full sequence (training, prefill, reference) ----------------------------------------
     def block_mask(self, t: int, device) -> torch.Tensor:

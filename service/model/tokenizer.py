@@ -120,13 +120,15 @@ class Tokenizer(nn.Module):
         return from_unit(x).permute(0, 2, 3, 1).contiguous()
 
     def encode_codes(self, x: torch.Tensor) -> torch.Tensor:
-        # float [B, 3, H, W] -> codes [B, h, w, D] in [-1, 1] (straight-through)
-        z = self.enc(x).permute(0, 2, 3, 1)
-        return self.fsq.quantize(z)
+        # float [B, 3, H, W] (any float dtype) -> float32 codes [B, h, w, D] in [-1, 1] (straight-through).
+        # The convolutions run in the weights' dtype (fp32 / bf16 / fp16); the bounding and rounding run in
+        # fp32 whatever that dtype is: tanh and round in bf16 would move values across rounding boundaries.
+        z = self.enc(x.to(self.enc[0].weight.dtype)).permute(0, 2, 3, 1)
+        return self.fsq.quantize(z.float())
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        # codes [B, h, w, D] -> float [B, 3, H, W] (unclamped, ~[-1, 1])
-        return self.dec(codes.permute(0, 3, 1, 2))
+        # codes [B, h, w, D] -> [B, 3, H, W] in the weights' dtype (unclamped, ~[-1, 1])
+        return self.dec(codes.permute(0, 3, 1, 2).to(self.dec[0].weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # training path: reconstruct float frames through the quantizer
@@ -142,7 +144,7 @@ class Tokenizer(nn.Module):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         # int64 [B, N] -> uint8 [B, H, W, 3]
         h, w = self.cfg.grid
-        codes = self.fsq.indices_to_codes(tokens.view(-1, h, w)).to(self.dec[0].weight.dtype)
+        codes = self.fsq.indices_to_codes(tokens.view(-1, h, w))  # float32 [B, h, w, D]
         return self.to_uint8(self.decode_codes(codes).float())
 
 
@@ -158,8 +160,9 @@ class PatchVQ(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
-        # uint8 [B, H, W, 3] -> int64 [B, N]
-        return nearest_code(to_unit(patchify(frames, self.cfg.patch), self.codebook.dtype), self.codebook)
+        # uint8 [B, H, W, 3] -> int64 [B, N]. Distances in fp32 whatever the codebook's dtype: in bf16 the
+        # |c|^2 - 2 z.c of two close codes round together and the argmin picks the wrong patch.
+        return nearest_code(to_unit(patchify(frames, self.cfg.patch)), self.codebook.float())
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:

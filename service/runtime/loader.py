@@ -29,15 +29,19 @@ def load_model(ms: ModelSettings) -> WorldModel:
 
 
 def prepare(ms: ModelSettings) -> WorldModel:
-    """The serving model: weights loaded, then the backend and precision applied to it."""
+    """The serving model: weights loaded, then the backend and precision applied to it.
+
+    An unsupported (device, backend, precision) stops here, before anything is loaded (support.py).
+    """
+    from .support import check_supported
+
+    check_supported(ms)
     model = load_model(ms)
     if ms.precision == "int8":
         from .quantize import quantize_model
 
         model = quantize_model(model, "int8", use_triton=ms.triton_kernels)
     elif ms.precision in ("fp16", "bf16"):
-        if ms.device == "cpu" and ms.precision == "fp16":
-            raise SystemExit("fp16 needs a GPU; use bf16 or int8 on CPU")
         model = model.to(torch.float16 if ms.precision == "fp16" else torch.bfloat16)
     elif ms.precision == "fp8":
         from .quantize import quantize_model
@@ -52,11 +56,6 @@ def prepare(ms: ModelSettings) -> WorldModel:
 
         model = OnnxWorldModel.build(model, ms)
     elif ms.backend == "tensorrt":
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError as e:
-            raise SystemExit("backend 'tensorrt' needs the tensorrt package and an NVIDIA GPU "
-                             "(pip install 'worldserve[tensorrt]'); it is not importable here") from e
         from .trt_backend import TrtWorldModel
 
         model = TrtWorldModel.build(model, ms)

@@ -50,6 +50,25 @@ def precision_flags(precision: str) -> tuple[str, ...]:
     return PRECISION_FLAGS[precision]
 
 
+MIN_CAPABILITY = {"bf16": (8, 0), "fp8": (8, 9)}  # below these, TensorRT has no kernels for the precision
+
+
+def check_trt_precision(precision: str, version: str, flags: set[str], capability: tuple[int, int]) -> str | None:
+    """Why the installed TensorRT (version, names of its BuilderFlag members) cannot build `precision` on a GPU of
+    `capability`, or None when it can. Checked at start-up, before any export or build."""
+    if precision not in PRECISION_FLAGS:
+        return f"TensorRT precision must be one of {sorted(PRECISION_FLAGS)}, not {precision!r}"
+    missing = [f for f in PRECISION_FLAGS[precision] if f not in flags]
+    if missing:
+        return (f"the installed TensorRT {version} has no builder flag {'/'.join(missing)} needed for {precision} "
+                f"(bf16 needs TensorRT >= 9, fp8 >= 8.6); upgrade TensorRT or choose another precision")
+    need = MIN_CAPABILITY.get(precision)
+    if need and tuple(capability) < need:
+        return (f"TensorRT {precision} needs compute capability >= {need[0]}.{need[1]}; this GPU has "
+                f"{capability[0]}.{capability[1]}")
+    return None
+
+
 def graph_buckets(graph: str, max_batch: int) -> list[int]:
     """Batch sizes each graph gets a profile for. Encode takes whole contexts (up to W frames per request)."""
     return buckets(max_batch * 8) if graph == "encoder" else buckets(max_batch)

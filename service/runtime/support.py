@@ -1,0 +1,96 @@
+"""Which (device, backend, precision) combinations can serve: checked at start-up, before any weight is loaded.
+
+    check_supported(ms)   raise SystemExit naming the combination and why it cannot work, or return None
+
+A combination that cannot work must stop the process at start-up with a message that names it, never at the
+first request. What each backend serves:
+
+    eager        cpu: fp32, bf16, int8             cuda: fp32, fp16, bf16, int8, fp8 (compute capability >= 8.9)
+    compile      as eager
+    onnxruntime  cpu: fp32, int8                   (CPUExecutionProvider; no bf16 / fp16 kernels worth serving)
+    tensorrt     cuda with tensorrt importable: fp32, fp16, bf16, int8, fp8 (trt_backend.check_trt_precision)
+"""
+
+from __future__ import annotations
+
+import torch
+
+BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+
+
+class Unsupported(SystemExit):
+    """A configuration that cannot serve; the message names it (exits the process with that message)."""
+
+
+def _combo(ms) -> str:
+    return f"--device {ms.device} --backend {ms.backend} --precision {ms.precision}"
+
+
+def problem(ms) -> str | None:
+    """Why `ms` (ModelSettings) cannot serve, or None when it can."""
+    try:
+        dev = torch.device(ms.device)
+    except RuntimeError as e:
+        return f"device {ms.device!r} is not a torch device ({e})"
+    if ms.backend not in BACKENDS:
+        return f"unknown backend {ms.backend!r}; choose one of {BACKENDS}"
+    if ms.precision not in PRECISIONS:
+        return f"unknown precision {ms.precision!r}; choose one of {PRECISIONS}"
+    if dev.type not in ("cpu", "cuda"):
+        return f"device {ms.device}: worldserve serves on 'cpu' or 'cuda'"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"device {ms.device}: torch sees no CUDA GPU here (torch {torch.__version__})"
+    p = ms.precision
+    if dev.type == "cpu":
+        if p == "fp16":
+            return "fp16 runs on a GPU only (CPU fp16 matmuls are emulated and slower than fp32); use bf16 or int8"
+        if p == "fp8":
+            return "fp8 needs an NVIDIA GPU of compute capability >= 8.9 (Ada, Hopper); on the CPU use int8 or bf16"
+    else:
+        cap = torch.cuda.get_device_capability(dev)
+        if p == "fp8" and cap < (8, 9):
+            return f"fp8 needs compute capability >= 8.9 (Ada, Hopper); this GPU has {cap[0]}.{cap[1]}; " \
+                "use int8 or bf16"
+        if p == "bf16" and not torch.cuda.is_bf16_supported():
+            return f"bf16 needs compute capability >= 8.0; this GPU has {cap[0]}.{cap[1]}; use fp16"
+    if ms.backend == "onnxruntime":
+        if dev.type != "cpu":
+            return "backend onnxruntime runs on the CPU (CPUExecutionProvider); on a GPU use tensorrt or compile"
+        if p not in ("fp32", "int8"):
+            return f"backend onnxruntime serves fp32 or int8, not {p} (its CPU kernels have no {p} matmul); " \
+                   f"use --backend eager or compile for {p}"
+    if ms.backend == "tensorrt":
+        if dev.type != "cuda":
+            return "backend tensorrt needs an NVIDIA GPU (--device cuda)"
+        try:
+            import tensorrt as trt
+        except ImportError:
+            return "backend tensorrt needs the tensorrt package (pip install 'worldserve[tensorrt]'); " \
+                "it is not importable here"
+        from .trt_backend import check_trt_precision
+
+        why = check_trt_precision(p, trt.__version__, {n for n in dir(trt.BuilderFlag) if n.isupper()},
+                                  torch.cuda.get_device_capability(dev))
+        if why:
+            return why
+    if getattr(ms, "triton_kernels", False) and dev.type != "cuda" and not _triton_interpreted():
+        return "--triton: the Triton kernels run on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for tests)"
+    return None
+
+
+def _triton_interpreted() -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from ..kernels.fsq import _fsq_kernel
+    except ImportError:
+        return False
+    return isinstance(_fsq_kernel, InterpretedFunction)
+
+
+def check_supported(ms) -> None:
+    """Stop at start-up (SystemExit with the reason) when `ms` cannot serve."""
+    why = problem(ms)
+    if why:
+        raise Unsupported(f"unsupported configuration {_combo(ms)}: {why}")
