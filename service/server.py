@@ -9,6 +9,8 @@ import signal
 
 import uvicorn
 
+from .api.auth import Gate, GrpcGate
+from .api.conn import uvicorn_options
 from .api.dataplane import DataPlane
 from .api.grpc_server import set_serving, start_grpc
 from .api.http import create_app
@@ -85,14 +87,24 @@ def warmup(engine) -> None:
     events.clear()
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 async def serve_frontends(settings: Settings, queue) -> None:
     srv = settings.server
+    gate = Gate(settings.auth, srv.max_sessions)
+    if gate.open and srv.host not in LOOPBACK:
+        log.warning("SECURITY: listening on %s without API keys: anyone who can reach this port can use every "
+                    "slot and read /metrics; set WORLDSERVE_AUTH__API_KEYS or bind 127.0.0.1", srv.host)
+    if not srv.tls and srv.host not in LOOPBACK:
+        log.warning("listening on %s without TLS (server.tls_cert / server.tls_key unset): keys and frames travel "
+                    "in clear text unless a TLS proxy sits in front", srv.host)
     await queue.start()
     dp = DataPlane(queue, srv)
-    app = create_app(dp, srv)
-    grpc_server, gport, hs = await start_grpc(dp, srv)
+    app = create_app(dp, srv, gate)
+    grpc_server, gport, hs = await start_grpc(dp, srv, interceptors=[GrpcGate(gate)])
     config = uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level=srv.log_level,
-                            timeout_graceful_shutdown=int(srv.grace_s), ws_max_size=srv.max_body_bytes)
+                            timeout_graceful_shutdown=int(srv.grace_s), **uvicorn_options(srv))
     http = uvicorn.Server(config)
     http.install_signal_handlers = lambda: None
     stop = asyncio.Event()
@@ -100,8 +112,9 @@ async def serve_frontends(settings: Settings, queue) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await set_serving(hs, True)
-    log.warning("worldserve ready: http://%s:%d grpc %s:%d models=%s", srv.host, srv.http_port, srv.host, gport,
-                [m.name for m in queue.models()])
+    scheme = "https" if srv.tls else "http"
+    log.warning("worldserve ready: %s://%s:%d grpc %s:%d%s models=%s keys=%d", scheme, srv.host, srv.http_port,
+                srv.host, gport, " (tls)" if srv.tls else "", [m.name for m in queue.models()], len(gate.keys))
     http_task = asyncio.create_task(http.serve())
     await stop.wait()
     log.warning("draining (grace %.0fs)", srv.grace_s)

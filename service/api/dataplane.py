@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InvalidArgument, NotFound, from_code
 from ..messages import ErrorCode, FrameMode, ModelInfo, Priority, RolloutEvent, RolloutRequest, SessionAction
 from ..settings import ServerSettings
+from .auth import capped_priority
 from .images import decode_frame
 
 MAX_SEED = 2**63 - 1
@@ -187,7 +188,7 @@ class DataPlane:
             id=uuid.uuid4().hex, model=m.name, context=frames, actions=actions, context_actions=ctx_actions,
             frames=FrameMode(o.frames), return_tokens=bool(o.return_tokens), seed=int(o.seed),
             temperature=float(t), deadline=deadline,
-            priority=Priority.INTERACTIVE if session else Priority(o.priority), session=session,
+            priority=capped_priority(Priority.INTERACTIVE if session else Priority(o.priority)), session=session,
         )
 
     # ---- calls ----------------------------------------------------------------------------------

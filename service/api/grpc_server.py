@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from ..errors import InvalidArgument, ServiceError
 from ..messages import FrameMode, ModelInfo, Priority, RolloutEvent
 from ..settings import ServerSettings
+from .conn import grpc_credentials, grpc_options
 from .dataplane import DataPlane, Options, RolloutInput, WireFrame, raise_for
 from .errors import grpc_status, retry_after
 from .gen import worldserve_pb2 as pb
@@ -248,13 +249,11 @@ def _handlers(servicer: WorldModelServicer, max_items: int) -> dict:
     }
 
 
-def server_options(srv: ServerSettings) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", srv.max_body_bytes), ("grpc.so_reuseport", 0)]
-
-
-async def start_grpc(dp: DataPlane, srv: ServerSettings, interceptors=(), options=None,
-                     credentials=None) -> tuple[grpc.aio.Server, int, health.HealthServicer]:
-    server = grpc.aio.server(interceptors=list(interceptors), options=options or server_options(srv),
+async def start_grpc(dp: DataPlane, srv: ServerSettings, interceptors=()) -> tuple[grpc.aio.Server, int,
+                                                                                  health.HealthServicer]:
+    """Keepalive, limits and TLS from settings (see conn.py); interceptors e.g. auth.GrpcGate."""
+    credentials = grpc_credentials(srv)
+    server = grpc.aio.server(interceptors=list(interceptors), options=grpc_options(srv),
                              maximum_concurrent_rpcs=srv.grpc_max_concurrent_rpcs or None)
     handlers = _handlers(WorldModelServicer(dp), srv.max_request_items)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ServiceError
 from ..settings import ServerSettings
+from .auth import Gate, HttpGate
 from .dataplane import DataPlane, RolloutInput
 from .errors import code_name, http_status, retry_after
 from .limits import BodyLimit
@@ -44,10 +45,12 @@ async def _until_disconnected(request: Request) -> None:
             return
 
 
-def create_app(dp: DataPlane, srv: ServerSettings) -> FastAPI:
+def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> FastAPI:
     app = FastAPI(title="worldserve", version="0.1.0",
                   description="Action-conditioned video world model serving: predict, rollouts, sessions.")
     app.add_middleware(BodyLimit, max_bytes=srv.max_body_bytes, max_items=srv.max_request_items)
+    if gate is not None:  # outermost: strangers are refused before their body is read
+        app.add_middleware(HttpGate, gate=gate)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, e: ServiceError):

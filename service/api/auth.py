@@ -1,0 +1,278 @@
+"""API keys and per-key limits for REST, WebSocket (ASGI middleware) and gRPC (server interceptor).
+
+Keys come from settings (`auth.api_keys`, `auth.api_keys_file`); none configured = open mode. A key is
+sent as `Authorization: Bearer <key>` (HTTP, WebSocket handshake) or `authorization` metadata (gRPC) and
+compared in constant time. Strangers get /healthz, /readyz and the gRPC health service; /metrics and the
+docs (/docs, /openapi.json, /play, gRPC reflection) follow `auth.public_metrics` / `auth.public_docs`.
+
+Per key: a token bucket (requests/s), requests in flight, open sessions, and the highest priority it may
+use (requests above it run at the cap: `PRINCIPAL` carries the key into the data plane). Over a limit:
+429 / RESOURCE_EXHAUSTED with Retry-After. A cap on open sessions applies in every mode.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import grpc
+
+from ..messages import Priority
+from ..settings import AuthSettings, KeyLimits
+from .errors import RateLimited, Unauthenticated, grpc_status
+
+log = logging.getLogger("worldserve.api.auth")
+PRIORITY_CAP = {"interactive": Priority.INTERACTIVE, "normal": Priority.NORMAL, "bulk": Priority.BULK}
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = rate, max(1.0, burst or rate)
+        self.tokens, self.t = self.burst, time.monotonic()
+
+    def take(self) -> float:
+        """0 when a token was taken, else the seconds until one is there."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
+@dataclass
+class Principal:
+    name: str  # never the key itself (logs)
+    limits: KeyLimits
+    bucket: TokenBucket = field(init=False)
+    in_flight: int = 0
+    sessions: int = 0
+
+    def __post_init__(self):
+        self.bucket = TokenBucket(self.limits.rate, self.limits.burst)
+
+    @property
+    def max_priority(self) -> Priority:
+        return PRIORITY_CAP[self.limits.max_priority]
+
+
+PRINCIPAL: ContextVar[Principal | None] = ContextVar("worldserve_principal", default=None)
+
+
+def capped_priority(p: Priority) -> Priority:
+    """The priority a request runs at: never above its key's cap (INTERACTIVE=0 is the highest)."""
+    who = PRINCIPAL.get()
+    return p if who is None else Priority(max(int(p), int(who.max_priority)))
+
+
+def load_keys(auth: AuthSettings) -> list[tuple[bytes, Principal]]:
+    """(key bytes, principal) for every configured key. Keys-file lines: `key [name]` or a JSON object
+    {"key": ..., "name": ..., "rate": ..., "burst": ..., "max_concurrent": ..., "max_sessions": ...,
+    "max_priority": ...}; blank lines and # comments are skipped."""
+    out: list[tuple[bytes, Principal]] = []
+    for i, k in enumerate(auth.api_keys):
+        if k.get_secret_value():
+            out.append((k.get_secret_value().encode(), Principal(f"key{i}", auth.limits)))
+    if auth.api_keys_file is not None:
+        for n, line in enumerate(auth.api_keys_file.read_text().splitlines()):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("{"):
+                d = json.loads(line)
+                key, name = str(d.pop("key")), str(d.pop("name", f"file{n}"))
+                limits = KeyLimits(**{**auth.limits.model_dump(), **d})
+            else:
+                key, _, name = line.partition(" ")
+                name, limits = name.strip() or f"file{n}", auth.limits
+            out.append((key.encode(), Principal(name, limits)))
+    return out
+
+
+class Gate:
+    """Who may call, and how much: shared by the HTTP middleware and the gRPC interceptor."""
+
+    def __init__(self, auth: AuthSettings, max_sessions: int):
+        self.keys = load_keys(auth)
+        self.auth, self.max_sessions, self.sessions = auth, max_sessions, 0
+
+    @property
+    def open(self) -> bool:
+        return not self.keys
+
+    def identify(self, authorization: str | None) -> Principal | None:
+        """Constant-time lookup of `Bearer <key>` (every key is compared, whatever matches)."""
+        if self.open:
+            return None
+        scheme, _, token = (authorization or "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        found = None
+        for key, who in self.keys:
+            if hmac.compare_digest(key, given) and given:
+                found = who
+        if found is None:
+            raise Unauthenticated("an API key is required: send `Authorization: Bearer <key>`"
+                                  if not given else "unknown API key", "authorization")
+        return found
+
+    def enter(self, who: Principal | None, session: bool, concurrent: bool = True) -> None:
+        """Counts one call in (raises RateLimited); every successful enter needs one `leave`."""
+        if session and self.sessions >= self.max_sessions:
+            raise RateLimited(f"{self.sessions} sessions are open, the server's limit is {self.max_sessions}", 5.0)
+        if who is not None:
+            lim = who.limits
+            if session and lim.max_sessions and who.sessions >= lim.max_sessions:
+                raise RateLimited(f"this key has {who.sessions} open sessions, its limit is {lim.max_sessions}", 5.0)
+            if concurrent and lim.max_concurrent and who.in_flight >= lim.max_concurrent:
+                raise RateLimited(f"this key has {who.in_flight} requests in flight, its limit is "
+                                  f"{lim.max_concurrent}", 1.0)
+            wait = who.bucket.take()  # last: a refused call costs no token
+            if wait > 0:
+                raise RateLimited(f"over this key's rate of {lim.rate:g} requests/s", wait)
+            who.in_flight += concurrent
+            who.sessions += session
+        self.sessions += session
+
+    def leave(self, who: Principal | None, session: bool, concurrent: bool = True) -> None:
+        self.sessions -= session
+        if who is not None:
+            who.in_flight -= concurrent
+            who.sessions -= session
+
+
+# ------------------------------------------------------------------------------------------------ gRPC
+def _bearer(metadata) -> str | None:
+    for k, v in metadata or ():
+        if k == "authorization":
+            return v if isinstance(v, str) else v.decode("latin-1")
+    return None
+
+
+class GrpcGate(grpc.aio.ServerInterceptor):
+    """Keys and limits for gRPC: health is public, reflection follows `public_docs`."""
+
+    def __init__(self, gate: Gate):
+        self.gate = gate
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        method = details.method or ""
+        if handler is None or method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        reflection = method.startswith("/grpc.reflection.")
+        if reflection and (self.gate.auth.public_docs or self.gate.open):
+            return handler
+        gate, session = self.gate, method.endswith("/Session")
+        concurrent = method.endswith(("/Predict", "/Rollout", "/Session"))
+        token = _bearer(details.invocation_metadata)
+
+        async def admit(context) -> Principal | None:
+            try:
+                who = gate.identify(token)
+                gate.enter(who, session, concurrent)
+                return who
+            except (Unauthenticated, RateLimited) as e:
+                ra = getattr(e, "retry_after", None)
+                md = (("retry-after", str(max(1, math.ceil(ra)))),) if ra else ()
+                await context.abort(grpc_status(e.code), e.message, trailing_metadata=md)
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request, context):
+                who = await admit(context)
+                reset = PRINCIPAL.set(who)
+                try:
+                    return await inner_uu(request, context)
+                finally:
+                    PRINCIPAL.reset(reset)
+                    gate.leave(who, session, concurrent)
+            return handler._replace(unary_unary=unary_unary)
+
+        inner = handler.unary_stream or handler.stream_stream
+        if inner is None:  # stream-unary: none in this service
+            return handler
+
+        async def streaming(request, context):
+            who = await admit(context)
+            PRINCIPAL.set(who)  # the RPC's own task: no reset needed
+            try:
+                async for item in inner(request, context):
+                    yield item
+            finally:
+                gate.leave(who, session, concurrent)
+        if handler.unary_stream:
+            return handler._replace(unary_stream=streaming)
+        return handler._replace(stream_stream=streaming)
+
+
+# ------------------------------------------------------------------------------------------------ HTTP
+ALWAYS_PUBLIC = ("/healthz", "/readyz")
+DOCS = ("/docs", "/redoc", "/openapi.json", "/play", "/static/")
+COUNTED = ("/v1/",)  # API calls: a token each; POSTs and sessions also count as in flight
+
+
+class HttpGate:
+    """Pure ASGI middleware (streams pass through untouched; the in-flight count lasts to their end)."""
+
+    def __init__(self, app, gate: Gate):
+        self.app, self.gate = app, gate
+
+    def _public(self, path: str) -> bool:
+        a = self.gate.auth
+        return (path in ALWAYS_PUBLIC or (path == "/metrics" and a.public_metrics)
+                or (a.public_docs and path.startswith(DOCS)))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket") or self._public(scope["path"]):
+            return await self.app(scope, receive, send)
+        ws = scope["type"] == "websocket"
+        counted = scope["path"].startswith(COUNTED)
+        concurrent = ws or scope.get("method") == "POST"
+        auth = None
+        for k, v in scope.get("headers", ()):
+            if k == b"authorization":
+                auth = v.decode("latin-1")
+        try:
+            who = self.gate.identify(auth)
+            if counted:
+                self.gate.enter(who, session=ws, concurrent=concurrent)
+        except (Unauthenticated, RateLimited) as e:
+            return await _refuse(scope, receive, send, e)
+        reset = PRINCIPAL.set(who)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            PRINCIPAL.reset(reset)
+            if counted:
+                self.gate.leave(who, session=ws, concurrent=concurrent)
+
+
+async def _refuse(scope, receive, send, e) -> None:
+    from .errors import code_name, http_status
+    from .limits import send_json_error
+
+    status = http_status(e.code)
+    headers = [(b"www-authenticate", b'Bearer realm="worldserve"')] if status == 401 else []
+    ra = getattr(e, "retry_after", None)
+    if ra:
+        headers.append((b"retry-after", str(max(1, math.ceil(ra))).encode()))
+    if scope["type"] == "http":
+        return await send_json_error(send, status, code_name(e.code), e.message, e.field, headers)
+    # WebSocket handshake: an HTTP answer where the server supports it, else a close before accept (403)
+    await receive()  # websocket.connect
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = json.dumps({"error": {"code": code_name(e.code), "message": e.message, "field": e.field}}).encode()
+        await send({"type": "websocket.http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), *headers]})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": e.message[:120]})
