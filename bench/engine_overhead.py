@@ -28,7 +28,7 @@ from worldserve.engine.engine import Engine, EngineConfig
 from worldserve.engine.sampler import Sampler
 from worldserve.messages import FrameMode, RolloutRequest
 from worldserve.model.config import PRESETS
-from worldserve.model.world_model import ModelSpec, build
+from worldserve.model.world_model import build, spec_from_config
 
 REPORT = Path(__file__).resolve().parent / "reports" / "engine_overhead.md"
 
@@ -38,18 +38,23 @@ class NullModel:
 
     def __init__(self, slots: int, n_tokens: int = 64, vocab: int = 16):
         cfg = dataclasses.replace(PRESETS["tiny"], codebook_size=vocab)
-        self.spec = ModelSpec.from_config(cfg)
+        self.spec = spec_from_config(cfg)
         self.real = build(dataclasses.replace(cfg, d_model=8, n_layers=1, n_heads=1, window=2), seed=0)
         self.logits = torch.zeros(slots, n_tokens, vocab)  # [S, N, V]
         self.reward, self.done = torch.zeros(slots), torch.zeros(slots)
         self.frame = torch.zeros(8, cfg.height, cfg.width, 3, dtype=torch.uint8)  # one decode chunk
         self.tokens = torch.zeros(8, n_tokens, dtype=torch.int64)
 
-    def parameters(self):
-        return self.real.parameters()
+    device = torch.device("cpu")
 
-    def allocate_cache(self, slots):
-        return self.real.allocate_cache(slots)
+    def allocate_state(self, slots):
+        return self.real.allocate_state(slots)
+
+    def fork(self, state, src, dst):
+        self.real.fork(state, src, dst)
+
+    def advance(self, state, slots, tokens):
+        self.real.advance(state, slots, tokens)
 
     def unknown_actions(self, batch, count, device=None):
         return self.real.unknown_actions(batch, count, device)

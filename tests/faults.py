@@ -28,11 +28,18 @@ class PoisonedModel:
         self.poison_tokens = model.encode(frame)[0]  # int64 [N]
         self.calls = 0
 
-    def parameters(self):
-        return self.model.parameters()
+    @property
+    def device(self):
+        return self.model.device
 
-    def allocate_cache(self, slots: int):
-        return self.model.allocate_cache(slots)
+    def allocate_state(self, slots: int):
+        return self.model.allocate_state(slots)
+
+    def fork(self, state, src, dst):
+        self.model.fork(state, src, dst)
+
+    def advance(self, state, slots, tokens):
+        self.model.advance(state, slots, tokens)
 
     def unknown_actions(self, batch: int, count: int, device=None):
         return self.model.unknown_actions(batch, count, device)
@@ -46,9 +53,9 @@ class PoisonedModel:
     def prefill(self, cache, slots, tokens, actions, known=None):
         return self.model.prefill(cache, slots, tokens, actions, known)
 
-    def step(self, cache, slots, actions, known=None):
+    def step(self, cache, slots, actions, *, noise=None):
         self.calls += 1
         poisoned = (cache.last_tokens[slots] == self.poison_tokens).all(-1)  # bool [B]
         if self.always or bool(poisoned.any()):
             raise RuntimeError("injected fault: this batch holds a poisoned request")
-        return self.model.step(cache, slots, actions, known)
+        return self.model.step(cache, slots, actions)

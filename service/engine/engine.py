@@ -1,4 +1,4 @@
-"""Rollout engine: step-level continuous batching over a static per-slot KV cache.
+"""Rollout engine: step-level continuous batching over static per-slot model state (a KV cache, a frame history).
 
 One `step()` = schedule -> execute -> update:
   1. take in new requests, session actions and cancels
@@ -33,8 +33,7 @@ import torch
 from .. import metrics
 from ..errors import QueueFull, Unavailable
 from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
-from ..model.dynamics import advance
-from ..model.world_model import WorldModel
+from ..model.protocol import Noise, WorldModelProtocol, check_model
 from .batch import bucket, pad_to, run_fixed_chunks
 from .host import to_host
 from .sampler import Sampler
@@ -82,13 +81,15 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model: WorldModel, cfg: EngineConfig, emit: Callable[[list[RolloutEvent]], None],
+    def __init__(self, model: WorldModelProtocol, cfg: EngineConfig, emit: Callable[[list[RolloutEvent]], None],
                  sampler: Sampler | None = None):
+        check_model(model)
         self.model, self.cfg, self.emit = model, cfg, emit
         self.spec = model.spec
+        self.latent_out = self.spec.output == "latent"  # the model returns the next latent; else logits to sample
         self.sampler = sampler or Sampler()
         self.pad_slot = cfg.max_slots  # never allocated: padding rows of a bucket write here
-        self.cache = model.allocate_cache(cfg.max_slots + 1)
+        self.state = model.allocate_state(cfg.max_slots + 1)  # opaque to the engine
         self.free: list[int] = list(range(cfg.max_slots))
         self.active: dict[str, Active] = {}
         self.waiting: list[Waiting] = []  # heap: priority, then arrival
@@ -101,7 +102,7 @@ class Engine:
         self._wake = threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.device = next(model.parameters()).device
+        self.device = model.device
 
     # ---- thread-safe entry points -----------------------------------------------------------
     def info(self, backend: str = "eager", precision: str = "fp32") -> ModelInfo:
@@ -252,10 +253,10 @@ class Engine:
         for c, members in groups.items():  # prefill batched per context length
             first = torch.tensor([a.slots[0] for a, _ in members], device=self.device)
             acts, known = self._context_actions([a.req for a, _ in members], c - 1)
-            self.model.prefill(self.cache, first, torch.stack([t for _, t in members]), acts, known)
+            self.model.prefill(self.state, first, torch.stack([t for _, t in members]), acts, known)
             for a, _ in members:  # fork: prefill once, copy into the other K-1 slots
                 if len(a.slots) > 1:
-                    self.cache.fork(a.slots[0], torch.tensor(a.slots[1:], device=self.device))
+                    self.model.fork(self.state, a.slots[0], torch.tensor(a.slots[1:], device=self.device))
 
     def _context_actions(self, reqs: list[RolloutRequest], n: int):
         acts, known = self.model.unknown_actions(len(reqs), n, self.device)
@@ -324,20 +325,27 @@ class Engine:
         else:
             acts = torch.zeros(nb, dtype=torch.int64)
             acts[:b] = torch.tensor([int(r.action) for r in rows])
-        logits, reward, done = self.model.step(self.cache, slots, acts.to(self.device))
-        # sample with per-row keys: candidate k of a request seeded s draws from stream s + k, so a fork
-        # equals K separate requests seeded s .. s+K-1, alone or in any batch
-        seed = torch.tensor([(r.active.req.seed + r.candidate) % (1 << 63) for r in rows], dtype=torch.int64)
-        zeros = torch.zeros(b, dtype=torch.int64)
-        stepi = torch.tensor([r.active.step for r in rows], dtype=torch.int64)
-        temp = torch.tensor([r.active.req.temperature for r in rows], dtype=torch.float32)
+        # counter-based keys per row: candidate k of a request seeded s draws from stream s + k, so a fork equals
+        # K separate requests seeded s .. s+K-1, alone or in any batch (padding rows: zeros)
         dev = self.device
-        nxt = self.sampler(logits[:b], temp.to(dev), seed.to(dev), zeros.to(dev), stepi.to(dev))  # int64 [b, N]
-        advance(self.cache, slots[:b], nxt)
+        seed = torch.zeros(nb, dtype=torch.int64)
+        seed[:b] = torch.tensor([(r.active.req.seed + r.candidate) % (1 << 63) for r in rows], dtype=torch.int64)
+        stepi = torch.zeros(nb, dtype=torch.int64)
+        stepi[:b] = torch.tensor([r.active.step for r in rows], dtype=torch.int64)
+        seed, stepi, zeros = seed.to(dev), stepi.to(dev), torch.zeros(nb, dtype=torch.int64, device=dev)
+        if self.latent_out:  # the model draws its own noise from the rows' streams and returns the next latent
+            out, reward, done = self.model.step(self.state, slots, acts.to(dev), noise=Noise(seed, zeros, stepi))
+            nxt = out[:b]
+        else:
+            out, reward, done = self.model.step(self.state, slots, acts.to(dev))
+            temp = torch.tensor([r.active.req.temperature for r in rows], dtype=torch.float32)
+            nxt = self.sampler(out[:b], temp.to(dev), seed[:b], zeros[:b], stepi[:b])  # int64 [b, N]
+        self.model.advance(self.state, slots[:b], nxt)
         self._advanced = True
         want = [i for i, r in enumerate(rows) if self._wants_frame(r.active)]
         frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # uint8 [F, H, W, 3]
-        host = to_host(reward[:b], done[:b], nxt, frames)  # 4b. one device -> host copy
+        tokens = nxt if any(r.active.req.return_tokens for r in rows) and not self.latent_out else None
+        host = to_host(reward[:b], done[:b], tokens, frames)  # 4b. one device -> host copy
         frame_of = {i: j for j, i in enumerate(want)}
         now = time.monotonic()
         for i, r in enumerate(rows):  # 5. events, handed over together at the end of the step
@@ -348,7 +356,7 @@ class Engine:
             self._out.append(RolloutEvent(
                 a.req.id, r.candidate, a.step, float(host.reward[i]), float(host.done[i]),
                 frame=host.frames[frame_of[i]] if i in frame_of else None,
-                tokens=host.tokens[i].astype(np.int64) if a.req.return_tokens else None,
+                tokens=host.tokens[i].astype(np.int64) if a.req.return_tokens and host.tokens is not None else None,
             ))
         metrics.FRAMES.inc(b)
         for a in {id(r.active): r.active for r in rows}.values():  # update

@@ -41,14 +41,37 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 def token_uniform(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor, n_tokens: int) -> torch.Tensor:
     """seed, candidate, step: int64 [B] -> float32 [B, n_tokens] in (0, 1): one uniform per token."""
+    tok = torch.arange(n_tokens, device=seed.device, dtype=torch.int64)[None, :]
+    h = _mix32(_row_hash(seed, candidate, step) ^ ((tok * 0xC2B2AE35) & M32))
+    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 high bits -> (0, 1)
+
+
+def _row_hash(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    # int64 [B] keys -> uint32 [B, 1]: the per-row prefix of every counter-based stream
     seed = seed[:, None]
     h = _mix32((seed & M32) ^ 0x9E3779B9)
     h = _mix32(h ^ ((seed >> 32) & M32))
     h = _mix32(h ^ (candidate[:, None] & M32))
-    h = _mix32(h ^ ((step[:, None] * 0x85EBCA6B) & M32))
-    tok = torch.arange(n_tokens, device=seed.device, dtype=torch.int64)[None, :]
-    h = _mix32(h ^ ((tok * 0xC2B2AE35) & M32))
-    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 high bits -> (0, 1)
+    return _mix32(h ^ ((step[:, None] * 0x85EBCA6B) & M32))
+
+
+def counter_normal(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor, shape: tuple[int, ...],
+                   draw: int = 0) -> torch.Tensor:
+    """Standard normal noise float32 [B, *shape] from the rows' counter-based streams (Box-Muller).
+
+    Element e of draw d hashes (row keys, d, e): independent of the batch, reproducible on any worker.
+    """
+    n = 1
+    for d in shape:
+        n *= d
+    e = torch.arange(n, device=seed.device, dtype=torch.int64)[None, :]
+    h = _mix32(_row_hash(seed, candidate, step) ^ ((draw * 0x27D4EB2F + 0x165667B1) & M32))
+    h1 = _mix32(h ^ ((e * 0xC2B2AE35) & M32))
+    h2 = _mix32(h1 ^ 0x5BD1E995)
+    u1 = ((h1 >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # (0, 1)
+    u2 = (h2 >> 8).to(torch.float32) / float(1 << 24)  # [0, 1)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
+    return z.reshape(seed.shape[0], *shape)
 
 
 def block_size(vocab: int) -> int:

@@ -8,33 +8,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .config import ModelConfig
-from .dynamics import Dynamics, KVCache
+from .dynamics import Dynamics, KVCache, advance
+from .protocol import ModelSpec, Noise
 from .tokenizer import make_tokenizer
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    height: int
-    width: int
-    tokens_per_frame: int
-    vocab_size: int
-    n_actions: int  # > 0: discrete
-    action_dim: int  # > 0: continuous
-    action_names: tuple[str, ...]
-    context_window: int
-    max_horizon: int
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig) -> ModelSpec:
-        return cls(cfg.name, cfg.height, cfg.width, cfg.tokens_per_frame, cfg.vocab_size, cfg.n_actions,
-                   cfg.action_dim, cfg.action_names, cfg.window, cfg.max_horizon)
+def spec_from_config(cfg: ModelConfig) -> ModelSpec:
+    return ModelSpec(cfg.name, cfg.height, cfg.width, cfg.tokens_per_frame, cfg.vocab_size, cfg.n_actions,
+                     cfg.action_dim, cfg.action_names, cfg.window, cfg.max_horizon, output="logits")
 
 
 class WorldModel(nn.Module):
@@ -45,9 +30,23 @@ class WorldModel(nn.Module):
         self.tokenizer = make_tokenizer(cfg)
         self.dynamics = Dynamics(cfg)
 
+    # ---- the world-model protocol (worldserve.model.protocol): the engine's view ----------------
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec.from_config(self.cfg)
+        return spec_from_config(self.cfg)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def allocate_state(self, slots: int) -> KVCache:
+        return self.allocate_cache(slots)
+
+    def fork(self, cache: KVCache, src: int, dst: torch.Tensor) -> None:
+        cache.fork(src, dst)
+
+    def advance(self, cache: KVCache, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        advance(cache, slots, tokens)  # int64 [B, N] become the input of the next step
 
     def allocate_cache(self, slots: int, device=None, dtype=None) -> KVCache:
         p = next(self.parameters())
@@ -63,7 +62,8 @@ class WorldModel(nn.Module):
         return self.dynamics.prefill(cache, slots, tokens, actions, known)
 
     @torch.no_grad()
-    def step(self, cache, slots, actions, known=None):
+    def step(self, cache, slots, actions, known=None, *, noise: Noise | None = None):
+        # a token model: logits [B, N, V] for the engine to sample (noise unused)
         logits, reward, done_logit = self.dynamics.step(cache, slots, actions, known)
         return logits, reward, torch.sigmoid(done_logit)
 

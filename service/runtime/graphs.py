@@ -116,8 +116,21 @@ class BackendModel:
     def spec(self):
         return self.model.spec
 
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
     def allocate_cache(self, slots: int, device=None, dtype=None) -> KVCache:
         return self.model.allocate_cache(slots, device, dtype)
+
+    def allocate_state(self, slots: int) -> KVCache:  # the protocol's name (worldserve.model.protocol)
+        return self.model.allocate_state(slots)
+
+    def fork(self, cache, src: int, dst: torch.Tensor) -> None:
+        self.model.fork(cache, src, dst)
+
+    def advance(self, cache, slots, tokens) -> None:
+        self.model.advance(cache, slots, tokens)
 
     def prefill(self, cache, slots, tokens, actions, known=None):
         return self.model.prefill(cache, slots, tokens, actions, known)
