@@ -18,10 +18,9 @@ The caller gathers the slots before and scatters k_new / v_new at ring position 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..model.dynamics import Dynamics, KVCache, rope_tables
+from ..model.dynamics import Dynamics, KVCache, attention, rope_tables
 from ..model.world_model import WorldModel
 
 
@@ -50,7 +49,7 @@ class StepGraph(nn.Module):
             vv = torch.where(here, vf[:, None], v_ctx[layer])
             kk = kk.reshape(b, w * n, blk.n_heads, blk.head_dim).transpose(1, 2).to(q.dtype)
             vv = vv.reshape(b, w * n, blk.n_heads, blk.head_dim).transpose(1, 2).to(q.dtype)
-            x = blk.finish(x, F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask))
+            x = blk.finish(x, attention(q, kk, vv, mask))
             k_out.append(kf)
             v_out.append(vf)
         logits, reward, done = dyn.heads(x.unsqueeze(1))

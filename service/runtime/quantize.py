@@ -2,7 +2,9 @@
 
     quantize_model(model, "int8")  every nn.Linear of the dynamics transformer (blocks + vocabulary head)
                                    becomes an Int8Linear: int8 weights [out, in], one fp32 scale per output
-                                   channel (symmetric, absmax / 127); activations stay in the model dtype.
+                                   channel (symmetric, absmax / 127). On the CPU the matmul runs int8 x int8
+                                   (FBGEMM, VNNI) with activations quantized per row (int8_cpu.py); the
+                                   reference keeps activations in the model dtype (weight-only).
     quantize_model(model, "fp8")   the same layers as Fp8Linear: float8_e4m3fn weights + per-channel scales;
                                    on a GPU with compute capability >= 8.9 the matmul runs in fp8
                                    (torch._scaled_mm, activations scaled per row). Anywhere else: an error.
@@ -10,9 +12,9 @@
 The model keeps its interface (encode / prefill / step / decode); the tokenizer, embeddings, LayerNorms and
 the 1-wide reward / done heads stay in full precision. Each quantized module has a plain PyTorch
 reference forward (dequantize the weight, then F.linear); `forward` takes a faster path only where one
-exists (the Triton int8 kernel on CUDA when enabled, _scaled_mm for fp8) and uses the reference while being
-exported (ONNX: DequantizeLinear + MatMul for int8) and, for int8, while torch.compile traces it (inductor
-fuses the dequantization into the matmul itself).
+exists (W8A8 FBGEMM on the CPU, the Triton int8 kernel on CUDA when enabled, _scaled_mm for fp8) and uses
+the reference while being exported (ONNX: DequantizeLinear + MatMul for int8) and, for int8, while
+torch.compile traces it (inductor fuses the dequantization into the matmul itself).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.world_model import WorldModel
+from . import int8_cpu
 
 VARIANTS = ("int8", "fp8")
 SKIP = ("act_emb", "reward_head", "done_head")  # tiny or input-side layers: not worth the error
@@ -64,6 +67,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.float())  # fp32 [N]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.use_triton = False
+        # CPU: int8 x int8 through FBGEMM with activations quantized per row (int8_cpu.py); False = the reference
+        self.w8a8 = self.in_features >= 2 and int8_cpu.available()
+        self._packed = None  # FBGEMM's packed weight, made on first use (after any load_state_dict)
+
+    def _apply(self, fn, recurse=True):
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
@@ -80,6 +94,10 @@ class Int8Linear(nn.Module):
 
             y = int8_matmul(x.reshape(-1, self.in_features), self.weight_q, self.scale, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
+        if self.w8a8 and x.device.type == "cpu" and not _tracing():
+            if self._packed is None:
+                self._packed = int8_cpu.prepack(self.weight_q, self.scale)
+            return int8_cpu.w8a8_linear(x, self._packed, self.bias, self.out_features)
         return self.reference(x)
 
     def extra_repr(self) -> str:

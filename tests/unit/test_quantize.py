@@ -39,6 +39,7 @@ def test_int8_per_channel_error_bound():
 def test_int8_linear_forward_is_reference_and_close_to_fp32():
     lin = torch.nn.Linear(64, 96)
     mod = Int8Linear.from_linear(lin)
+    mod.w8a8 = False  # the weight-only reference path (the CPU W8A8 path: tests/unit/test_cpu_fast.py)
     x = torch.randn(3, 5, 64)
     assert torch.equal(mod(x), int8_linear_reference(x, mod.weight_q, mod.scale, mod.bias))
     ref = lin(x)
