@@ -58,6 +58,6 @@ def prepare(ms: ModelSettings) -> WorldModel:
     elif ms.backend == "tensorrt":
         from .trt_backend import TrtWorldModel
 
-        model = TrtWorldModel.build(model, ms)
+        model = TrtWorldModel.build(model, ms, defer=True)  # profiles for every bucket up to the cache's slots
     torch.set_grad_enabled(False)
     return model

@@ -33,12 +33,13 @@ import torch
 
 from ..model.world_model import WorldModel
 from .artifacts import library_versions, load_or_build, weights_hash
+from .fp8_qdq import onnx_translations
 from .graphs import BackendModel, DecodeGraph, EncodeGraph, StepGraph, gather, scatter, step_inputs
 from .quantize import quantization_of
 
 log = logging.getLogger("worldserve.runtime")
-EXPORT_FORMAT = 1  # bump when the exported graphs change meaning
-OPSET = 18  # 19 for fp8 weights (Cast from float8e4m3fn)
+EXPORT_FORMAT = 2  # bump when the exported graphs change meaning (2: fp8 weights as DequantizeLinear)
+OPSET = 18  # 19 for fp8 weights (DequantizeLinear of float8e4m3fn)
 MAX_BATCH = 4096  # upper bound of the dynamic batch dimension (encode batches every admitted context frame)
 GRAPHS = ("encoder", "decoder", "step")
 
@@ -88,7 +89,7 @@ def export_graphs(model: WorldModel, out: Path, say: Callable[[str], None] = log
                 warnings.simplefilter("ignore")
                 torch.onnx.export(module.eval(), ex[name], str(out / f"{name}.onnx"), dynamo=True,
                                   opset_version=opset_for(model), input_names=ins, output_names=outs,
-                                  dynamic_shapes=dyn, verbose=False)
+                                  dynamic_shapes=dyn, verbose=False, custom_translation_table=onnx_translations())
             say(f"exported {name}.onnx in {time.perf_counter() - t0:.1f} s")
     finally:
         for lg, level in zip(quiet, levels, strict=True):

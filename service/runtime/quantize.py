@@ -30,6 +30,7 @@ from torch import nn
 
 from ..model.world_model import WorldModel
 from . import int8_cpu
+from .fp8_qdq import dequantize_fp8
 
 VARIANTS = ("int8", "fp8")
 SKIP = ("act_emb", "reward_head", "done_head")  # tiny or input-side layers: not worth the error
@@ -135,7 +136,7 @@ class Fp8Linear(nn.Module):
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         # weight-only dequantization: x [..., K] -> [..., N]
-        w = self.weight_f8.float() * self.scale[:, None]
+        w = dequantize_fp8(self.weight_f8, self.scale)  # exported as DequantizeLinear (Q/DQ), see fp8_qdq.py
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

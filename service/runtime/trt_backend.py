@@ -40,7 +40,7 @@ PRECISION_FLAGS = {
     "int8": ("INT8", "FP16"),
     "fp8": ("FP8", "FP16"),
 }
-DEFAULT_MAX_BATCH = 64  # EngineSettings.max_slots default; buckets 1, 2, 4, ... 64
+DEFAULT_MAX_BATCH = 64  # EngineSettings.max_slots default; used when something steps before any cache exists
 
 
 def precision_flags(precision: str) -> tuple[str, ...]:
@@ -70,8 +70,17 @@ def check_trt_precision(precision: str, version: str, flags: set[str], capabilit
 
 
 def graph_buckets(graph: str, max_batch: int) -> list[int]:
-    """Batch sizes each graph gets a profile for. Encode takes whole contexts (up to W frames per request)."""
+    """Batch sizes each graph gets a profile for: every bucket the engine pads a step (or decode) batch of at most
+    max_batch rows to (engine.batch.buckets). Encode takes whole contexts (up to W frames per request): 8x; larger
+    encode batches run in chunks of the largest profile."""
     return buckets(max_batch * 8) if graph == "encoder" else buckets(max_batch)
+
+
+def profile_plan(max_batch: int) -> dict[str, list[int]]:
+    """{graph: profile batch sizes} built for an engine of max_batch slots."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    return {g: graph_buckets(g, max_batch) for g in GRAPHS}
 
 
 def profile_shapes(input_shapes: dict[str, tuple[int, ...]], batch_axis: dict[str, int], b: int):
@@ -193,7 +202,12 @@ class TrtWorldModel(BackendModel):
 
     @classmethod
     def build(cls, model: WorldModel, ms, max_batch: int = DEFAULT_MAX_BATCH,
-              say: Callable[[str], None] = log.info) -> TrtWorldModel:
+              say: Callable[[str], None] = log.info, defer: bool = False) -> TrtWorldModel | DeferredTrt:
+        """Engines with a profile for every bucket up to max_batch. defer=True (the serving loader): built when the
+        engine allocates its cache (Engine.__init__, still at start-up), for as many rows as the cache has slots,
+        so the profiles follow max_slots whatever it is set to."""
+        if defer:
+            return DeferredTrt(model, ms, say)
         import tensorrt as trt
 
         device = torch.device(ms.device)
@@ -238,3 +252,33 @@ class TrtWorldModel(BackendModel):
         out = eng.run({n: values[n] for n in eng.inputs})
         scatter(cache, slots, frames, out["k_new"], out["v_new"])
         return out["logits"], out["reward"], out["done"]
+
+
+class DeferredTrt(BackendModel):
+    """TensorRT engines built once the slot count is known: the first allocate_cache(slots) builds profiles for
+    every bucket up to `slots` (the engine allocates max_slots + 1, one padding slot), then delegates."""
+
+    backend = "tensorrt"
+
+    def __init__(self, model: WorldModel, ms, say: Callable[[str], None]):
+        super().__init__(model)
+        self.ms, self.say = ms, say
+        self.built: TrtWorldModel | None = None
+
+    def _ensure(self, max_batch: int) -> TrtWorldModel:
+        if self.built is None:
+            self.built = TrtWorldModel.build(self.model, self.ms, max_batch, self.say)
+        return self.built
+
+    def allocate_cache(self, slots: int, device=None, dtype=None):
+        self._ensure(slots)
+        return self.model.allocate_cache(slots, device, dtype)
+
+    def encode(self, frames):
+        return self._ensure(DEFAULT_MAX_BATCH).encode(frames)
+
+    def decode(self, tokens):
+        return self._ensure(DEFAULT_MAX_BATCH).decode(tokens)
+
+    def step(self, cache, slots, actions, known=None):
+        return self._ensure(cache.slots).step(cache, slots, actions, known)
