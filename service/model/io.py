@@ -38,7 +38,7 @@ def sha256_file(path: Path) -> str:
 def save_model_dir(model: WorldModel, out: Path, card_body: str) -> str:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
+    (out / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")  # names its architecture
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "name": model.cfg.name})
     digest = sha256_file(out / WEIGHTS)
@@ -66,11 +66,35 @@ def card_sha256(model_dir: Path) -> str:
     return m.group(1)
 
 
+def build_from_dir(model_dir: Path):
+    """An unweighted model of the directory's architecture (config.json `architecture`, default the token model)."""
+    path = Path(model_dir) / CONFIG
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing (a model directory needs {CONFIG}, {WEIGHTS}, {CARD})")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: invalid JSON: {e}") from e
+    arch = raw.get("architecture", "token") if isinstance(raw, dict) else "token"
+    if arch == "token":
+        return WorldModel(load_config(model_dir))
+    from .protocol import check_model
+    from .registry import ArchitectureError, resolve
+
+    try:
+        model = resolve(arch).from_config(raw)
+        check_model(model)
+    except (ArchitectureError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: {e}") from e
+    return model
+
+
 def load_model_dir(model_dir: str | Path, device: str = "cpu", verify: bool = True) -> WorldModel:
+    """Any architecture: the model named by config.json, weights checked against the card's sha256."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"{model_dir}: not a directory")
-    cfg = load_config(model_dir)
+    model = build_from_dir(model_dir)
     wpath = model_dir / WEIGHTS
     if not wpath.is_file():
         raise ModelLoadError(f"{wpath}: missing weights file")
@@ -83,7 +107,6 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", verify: bool = Tr
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelLoadError(f"{wpath}: unreadable safetensors file: {e}") from e
-    model = WorldModel(cfg)
     want = model.state_dict()
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))

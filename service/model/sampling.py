@@ -84,15 +84,24 @@ def chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
-def _sample_rows(x: torch.Tensor, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One chunk: x float [R, V] logits, t float32 [R] > 0, u float32 [R] in (0, 1) -> int64 [R]."""
-    r_, v = x.shape
+def _sample_rows(flat: torch.Tensor, sel: torch.Tensor, t: torch.Tensor, u: torch.Tensor,
+                 scratch: torch.Tensor) -> torch.Tensor:
+    """One chunk: rows `sel` [R] of flat logits [*, V], t float32 [R] > 0, u float32 [R] in (0, 1) -> int64 [R].
+
+    scratch: float32 [>= R, nb * bs], zero past column V (reused across chunks: no allocation per chunk).
+    """
+    r_, v = sel.shape[0], flat.shape[1]
     bs = block_size(v)
     nb = -(-v // bs)
-    p = torch.zeros(r_, nb * bs, dtype=torch.float32, device=x.device)  # [R, nb * bs], zero padded
+    p = scratch[:r_]  # [R, nb * bs]
+    if nb * bs == v and flat.dtype == torch.float32:
+        torch.index_select(flat, 0, sel, out=p)  # gather straight into the scratch
+    else:
+        p[:, :v].copy_(flat.index_select(0, sel))
     pv = p[:, :v]
-    pv.copy_(x)
-    pv.sub_(pv.amax(-1, keepdim=True)).div_(t[:, None]).exp_()  # (0, 1], the max entry is exactly 1
+    inv_t = t.reciprocal()[:, None]  # [R, 1]
+    torch.addcmul(-pv.amax(-1, keepdim=True) * inv_t, pv, inv_t, out=pv)  # (x - max) / t in one pass
+    pv.exp_()  # (0, 1], the max entry is exactly 1
     if nb == 1:  # the vocabulary is one block: one scan
         c = p.cumsum(-1)  # [R, bs]
         j = torch.searchsorted(c, (u * c[:, -1])[:, None], right=True)
@@ -128,9 +137,11 @@ def sample(logits, temperature, seed, candidate, step):
     idx = (rows[:, None] * n + torch.arange(n, device=logits.device)).reshape(-1)  # [S * N] rows of flat
     got = torch.empty(n_hot * n, dtype=torch.int64, device=logits.device)
     size = chunk_rows(v)
+    nb_bs = -(-v // block_size(v)) * block_size(v)
+    scratch = torch.zeros(min(size, idx.shape[0]), nb_bs, dtype=torch.float32, device=logits.device)
     for i in range(0, idx.shape[0], size):  # chunks bound the scratch; every op below is row-independent
         sel = idx[i : i + size]
-        got[i : i + sel.shape[0]] = _sample_rows(flat.index_select(0, sel), t[i : i + size], u[i : i + size])
+        got[i : i + sel.shape[0]] = _sample_rows(flat, sel, t[i : i + size], u[i : i + size], scratch)
     out[rows] = got.view(n_hot, n)
     return out
 
