@@ -35,12 +35,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_model_dir(model: WorldModel, out: Path, card_body: str) -> str:
+def save_model_dir(model, out: Path, card_body: str, config: dict | None = None) -> str:
+    """Write a model directory for any architecture: config.json (the model's own config, or `config`, which
+    names its `architecture`), model.safetensors (its state_dict) and MODEL_CARD.md with the weights' sha256."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG).write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")  # names its architecture
+    config = model.cfg.to_dict() if config is None else config
+    (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "name": model.cfg.name})
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "name": str(config.get("name", out.name))})
     digest = sha256_file(out / WEIGHTS)
     (out / CARD).write_text(card_body.rstrip() + f"\n\nweights_sha256: {digest}\n")
     return digest
