@@ -105,20 +105,18 @@ def real_rollout(seed: int, n_actions: int, actions: list[int] | None, epsilon: 
 
 def predict_inprocess(model_dir: str, context, context_actions, actions, seed: int, temperature: float):
     """The engine in this process (no server): predicted frames uint8 [T, H, W, 3]."""
-    from .engine.engine import Engine, EngineConfig
+    from .engine.engine import Engine, EngineConfig, complete
     from .messages import RolloutRequest
     from .model.io import load_model_dir
 
-    events = []
     model = load_model_dir(model_dir)
-    eng = Engine(model, EngineConfig(max_slots=4), emit=events.extend)
+    eng = Engine(model, EngineConfig(max_slots=4), emit=lambda evs: None)
     ca = np.asarray(context_actions, np.int64) if context_actions else None
-    eng.submit(RolloutRequest("rollout", model.spec.name, np.asarray(context), np.asarray([actions], np.int64),
-                              context_actions=ca, seed=seed, temperature=temperature))
-    while not any(e.final for e in events):
-        eng.step()
+    events = complete(eng, [RolloutRequest("rollout", model.spec.name, np.asarray(context),
+                                           np.asarray([actions], np.int64), context_actions=ca, seed=seed,
+                                           temperature=temperature)])
     if events[-1].message:
-        raise SystemExit(f"rollout failed: {events[-1].error.name}: {events[-1].message}")
+        raise RuntimeError(f"rollout failed: {events[-1].error.name}: {events[-1].message}")
     return np.stack([e.frame for e in sorted((e for e in events if not e.final), key=lambda e: e.step)])
 
 

@@ -125,7 +125,7 @@ def table(r: EvalResult, title: str = "fp32") -> str:
     ]
     for s in REPORT_STEPS:
         m, b = r.model_psnr[s], r.baseline_psnr[s]
-        gain = "" if m >= EXACT else f" (+{m - b:.2f})"
+        gain = "" if m >= EXACT else f" ({m - b:+.2f})"
         rows.append(f"| open-loop PSNR step {s} (model / copy-last baseline) | {_db(m)} / {_db(b)}{gain} |")
     for s in sorted(r.token_acc):
         rows.append(f"| token agreement step {s} | {100 * r.token_acc[s]:.2f}% |")
