@@ -1,9 +1,11 @@
-"""In-process queue: the engine runs in a thread of this process; events are routed to asyncio queues.
+"""In-process queue: each served model's engine runs in a thread of this process; events go to asyncio queues.
 
+Several models can be served side by side (a model repository): each has its own engine, slots and queue, and a
+request goes to the engine of its model. Models can be added and removed while serving.
 The engine hands over each step's events in one list: one wake-up of the event loop per step, not per event.
 Deadlines are enforced here too: a request whose engine does not end it by its deadline (plus a short grace)
-gets DEADLINE_EXCEEDED from the queue, so a wedged engine never hangs a client. When the engine thread ends
-(fatal error), every open request ends with INTERNAL and `alive()` turns False (/healthz 503).
+gets DEADLINE_EXCEEDED from the queue, so a wedged engine never hangs a client. When an engine thread ends
+(fatal error), every open request of that model ends with INTERNAL and `alive()` turns False (/healthz 503).
 """
 
 from __future__ import annotations
@@ -12,54 +14,96 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 
-from ..errors import Unavailable
+from ..errors import NotFound, Unavailable
 from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 
 DEADLINE_GRACE_S = 1.0  # the engine retires expired requests itself; this is the backstop
 
 
+@dataclass
+class Served:
+    """One model in this process: its engine (worldserve.engine.Engine, passed in: no torch here) and thread."""
+
+    engine: object
+    info: ModelInfo
+    thread: threading.Thread | None = None
+    requests: set[str] = field(default_factory=set)  # open request ids
+
+    def alive(self) -> bool:
+        return self.thread is None or (self.thread.is_alive() and self.engine.alive())
+
+
 class LocalQueue:
-    def __init__(self, engine, info: ModelInfo):
-        # engine: worldserve.engine.Engine (passed in, so this module never imports torch)
-        self.engine, self.info = engine, info
-        self._routes: dict[str, asyncio.Queue] = {}
+    def __init__(self, engine=None, info: ModelInfo | None = None):
+        self.served: dict[str, Served] = {}
+        self._routes: dict[str, tuple[asyncio.Queue, Served]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._ready = False
+        if engine is not None:
+            self.served[info.name] = Served(engine, info)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.engine.emit = self._emit
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        for s in self.served.values():
+            self._start(s)
         self._ready = True
 
-    def _run(self) -> None:  # engine thread
-        self.engine.run()
-        if self.engine.fatal is not None and self._loop is not None:  # ends whatever the engine could not
-            self._loop.call_soon_threadsafe(self._end_all, f"engine failed: {self.engine.fatal}")
+    def _start(self, s: Served) -> None:
+        s.engine.emit = self._emit
+        s.thread = threading.Thread(target=self._run, args=(s,), name=f"engine-{s.info.name}", daemon=True)
+        s.thread.start()
 
-    def _end_all(self, message: str) -> None:
-        for rid, q in list(self._routes.items()):
-            q.put_nowait([RolloutEvent.end(rid, ErrorCode.INTERNAL, message)])
+    def _run(self, s: Served) -> None:  # engine thread
+        s.engine.run()
+        if s.engine.fatal is not None and self._loop is not None:  # ends whatever the engine could not
+            self._loop.call_soon_threadsafe(self._end_all, s, ErrorCode.INTERNAL, f"engine failed: {s.engine.fatal}")
+
+    def _end_all(self, s: Served, code: ErrorCode, message: str) -> None:  # event loop
+        for rid in list(s.requests):
+            route = self._routes.get(rid)
+            if route is not None:
+                route[0].put_nowait([RolloutEvent.end(rid, code, message)])
+
+    async def add_model(self, engine, info: ModelInfo) -> None:
+        """Serve another model without a restart (its engine built and warmed up by the caller)."""
+        if info.name in self.served:
+            raise ValueError(f"model {info.name!r} is already served")
+        s = Served(engine, info)
+        self.served[info.name] = s
+        if self._loop is not None:
+            self._start(s)
+
+    async def remove_model(self, name: str) -> None:
+        """Stop serving a model: its open requests end with UNAVAILABLE, its engine thread stops."""
+        s = self.served.pop(name, None)
+        if s is None:
+            raise NotFound(f"model {name!r} is not served", "model")
+        self._end_all(s, ErrorCode.UNAVAILABLE, f"model {name!r} was unloaded")
+        s.engine.stop()
+        if s.thread:
+            await asyncio.to_thread(s.thread.join, 10)
 
     async def close(self) -> None:
         self._ready = False
-        self.engine.stop()
-        if self._thread:
-            await asyncio.to_thread(self._thread.join, 10)
+        for s in self.served.values():
+            s.engine.stop()
+        for s in self.served.values():
+            if s.thread:
+                await asyncio.to_thread(s.thread.join, 10)
 
     def models(self) -> list[ModelInfo]:
-        return [self.info]
+        return [s.info for s in self.served.values()]
 
     def alive(self) -> bool:
-        return self._thread is None or (self._thread.is_alive() and self.engine.alive())
+        return all(s.alive() for s in self.served.values())
 
     def ready(self) -> bool:
-        return self._ready and self._thread is not None and self._thread.is_alive() and self.engine.alive()
+        return self._ready and bool(self.served) and all(s.thread is not None and s.alive()
+                                                         for s in self.served.values())
 
-    def _emit(self, events: list[RolloutEvent]) -> None:  # engine thread, once per step
+    def _emit(self, events: list[RolloutEvent]) -> None:  # an engine thread, once per step
         self._loop.call_soon_threadsafe(self._route, events)
 
     def _route(self, events: list[RolloutEvent]) -> None:  # event loop
@@ -67,23 +111,28 @@ class LocalQueue:
         for ev in events:
             by_request.setdefault(ev.request_id, []).append(ev)
         for rid, evs in by_request.items():
-            q = self._routes.get(rid)
-            if q is not None:
-                q.put_nowait(evs)
+            route = self._routes.get(rid)
+            if route is not None:
+                route[0].put_nowait(evs)
 
     async def submit(self, req: RolloutRequest) -> AsyncIterator[RolloutEvent]:
-        if not self.alive():
-            raise Unavailable("engine is not running; not taking work")
+        s = self.served.get(req.model)
+        if s is None:
+            raise NotFound(f"model {req.model!r} not found", "model")
+        if not s.alive():
+            raise Unavailable(f"model {req.model!r}: engine is not running; not taking work")
         q: asyncio.Queue = asyncio.Queue()
-        self._routes[req.id] = q
+        self._routes[req.id] = (q, s)
+        s.requests.add(req.id)
         try:
-            self.engine.submit(req)  # QueueFull raises here, before any event
+            s.engine.submit(req)  # QueueFull raises here, before any event
         except Exception:
             self._routes.pop(req.id, None)
+            s.requests.discard(req.id)
             raise
-        return self._events(req, q)
+        return self._events(req, q, s)
 
-    async def _events(self, req: RolloutRequest, q: asyncio.Queue) -> AsyncIterator[RolloutEvent]:
+    async def _events(self, req: RolloutRequest, q: asyncio.Queue, s: Served) -> AsyncIterator[RolloutEvent]:
         finished = False
         try:
             while True:
@@ -91,7 +140,6 @@ class LocalQueue:
                 try:
                     batch = await asyncio.wait_for(q.get(), timeout)
                 except TimeoutError:
-                    finished = False  # the engine is told to cancel below
                     yield RolloutEvent.end(req.id, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded")
                     return
                 for ev in batch:
@@ -101,8 +149,11 @@ class LocalQueue:
                         return
         finally:
             self._routes.pop(req.id, None)
+            s.requests.discard(req.id)
             if not finished:  # client went away or deadline passed: free the slots within one step
-                self.engine.cancel(req.id)
+                s.engine.cancel(req.id)
 
     async def act(self, action: SessionAction) -> None:
-        self.engine.act(action)
+        route = self._routes.get(action.request_id)
+        if route is not None:
+            route[1].engine.act(action)
