@@ -168,8 +168,9 @@ def main() -> None:
     p.add_argument("--engine-steps", type=int, default=10)
     p.add_argument("--legacy-sampler", default=None, metavar="REV",
                    help="also time the engine with the sampler of commit REV (before/after in one run)")
-    p.add_argument("--with-base", action="store_true", help="then the base preset: 16 clients, 16 slots, H=4")
-    p.add_argument("--base-duration", type=float, default=30.0)
+    p.add_argument("--with-base", action="store_true", help="then the base preset: 16 clients, 16 slots")
+    p.add_argument("--base-duration", type=float, default=60.0)
+    p.add_argument("--base-horizon", type=int, default=16, help="long enough that slots stay full between rounds")
     p.add_argument("--base-engine-steps", type=int, default=4)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
@@ -178,8 +179,8 @@ def main() -> None:
     run(a)
     if a.with_base:
         b = argparse.Namespace(**vars(a))
-        b.preset, b.clients, b.candidates, b.horizon, b.modes, b.max_slots = "base", "16", 1, 4, "local", 16
-        b.duration, b.engine_steps, b.tag, b.engine_batch = a.base_duration, a.base_engine_steps, None, 16
+        b.preset, b.clients, b.candidates, b.modes, b.max_slots, b.tag = "base", "16", 1, "local", 16, None
+        b.horizon, b.duration, b.engine_steps, b.engine_batch = a.base_horizon, a.base_duration, a.base_engine_steps, 16
         run(b)
 
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.load import context_frames  # noqa: E402
-from bench.peer_clients import SYSTEMS, Player, Workload, make_client, rollout, run_point  # noqa: E402
+from bench.peer_clients import SYSTEMS, Player, Workload, make_client, merge, rollout, run_point  # noqa: E402
 from tests.conftest import MODEL_DIR, free_port, start_server  # noqa: E402
 
 
@@ -127,7 +127,8 @@ def report(tag: str, a, facts: dict, check: dict, rows: list[dict], ratios: list
     md = [f"## worldserve vs LitServe peer — {tag}", "",
           f"Measured {meta['time']} UTC, commit {meta['commit']}, {meta['cores']} cores shared with other agents "
           f"(load average at start {meta['load_start']:.2f}, at end {meta['load_end']:.2f}); one run, systems "
-          "interleaved per point: read the ratios, not the absolute numbers.", "",
+          f"interleaved per point ({a.rounds} rounds, order rotated, samples pooled): read the ratios, not the "
+          "absolute numbers.", "",
           f"Command: `{meta['command']}`", "",
           f"worldserve: `worldserve serve` (embedded, in-process queue), --max-slots {a.max_slots}, 1 torch thread. "
           f"Peer: LitServe {meta['litserve']}, 1 worker, max_batch_size={a.peer_max_batch}, "
@@ -163,11 +164,12 @@ def main(argv=None) -> None:
     p.add_argument("--model-dir", default=str(MODEL_DIR))
     p.add_argument("--preset", default=None, help="random-weight preset instead of the model dir (e.g. base)")
     p.add_argument("--planner", default="16x8,64x16", help="KxH planner workloads")
-    p.add_argument("--planner-clients", default="1,4")
+    p.add_argument("--planner-clients", default="1,2,4", help="(points with clients x K > 2 x slots skipped)")
     p.add_argument("--planner-temperature", type=float, default=0.0, help="> 0: also a sampled planner workload")
     p.add_argument("--player-clients", default="1,8,32")
     p.add_argument("--player-steps", type=int, default=16)
     p.add_argument("--duration", type=float, default=6.0, help="seconds per point (clients finish their loop)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds per point, systems rotated; figures pooled")
     p.add_argument("--min-iters", type=int, default=2, help="requests / sessions per client at least")
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--max-slots", type=int, default=64)
@@ -217,10 +219,15 @@ def main(argv=None) -> None:
         rows = []
         for w, clients in workloads:
             for n in [int(x) for x in clients.split(",")]:
-                if w.name == "planner" and n * w.k > 4 * a.max_slots:
+                if w.name == "planner" and n * w.k > 2 * a.max_slots:  # keeps a point within a few minutes
                     continue
+                got: dict[str, list] = {s: [] for s in systems}
+                for rnd in range(a.rounds):  # systems in a rotated order each round
+                    for s in systems[rnd % len(systems):] + systems[: rnd % len(systems)]:
+                        got[s].append(run_point(s, targets[s], model, w, n, a.duration, a.min_iters, ctx, actions,
+                                                window))
                 for s in systems:
-                    r = run_point(s, targets[s], model, w, n, a.duration, a.min_iters, ctx, actions, window)
+                    r = merge(got[s])
                     rows.append(r)
                     print(json.dumps(r), flush=True)
     finally:

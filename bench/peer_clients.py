@@ -158,7 +158,18 @@ def run_point(system: str, target: str, model: str, w: Workload, n: int, duratio
     ms = 1e3 * np.asarray(lat) if lat else np.asarray([np.nan])
     return {"system": system, "workload": w.label, "kind": w.name, "clients": n, "frames_per_s": sum(counts) / wall,
             "lat_p50_ms": float(np.percentile(ms, 50)), "lat_p99_ms": float(np.percentile(ms, 99)),
-            "samples": len(lat), "wall_s": wall, "errors": errors[:3]}
+            "samples": len(lat), "wall_s": wall, "errors": errors[:3], "frames": sum(counts), "lat_ms": list(ms)}
+
+
+def merge(points: list[dict]) -> dict:
+    """Pool the rounds of one point: frames / total wall, percentiles over every latency sample."""
+    ms = np.concatenate([p["lat_ms"] for p in points])
+    frames, wall = sum(p["frames"] for p in points), sum(p["wall_s"] for p in points)
+    return {**{k: v for k, v in points[0].items() if k != "lat_ms"}, "frames_per_s": frames / wall,
+            "lat_p50_ms": float(np.nanpercentile(ms, 50)), "lat_p99_ms": float(np.nanpercentile(ms, 99)),
+            "samples": int(np.isfinite(ms).sum()), "wall_s": wall, "frames": frames, "rounds": len(points),
+            "round_frames_per_s": [p["frames_per_s"] for p in points],
+            "errors": [e for p in points for e in p["errors"]]}
 
 
 def _plain(x):
