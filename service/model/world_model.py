@@ -8,13 +8,18 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .config import ModelConfig
 from .dynamics import Dynamics, KVCache, advance
+from .memory import check_state_fits
 from .protocol import ModelSpec, Noise
 from .tokenizer import make_tokenizer
+
+log = logging.getLogger("worldserve.model")
 
 
 def spec_from_config(cfg: ModelConfig) -> ModelSpec:
@@ -40,6 +45,10 @@ class WorldModel(nn.Module):
         return next(self.parameters()).device
 
     def allocate_state(self, slots: int) -> KVCache:
+        """The serving state (the engine's, at start-up): checked against the device's free memory and logged
+        before anything is allocated (memory.py: DoesNotFit names the sizes and the slots that would fit)."""
+        p = next(self.parameters())
+        log.info(check_state_fits(self.cfg, slots, p.device, p.dtype))
         return self.allocate_cache(slots)
 
     def fork(self, cache: KVCache, src: int, dst: torch.Tensor) -> None:

@@ -17,11 +17,16 @@ The caller gathers the slots before and scatters k_new / v_new at ring position 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from ..model.dynamics import Dynamics, KVCache, attention, rope_tables
+from ..model.memory import check_state_fits
 from ..model.world_model import WorldModel
+
+log = logging.getLogger("worldserve.runtime")
 
 
 class StepGraph(nn.Module):
@@ -123,7 +128,11 @@ class BackendModel:
         return self.model.allocate_cache(slots, device, dtype)
 
     def allocate_state(self, slots: int) -> KVCache:  # the protocol's name (worldserve.model.protocol)
-        return self.model.allocate_state(slots)
+        # checked against free memory and logged like WorldModel's; then through the backend's allocate_cache:
+        # compile marks the cache static for CUDA graphs, TensorRT builds its profiles for this many slots
+        p = next(self.model.parameters())
+        log.info(check_state_fits(self.cfg, slots, p.device, p.dtype))
+        return self.allocate_cache(slots)
 
     def fork(self, cache, src: int, dst: torch.Tensor) -> None:
         self.model.fork(cache, src, dst)
