@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,22 +26,28 @@ def cmd_train(a) -> None:
     from .train import run
 
     torch.set_num_threads(a.threads)
-    data_path = Path(a.data) / "train.npz"
+    data_path = Path(a.data) / ("train.npz" if a.env == "minigrid" else f"{a.env}-train.npz")
     if not data_path.exists():
-        save(collect(a.episodes, a.seed), data_path)
+        save(collect(a.episodes, a.seed, env=a.env), data_path)
     data = load(data_path)
     t0 = time.time()
-    model = run(data, Path(a.ckpt), PRESETS["tiny"], a.tok_steps, a.dyn_steps, a.batch, a.seed)
+    cfg = PRESETS["tiny"] if a.env == "minigrid" else dataclasses.replace(PRESETS["tiny"], name=a.env)
+    model = run(data, Path(a.ckpt), cfg, a.tok_steps, a.dyn_steps, a.batch, a.seed,
+                a.time_budget_min * 60 if a.time_budget_min else None)
     minutes = (time.time() - t0) / 60
     n_eps = len(data["frame_offsets"]) - 1
-    card = f"""# worldserve tiny — MiniGrid random-layout world model
+    env_line = "" if a.env == "minigrid" else (
+        "\n- Stochastic: 2 blue balls random-walk after every action (stay / 4 moves, uniform); a ball moving onto"
+        " the agent or the agent walking into one is a collision: done, reward -1.")
+    card = f"""# worldserve {cfg.name} — MiniGrid random-layout world model
 
 - Environment: MiniGrid (pip `minigrid`), 8x8 grid with random walls, lava, goal and start pose per episode,
-  rendered full-grid at 64x64 (8 px per cell, one token per cell). Actions: left, right, forward.
+  rendered full-grid at 64x64 (8 px per cell, one token per cell). Actions: left, right, forward.{env_line}
 - Training data: {n_eps} episodes, seeds {a.seed}..{a.seed + n_eps - 1}, epsilon-expert behaviour policy
   (epsilon 0.05 / 0.25 / 0.5 / 1.0 by seed mod 4: near-expert, noisy and random episodes), {len(data['frames'])} frames.
 - Held-out evaluation: fresh seeds from 1,000,000 on (never trained on).
-- Training: `worldserve train --tok-steps {a.tok_steps} --dyn-steps {a.dyn_steps} --batch {a.batch} --seed {a.seed}`
+- Training: `worldserve train --env {a.env} --tok-steps {a.tok_steps} --dyn-steps {a.dyn_steps} --batch {a.batch} \
+  --seed {a.seed}`
   on {a.threads} CPU threads, {minutes:.1f} minutes (tokenizer + dynamics).
 - Architecture: patch VQ tokenizer ({model.cfg.codebook_size} codes, k-means over training patches),
   block-causal transformer d={model.cfg.d_model} L={model.cfg.n_layers} H={model.cfg.n_heads},
@@ -119,10 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--env", choices=("minigrid", "dynamic"), default="minigrid",
+                   help="dynamic: obstacles that random-walk (a stochastic world; then --out models/dynamic)")
     t.add_argument("--arch", choices=("tiny", "denoiser"), default="tiny",
                    help="tiny: token model; denoiser: continuous-latent denoising model (then --out models/denoiser)")
     t.add_argument("--ae-steps", type=int, default=3000, help="denoiser: autoencoder steps")
-    t.add_argument("--time-budget-min", type=float, default=0, help="denoiser: stop the dynamics stage after this")
+    t.add_argument("--time-budget-min", type=float, default=0, help="stop the dynamics stage after this (minutes)")
     t.set_defaults(fn=lambda a: (cmd_train_denoiser if a.arch == "denoiser" else cmd_train)(a))
 
     e = sub.add_parser("eval", help="evaluate a model directory on held-out episodes")

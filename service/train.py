@@ -206,7 +206,7 @@ def train_dynamics(model: WorldModel, windows: Windows, steps: int, batch: int, 
 
 
 def run(data: dict, out_ckpt_dir: Path, cfg: ModelConfig, tok_steps: int, dyn_steps: int, batch: int,
-        seed: int = 0) -> WorldModel:
+        seed: int = 0, time_budget_s: float | None = None) -> WorldModel:
     torch.manual_seed(seed)
     model = WorldModel(cfg)
     out_ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +217,7 @@ def run(data: dict, out_ckpt_dir: Path, cfg: ModelConfig, tok_steps: int, dyn_st
     tokens = tokenize(model, data["frames"])
     windows = Windows(data, tokens, cfg.window)
     print(f"{len(windows.starts)} training windows, {len(data['frames'])} frames")
-    train_dynamics(model, windows, dyn_steps, batch, seed, out_ckpt_dir / "dynamics.pt")
+    train_dynamics(model, windows, dyn_steps, batch, seed, out_ckpt_dir / "dynamics.pt", time_budget_s=time_budget_s)
     return model.eval()
 
 

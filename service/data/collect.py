@@ -7,15 +7,17 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .minigrid_env import episode_epsilon, run_episode
+from .dynamic_env import DynamicObstaclesEnv
+from .minigrid_env import RandomLayoutEnv, episode_epsilon, run_episode
 
 HELDOUT_SEED0 = 1_000_000  # held-out episodes use seeds from here on; training never sees them
+ENVS = {"minigrid": RandomLayoutEnv, "dynamic": DynamicObstaclesEnv}  # deterministic / stochastic world
 
 
-def collect(n_episodes: int, seed0: int = 0, desc: str = "collect"):
+def collect(n_episodes: int, seed0: int = 0, desc: str = "collect", env: str = "minigrid"):
     frames, actions, rewards, dones, frame_off, act_off = [], [], [], [], [0], [0]
     for s in tqdm(range(seed0, seed0 + n_episodes), desc=desc, unit="ep", mininterval=2):
-        f, a, r, d = run_episode(s, episode_epsilon(s))
+        f, a, r, d = run_episode(s, episode_epsilon(s), env_cls=ENVS[env])
         frames.append(f)
         actions.append(a)
         rewards.append(r)

@@ -79,13 +79,13 @@ def expert_action(env: RandomLayoutEnv) -> int | None:
     return None
 
 
-def run_episode(seed: int, epsilon: float, max_steps: int = 64, pad: int = 8):
-    """One episode under an epsilon-expert policy.
+def run_episode(seed: int, epsilon: float, max_steps: int = 64, pad: int = 8, env_cls=RandomLayoutEnv):
+    """One episode of `env_cls` (this layout env or a subclass) under an epsilon-expert policy.
 
     Returns frames uint8 [T+1, 64, 64, 3], actions int64 [T], rewards float32 [T], dones bool [T].
     A terminated episode is padded with `pad` absorbing steps (same frame, reward 0, done 1).
     """
-    env = RandomLayoutEnv(max_steps=max_steps)
+    env = env_cls(max_steps=max_steps)
     env.reset(seed=seed)
     rng = np.random.default_rng(seed + 7_777_777)
     frames, actions, rewards, dones = [env.frame()], [], [], []

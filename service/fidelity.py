@@ -1,0 +1,155 @@
+"""Distribution fidelity of a world model of the stochastic world (`data.dynamic_env`): are sampled futures right
+in distribution, not just in the mean?
+
+For each held-out state (4 context frames of an episode the training never saw), the served model samples K futures
+at temperature 1 (one fork of K candidates, candidate k on stream seed + k) and the simulator gives K futures of
+its own (clones of the same state with independent randomness), under the same actions. Compared:
+- obstacle occupancy at steps 1, 4, 8: for every cell, the fraction of futures with a ball there; the
+  total-variation distance between the two occupancy maps (each normalised to sum 1) per state, averaged.
+- ball count: the fraction of model futures with as many balls as the world has (sampling each token on its own
+  can make balls vanish or split; the simulator always keeps them).
+- collision calibration: the model's done probability for the next step vs the simulator's collision frequency
+  over the K clones, binned over states: expected calibration error.
+Balls are read off the pixels (the centre of a cell is pure blue), identically for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .data.collect import HELDOUT_SEED0
+from .data.dynamic_env import DynamicObstaclesEnv
+from .data.minigrid_env import TILE, episode_epsilon, expert_action
+
+CONTEXT = 4
+BLUE = np.array([0, 0, 255], np.uint8)
+
+
+def balls(frames: np.ndarray) -> np.ndarray:
+    """uint8 [..., 64, 64, 3] -> bool [..., 8, 8]: cells whose centre pixel is a ball's blue."""
+    c = frames[..., TILE // 2 :: TILE, TILE // 2 :: TILE, :]
+    return (c == BLUE).all(-1)
+
+
+@dataclass
+class State:
+    env: DynamicObstaclesEnv  # the simulator at the last context frame
+    context: np.ndarray  # uint8 [CONTEXT, 64, 64, 3]
+    context_actions: np.ndarray  # int64 [CONTEXT - 1]
+    actions: np.ndarray  # int64 [H]: the actions both futures take
+
+
+def heldout_states(n: int, horizon: int, seed0: int = HELDOUT_SEED0) -> list[State]:
+    """n states from fresh episodes: an epsilon-expert walks CONTEXT-1 steps, then the next `horizon` actions."""
+    out, s = [], seed0
+    while len(out) < n:
+        env = DynamicObstaclesEnv()
+        env.reset(seed=s)
+        rng = np.random.default_rng(s + 99)
+        frames, acts, ok = [env.frame()], [], True
+        for _ in range(CONTEXT - 1):
+            a = expert_action(env)
+            a = int(rng.integers(3)) if a is None or rng.random() < episode_epsilon(s) else a
+            _, _, term, trunc, _ = env.step(a)
+            frames.append(env.frame())
+            acts.append(a)
+            ok = ok and not (term or trunc)
+        if ok:
+            future = rng.integers(0, 3, horizon)  # a random plan: the odds of each future under it
+            out.append(State(env, np.stack(frames), np.asarray(acts, np.int64), future.astype(np.int64)))
+        s += 1
+    return out
+
+
+def simulate(st: State, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """K simulator futures: frames uint8 [K, H, 64, 64, 3], collided bool [K, H] (absorbing after the end)."""
+    h = len(st.actions)
+    frames = np.zeros((k, h, 64, 64, 3), np.uint8)
+    hit = np.zeros((k, h), bool)
+    for i in range(k):
+        env, done = st.env.clone(seed * 100_003 + i), False
+        for t, a in enumerate(st.actions):
+            if not done:
+                _, _, term, trunc, info = env.step(int(a))
+                done = term or trunc
+                hit[i, t] = bool(info.get("collision"))
+            else:
+                hit[i, t] = hit[i, t - 1]
+            frames[i, t] = env.frame()
+    return frames, hit
+
+
+def sample_model(engine, st: State, k: int, seed: int):
+    """K model futures through the engine (one fork): frames uint8 [K, H, ...], done probability [K, H]."""
+    from .engine.engine import complete
+    from .messages import RolloutRequest
+
+    req = RolloutRequest("fid", engine.spec.name, st.context, np.repeat(st.actions[None], k, 0),
+                         context_actions=st.context_actions, seed=seed, temperature=1.0)
+    h = len(st.actions)
+    frames = np.zeros((k, h, 64, 64, 3), np.uint8)
+    done = np.zeros((k, h), np.float32)
+    for ev in complete(engine, [req]):
+        if not ev.final:
+            frames[ev.candidate, ev.step], done[ev.candidate, ev.step] = ev.frame, ev.done
+    return frames, done
+
+
+def tv(p: np.ndarray, q: np.ndarray) -> float:
+    # occupancy maps -> total variation of the normalised maps; a map with no ball at all is maximally far
+    if p.sum() <= 0 or q.sum() <= 0:
+        return 0.0 if p.sum() == q.sum() else 1.0
+    p, q = p / p.sum(), q / q.sum()
+    return 0.5 * float(np.abs(p - q).sum())
+
+
+@dataclass
+class Fidelity:
+    tv: dict[int, float]  # step -> mean TV of occupancy maps
+    count_ok: dict[int, float]  # step -> fraction of model futures with the right number of balls
+    ece: float  # collision calibration error at step 1
+    bins: list = field(default_factory=list)  # (predicted mean, true mean, states) per bin
+    n_states: int = 0
+    k: int = 0
+
+
+def fidelity(model, n_states: int, k: int = 256, steps=(1, 4, 8), seed: int = 0) -> Fidelity:
+    from .engine.engine import Engine, EngineConfig
+
+    h = max(steps)
+    engine = Engine(model, EngineConfig(max_slots=k, max_queue=4, max_candidates=k), emit=lambda evs: None)
+    tvs: dict[int, list[float]] = {s: [] for s in steps}
+    counts: dict[int, list[float]] = {s: [] for s in steps}
+    pred, true = [], []
+    for j, st in enumerate(heldout_states(n_states, h)):
+        mf, md = sample_model(engine, st, k, seed + j * k)
+        sf, shit = simulate(st, k, seed + j)
+        n_balls = len(st.env.obstacles)
+        for s in steps:
+            alive = ~shit[:, s - 1]  # occupancy of worlds still running (a collision ends the episode)
+            mo, so = balls(mf[:, s - 1]), balls(sf[:, s - 1][alive]) if alive.any() else balls(sf[:, s - 1])
+            tvs[s].append(tv(mo.mean(0), so.mean(0)))
+            counts[s].append(float((mo.sum((1, 2)) == n_balls).mean()))
+        pred.append(float(md[:, 0].mean()))
+        true.append(float(shit[:, 0].mean()))
+    pred_a, true_a = np.asarray(pred), np.asarray(true)
+    edges = np.array([0.0, 0.02, 0.1, 0.2, 0.35, 0.5, 1.0001])
+    bins, ece = [], 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (pred_a >= lo) & (pred_a < hi)
+        if m.any():
+            bins.append((float(pred_a[m].mean()), float(true_a[m].mean()), int(m.sum())))
+            ece += m.mean() * abs(pred_a[m].mean() - true_a[m].mean())
+    return Fidelity({s: float(np.mean(v)) for s, v in tvs.items()}, {s: float(np.mean(v)) for s, v in counts.items()},
+                    float(ece), bins, n_states, k)
+
+
+def table(f: Fidelity) -> str:
+    rows = [f"| fidelity ({f.n_states} held-out states x {f.k} sampled futures, temperature 1) | value |", "|---|---|"]
+    rows += [f"| occupancy TV at step {s} (model vs simulator) | {v:.3f} |" for s, v in f.tv.items()]
+    rows += [f"| futures with the right ball count, step {s} | {100 * v:.1f}% |" for s, v in f.count_ok.items()]
+    rows.append(f"| collision calibration error, step 1 (ECE over states) | {f.ece:.3f} |")
+    rows += [f"| calibration bin: predicted {p:.3f} vs true {t:.3f} ({n} states) |  |" for p, t, n in f.bins]
+    return "\n".join(rows)
