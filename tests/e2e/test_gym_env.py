@@ -1,0 +1,45 @@
+"""RemoteWorldEnv: a gymnasium.Env over a gRPC session of the real server, checked by gymnasium's env checker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from tests.conftest import MODEL_DIR, start_server
+from worldserve.gym import RemoteWorldEnv
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = start_server(tmp_path_factory.mktemp("gym"), "--model-dir", str(MODEL_DIR), "--max-slots", "8")
+    yield s
+    s.stop()
+
+
+def test_passes_gymnasiums_env_checker(srv):
+    env = RemoteWorldEnv(srv.grpc, "tiny", temperature=1.0, max_steps=16)
+    try:
+        check_env(env, skip_render_check=False)
+    finally:
+        env.close()
+
+
+def test_an_episode_in_the_served_world(srv):
+    env = RemoteWorldEnv(srv.grpc, "tiny", max_steps=8)
+    try:
+        obs, info = env.reset(seed=7)
+        assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8
+        first = obs.copy()
+        frames, done, steps = [], False, 0
+        while not done:
+            obs, reward, terminated, truncated, info = env.step(2)  # forward
+            frames.append(obs)
+            done, steps = terminated or truncated, steps + 1
+            assert 0.0 <= info["done_probability"] <= 1.0
+        assert steps <= 8 and env.observation_space.contains(obs)
+        obs2, _ = env.reset(seed=7)  # the same seed: the same start and the same world
+        np.testing.assert_array_equal(obs2, first)
+        np.testing.assert_array_equal(env.step(2)[0], frames[0])
+    finally:
+        env.close()
