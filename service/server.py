@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
@@ -56,8 +57,7 @@ async def run_worker(settings: Settings) -> None:
                        else JSONResponse({"status": "not ready"}, status_code=503))
     app.get("/metrics")(lambda: Response(generate_latest(), media_type=CONTENT_TYPE_LATEST))
     srv = settings.server
-    http = uvicorn.Server(uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level="warning"))
-    http.install_signal_handlers = lambda: None
+    http = quiet_server(uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level="warning"))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,6 +66,15 @@ async def run_worker(settings: Settings) -> None:
     await worker.run(stop, srv.grace_s)
     http.should_exit = True
     await http_task
+
+
+def quiet_server(config: uvicorn.Config) -> uvicorn.Server:
+    """A uvicorn server that leaves SIGTERM/SIGINT to us (it would otherwise capture them and start its
+    own shutdown, cancelling streams before our drain)."""
+    http = uvicorn.Server(config)
+    http.install_signal_handlers = lambda: None
+    http.capture_signals = contextlib.nullcontext
+    return http
 
 
 def warmup(engine) -> None:
@@ -105,8 +114,7 @@ async def serve_frontends(settings: Settings, queue) -> None:
     grpc_server, gport, hs = await start_grpc(dp, srv, interceptors=[GrpcGate(gate)])
     config = uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level=srv.log_level,
                             timeout_graceful_shutdown=int(srv.grace_s), **uvicorn_options(srv))
-    http = uvicorn.Server(config)
-    http.install_signal_handlers = lambda: None
+    http = quiet_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -117,9 +125,14 @@ async def serve_frontends(settings: Settings, queue) -> None:
                 srv.host, gport, " (tls)" if srv.tls else "", [m.name for m in queue.models()], len(gate.keys))
     http_task = asyncio.create_task(http.serve())
     await stop.wait()
-    log.warning("draining (grace %.0fs)", srv.grace_s)
+    # drain: not ready first (readyz 503, gRPC health NOT_SERVING, new work UNAVAILABLE), sessions closed
+    # (1012 / UNAVAILABLE), in-flight rollouts get the grace period, the rest end with UNAVAILABLE
+    log.warning("draining: %d streams open, grace %.1fs", len(dp.drainer.active), srv.grace_s)
+    dp.drainer.draining = True
     await set_serving(hs, False)
+    finished, cut = await dp.drainer.drain(srv.grace_s)
+    log.warning("drained: %d streams finished, %d ended with UNAVAILABLE", finished, cut)
     http.should_exit = True
-    await grpc_server.stop(srv.grace_s)
+    await grpc_server.stop(1.0)
     await http_task
     await queue.close()

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InvalidArgument, NotFound, from_code
+from ..errors import InvalidArgument, NotFound, Unavailable, from_code
 from ..messages import ErrorCode, FrameMode, ModelInfo, Priority, RolloutEvent, RolloutRequest, SessionAction
 from ..settings import ServerSettings
 from .auth import capped_priority
+from .drain import SHUTDOWN, Drainer
 from .images import decode_frame
 
 MAX_SEED = 2**63 - 1
@@ -68,6 +69,7 @@ class RolloutInput:
 class DataPlane:
     def __init__(self, queue, server: ServerSettings):
         self.queue, self.server = queue, server
+        self.drainer = Drainer()  # tracks every event stream handed out, for the drain on SIGTERM
 
     # ---- models ---------------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
@@ -81,7 +83,7 @@ class DataPlane:
         raise NotFound(f"model {name!r} not found (available: {known})", "model")
 
     def ready(self) -> bool:
-        return self.queue.ready()
+        return not self.drainer.draining and self.queue.ready()
 
     def alive(self) -> bool:
         """False when the process cannot go on (engine dead): /healthz 503 so that a probe restarts it."""
@@ -150,6 +152,8 @@ class DataPlane:
         return m
 
     def build(self, inp: RolloutInput, session: bool = False) -> RolloutRequest:
+        if self.drainer.draining:
+            raise Unavailable(SHUTDOWN)
         o = inp.options
         ca = inp.context_actions
         if ca is not None and not isinstance(ca, list | tuple):
@@ -195,7 +199,7 @@ class DataPlane:
     async def rollout(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         """Validate and enqueue (errors raise here, before any event); events end with a final one."""
         req = self.build(inp)
-        return req, await self.queue.submit(req)
+        return req, self.drainer.track(req.id, await self.queue.submit(req), session=False)
 
     async def predict(self, inp: RolloutInput) -> tuple[str, list[RolloutEvent]]:
         if len(inp.candidates) != 1:
@@ -215,7 +219,7 @@ class DataPlane:
 
     async def open_session(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         req = self.build(inp, session=True)
-        return req, await self.queue.submit(req)
+        return req, self.drainer.track(req.id, await self.queue.submit(req), session=True)
 
     async def act(self, req: RolloutRequest, action) -> None:
         m = self.model(req.model)
