@@ -1,11 +1,20 @@
-"""CPU runtime benchmark: eager, torch.compile, ONNX Runtime, int8 (eager and ONNX Runtime) on tiny and base.
+"""CPU runtime benchmark: backend (eager / compile / onnxruntime) x precision (fp32 / bf16 / int8) on tiny and base.
 
-    .venv/bin/python -m bench.runtime_bench [--presets tiny base] [--batches 1 64] [--base-batches 1 8]
+    .venv/bin/python -m bench.runtime_bench [--presets tiny base] [--batches 1 64] [--base-batches 1 16]
 
-For each preset and backend, at each batch size: the dynamics step latency (ms, median of --reps after
---warmup steps) and frames/s = batch / (step + sampling + decode), i.e. finished frames out of the model.
-Random weights of the preset (the compute is what is measured). Written to bench/out/runtime_cpu.json and
-bench/out/runtime_cpu.md and printed. All rows are measured in one run on one machine state.
+Every configuration is built the way `worldserve serve` builds it (runtime.loader.prepare on the preset's random
+weights); a combination the loader refuses at start-up is listed with the reason. For each preset and batch, all
+configurations are measured in interleaved rounds (one step of each, then the next round), so a change in the
+machine's load hits every configuration alike and the ratios within a table are comparable even on a shared
+machine. Per configuration:
+
+    step latency    one `model.step` over the batch, full KV window (8 frames) to attend to (median of --reps)
+    frame latency   step + sampling (the engine's sampler, temperature 1) + decode of every row
+    frame / step    how much of a frame is the model step
+    frames/s        batch / frame latency
+    vs fp32         frames/s over eager fp32 of the same preset and batch (same rounds)
+
+Written to bench/out/runtime_cpu.json and bench/out/runtime_cpu.md and printed.
 """
 
 from __future__ import annotations
@@ -21,117 +30,149 @@ from pathlib import Path
 
 import torch
 
-from worldserve.model.config import PRESETS
-from worldserve.model.dynamics import advance
 from worldserve.model.sampling import sample
-from worldserve.model.world_model import build
+from worldserve.runtime.loader import prepare
 from worldserve.settings import ModelSettings
 
-BACKENDS = ("eager", "compile", "onnxruntime", "int8", "onnxruntime-int8")
+BACKENDS = ("eager", "compile", "onnxruntime")
+PRECISIONS = ("fp32", "bf16", "int8")
 OUT = Path(__file__).resolve().parent / "out"
 
 
-def make(preset: str, backend: str, artifact_dir: Path):
-    model = build(PRESETS[preset], seed=0)
-    if backend == "compile":
-        from worldserve.runtime.compiled import compile_model
+class Runner:
+    """One configuration at one batch: its cache prefilled with a full window, then step + sample + decode."""
 
-        return compile_model(model)
-    if backend in ("int8", "onnxruntime-int8"):
-        from worldserve.runtime.quantize import quantize_model
+    def __init__(self, model, batch: int, seed: int = 0):
+        cfg = model.cfg
+        self.model, self.batch, self.i = model, batch, 0
+        g = torch.Generator().manual_seed(seed)
+        self.cache = model.allocate_cache(batch)
+        self.slots = torch.arange(batch)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.window, cfg.tokens_per_frame), generator=g)
+        acts, known = model.unknown_actions(batch, cfg.window - 1)
+        model.prefill(self.cache, self.slots, tokens, acts, known)  # a full window: steady-state attention cost
+        if cfg.continuous:
+            self.acts = [torch.rand(batch, cfg.action_dim, generator=g) * 2 - 1 for _ in range(8)]
+        else:
+            self.acts = [torch.randint(0, cfg.n_actions, (batch,), generator=g) for _ in range(8)]
+        self.zeros, self.temp = torch.zeros(batch, dtype=torch.int64), torch.ones(batch)
+        self.start = self.cache.frames.clone()
 
-        model = quantize_model(model, "int8", inplace=True)
-    if backend.startswith("onnxruntime"):
-        from worldserve.runtime.onnx_backend import OnnxWorldModel
-
-        return OnnxWorldModel.build(model, ModelSettings(backend="onnxruntime", artifact_dir=artifact_dir))
-    return model
-
-
-@torch.no_grad()
-def measure(model, batch: int, warmup: int, reps: int) -> dict:
-    cfg = model.cfg
-    g = torch.Generator().manual_seed(0)
-    cache = model.allocate_cache(batch)
-    slots = torch.arange(batch)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.window, cfg.tokens_per_frame), generator=g)
-    acts, known = model.unknown_actions(batch, cfg.window - 1)
-    model.prefill(cache, slots, tokens, acts, known)  # a full window: steady-state attention cost
-    if cfg.continuous:
-        step_acts = [torch.rand(batch, cfg.action_dim, generator=g) * 2 - 1 for _ in range(warmup + reps)]
-    else:
-        step_acts = [torch.randint(0, cfg.n_actions, (batch,), generator=g) for _ in range(warmup + reps)]
-    zeros, temp = torch.zeros(batch, dtype=torch.int64), torch.ones(batch)
-    step_t, frame_t, first = [], [], 0.0
-    for i, a in enumerate(step_acts):
+    @torch.no_grad()
+    def once(self) -> tuple[float, float]:
+        """(step seconds, frame seconds); the cache's frame counters are reset so every call sees a full window."""
+        self.cache.frames.copy_(self.start)
+        a = self.acts[self.i % len(self.acts)]
         t0 = time.perf_counter()
-        logits, _, _ = model.step(cache, slots, a)
+        logits, _, _ = self.model.step(self.cache, self.slots, a)
         t1 = time.perf_counter()
-        nxt = sample(logits, temp, zeros, zeros, zeros + i)
-        advance(cache, slots, nxt)
-        model.decode(nxt)
+        nxt = sample(logits, self.temp, self.zeros, self.zeros, self.zeros + self.i)
+        self.cache.last_tokens[self.slots] = nxt
+        self.model.decode(nxt)
         t2 = time.perf_counter()
-        if i == 0:
-            first = t2 - t0  # includes compilation for the compile backend
-        if i >= warmup:
-            step_t.append(t1 - t0)
-            frame_t.append(t2 - t0)
-    step_s, frame_s = statistics.median(step_t), statistics.median(frame_t)
-    return {"step_ms": 1e3 * step_s, "frame_ms": 1e3 * frame_s, "frames_per_s": batch / frame_s, "reps": reps,
-            "first_frame_s": first}
+        self.i += 1
+        return t1 - t0, t2 - t0
+
+
+def build(preset: str, backend: str, precision: str, artifact_dir: Path):
+    ms = ModelSettings(preset=preset, backend=backend, precision=precision, artifact_dir=artifact_dir, warmup=False)
+    t0 = time.perf_counter()
+    try:
+        model = prepare(ms)
+    except SystemExit as e:  # refused at start-up (runtime/support.py): reported, not measured
+        return None, str(e), 0.0
+    return model, "", time.perf_counter() - t0
+
+
+def measure_preset(preset: str, batches: list[int], configs, a) -> list[dict]:
+    models, rows = {}, []
+    for backend, precision in configs:
+        model, refused, build_s = build(preset, backend, precision, Path(a.artifact_dir))
+        if model is None:
+            rows.append({"preset": preset, "backend": backend, "precision": precision, "refused": refused})
+            print(f"{preset:5s} {backend:11s} {precision:5s} refused: {refused}", flush=True)
+            continue
+        models[(backend, precision)] = (model, build_s)
+    for b in batches:
+        runners, first = {}, {}
+        for key, (model, _) in models.items():
+            runners[key] = Runner(model, b)
+            t0 = time.perf_counter()
+            runners[key].once()  # first frame: compiles this shape for `compile`
+            first[key] = time.perf_counter() - t0
+            for _ in range(a.warmup - 1):
+                runners[key].once()
+        times = {key: [] for key in runners}
+        for _ in range(a.reps):  # interleaved rounds
+            for key, r in runners.items():
+                times[key].append(r.once())
+        base_fps = None
+        for (backend, precision), ts in times.items():
+            step_s = statistics.median(t[0] for t in ts)
+            frame_s = statistics.median(t[1] for t in ts)
+            row = {"preset": preset, "backend": backend, "precision": precision, "batch": b, "step_ms": 1e3 * step_s,
+                   "frame_ms": 1e3 * frame_s, "frame_over_step": frame_s / step_s, "frames_per_s": b / frame_s,
+                   "build_s": models[(backend, precision)][1], "first_frame_s": first[(backend, precision)],
+                   "reps": a.reps}
+            if (backend, precision) == ("eager", "fp32"):
+                base_fps = row["frames_per_s"]
+            row["vs_fp32"] = row["frames_per_s"] / base_fps if base_fps else float("nan")
+            rows.append(row)
+            print(f"{preset:5s} {backend:11s} {precision:5s} batch {b:3d}: step {row['step_ms']:9.2f} ms, frame "
+                  f"{row['frame_ms']:9.2f} ms, {row['frames_per_s']:8.1f} frames/s, x{row['vs_fp32']:.2f} vs fp32",
+                  flush=True)
+        del runners
+    return rows
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| preset | backend | batch | step latency (ms) | frame latency (ms) | frames/s | build (s) "
-           "| first frame (s) |",
-           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| preset | backend | precision | batch | step (ms) | frame (ms) | frame / step | frames/s | vs eager fp32 "
+           "| build (s) | first frame (s) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['preset']} | {r['backend']} | {r['batch']} | {r['step_ms']:.2f} | {r['frame_ms']:.2f} | "
-                   f"{r['frames_per_s']:.1f} | {r['build_s']:.1f} | {r['first_frame_s']:.1f} |")
-    return "\n".join(out)
+        if "refused" in r:
+            continue
+        out.append(f"| {r['preset']} | {r['backend']} | {r['precision']} | {r['batch']} | {r['step_ms']:.1f} | "
+                   f"{r['frame_ms']:.1f} | {r['frame_over_step']:.2f} | {r['frames_per_s']:.1f} | "
+                   f"{r['vs_fp32']:.2f}x | {r['build_s']:.1f} | {r['first_frame_s']:.1f} |")
+    refused = sorted({f"- {r['preset']} {r['backend']} {r['precision']}: {r['refused']}" for r in rows
+                      if "refused" in r})
+    return "\n".join(out) + ("\n\nRefused at start-up:\n" + "\n".join(refused) if refused else "")
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=["tiny", "base"])
     p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--batches", nargs="+", type=int, default=[1, 64], help="batch sizes for tiny")
-    p.add_argument("--base-batches", nargs="+", type=int, default=[1, 64], help="batch sizes for base / large")
+    p.add_argument("--base-batches", nargs="+", type=int, default=[1, 16], help="batch sizes for base / large")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--artifact-dir", default="artifacts")
     p.add_argument("--out", default=str(OUT))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    configs = [(b, pr) for b in a.backends for pr in a.precisions]
+    if ("eager", "fp32") in configs:  # the reference first: every other row is compared with it
+        configs.remove(("eager", "fp32"))
+        configs.insert(0, ("eager", "fp32"))
+    t0 = time.time()
     rows = []
     for preset in a.presets:
-        batches = a.batches if preset == "tiny" else a.base_batches
-        for backend in a.backends:
-            t0 = time.perf_counter()
-            model = make(preset, backend, Path(a.artifact_dir))
-            build_s = time.perf_counter() - t0
-            for b in batches:
-                t1 = time.perf_counter()
-                r = {"preset": preset, "backend": backend, "batch": b, "build_s": build_s,
-                     **measure(model, b, a.warmup, a.reps)}
-                r["measure_s"] = time.perf_counter() - t1
-                rows.append(r)
-                print(f"{preset:5s} {backend:12s} batch {b:3d}: step {r['step_ms']:9.2f} ms, "
-                      f"{r['frames_per_s']:8.1f} frames/s  (build {build_s:.0f} s, measured in {r['measure_s']:.0f} s)",
-                      flush=True)
-            del model
+        rows += measure_preset(preset, a.batches if preset == "tiny" else a.base_batches, configs, a)
     meta = {
         "command": "python -m bench.runtime_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": a.threads,
-        "torch": torch.__version__, "load_average_at_end": os.getloadavg(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__, "load_average_at_end": os.getloadavg(), "minutes": (time.time() - t0) / 60,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "runtime_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    md = table(rows) + f"\n\n{meta['cores']} cores, {a.threads} threads, torch {meta['torch']}, load average at end " \
-        f"{meta['load_average_at_end'][0]:.2f}; median of {a.reps} steps after {a.warmup} warmup.\n"
+    md = table(rows) + f"\n\n{meta['cores']} cores, {a.threads} thread(s), torch {meta['torch']}, {meta['time']}, " \
+        f"{meta['minutes']:.0f} min, load average at end {meta['load_average_at_end'][0]:.2f}; median of {a.reps} " \
+        f"interleaved rounds after {a.warmup} warm-up frames.\n"
     (out / "runtime_cpu.md").write_text(md)
     print("\n" + md)
 
