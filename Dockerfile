@@ -80,9 +80,11 @@ WORKDIR /app
 USER 10001:10001
 EXPOSE 8000 8001 50051
 # /readyz of this process's HTTP port (the worker serves it too): set the port with
-# WORLDSERVE_SERVER__HTTP_PORT rather than --http-port so that this check follows it
+# WORLDSERVE_SERVER__HTTP_PORT rather than --http-port so that this check follows it; https when
+# WORLDSERVE_SERVER__TLS_CERT is set (loopback, certificate not checked). Binding 0.0.0.0 without
+# WORLDSERVE_AUTH__API_KEYS logs a SECURITY warning at start.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('WORLDSERVE_SERVER__HTTP_PORT', '8000'), timeout=4)"]
+  CMD ["python", "-c", "import os, ssl, urllib.request as u; tls = bool(os.environ.get('WORLDSERVE_SERVER__TLS_CERT')); u.urlopen('%s://127.0.0.1:%s/readyz' % ('https' if tls else 'http', os.environ.get('WORLDSERVE_SERVER__HTTP_PORT', '8000')), timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 ENTRYPOINT ["worldserve"]
 CMD ["serve"]
 
@@ -147,6 +149,6 @@ EXPOSE 8000 8001 50051
 # /readyz of this process's HTTP port (the worker serves it too): set the port with
 # WORLDSERVE_SERVER__HTTP_PORT rather than --http-port so that this check follows it
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request as u; u.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('WORLDSERVE_SERVER__HTTP_PORT', '8000'), timeout=4)"]
+  CMD ["python", "-c", "import os, ssl, urllib.request as u; tls = bool(os.environ.get('WORLDSERVE_SERVER__TLS_CERT')); u.urlopen('%s://127.0.0.1:%s/readyz' % ('https' if tls else 'http', os.environ.get('WORLDSERVE_SERVER__HTTP_PORT', '8000')), timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 ENTRYPOINT ["worldserve"]
 CMD ["serve"]

@@ -81,6 +81,7 @@ class AuthSettings(BaseModel):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # comma-separated in env
     api_keys_file: Path | None = Field(None, description="one key per line; `key name` or JSON lines "
                                        '{"key": ..., "name": ..., "rate": ..., "max_concurrent": ...}')
+    required: bool = False  # refuse to start without keys (deployments: fail closed, never open by accident)
     public_metrics: bool = False  # /metrics without a key
     public_docs: bool = False  # /docs, /redoc, /openapi.json, /play, /static without a key
     limits: KeyLimits = KeyLimits()  # default limits of every key (a keys-file line may override them)

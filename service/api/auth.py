@@ -82,6 +82,8 @@ def load_keys(auth: AuthSettings) -> list[tuple[bytes, Principal]]:
         if k.get_secret_value():
             out.append((k.get_secret_value().encode(), Principal(f"key{i}", auth.limits)))
     if auth.api_keys_file is not None:
+        if not auth.api_keys_file.is_file():
+            raise SystemExit(f"auth.api_keys_file {auth.api_keys_file} does not exist (create the keys Secret)")
         for n, line in enumerate(auth.api_keys_file.read_text().splitlines()):
             line = line.strip()
             if not line or line.startswith("#"):
@@ -102,6 +104,8 @@ class Gate:
 
     def __init__(self, auth: AuthSettings, max_sessions: int):
         self.keys = load_keys(auth)
+        if auth.required and not self.keys:
+            raise SystemExit("auth.required is set but no API key is configured (auth.api_keys / auth.api_keys_file)")
         self.auth, self.max_sessions, self.sessions = auth, max_sessions, 0
 
     @property

@@ -70,3 +70,14 @@ def test_server_session_cap_applies_without_keys():
     with pytest.raises(RateLimited, match="server"):
         g.enter(None, session=True)
     g.enter(None, session=False)  # not a session: no cap, no key limits in open mode
+
+
+def test_required_keys_fail_closed(tmp_path):
+    with pytest.raises(SystemExit, match="no API key"):
+        Gate(AuthSettings(required=True), 8)
+    with pytest.raises(SystemExit, match="does not exist"):
+        Gate(AuthSettings(api_keys_file=tmp_path / "missing"), 8)
+    empty = tmp_path / "keys"
+    empty.write_text("# no keys yet\n")
+    with pytest.raises(SystemExit):
+        Gate(AuthSettings(required=True, api_keys_file=empty), 8)
