@@ -74,6 +74,7 @@ class RolloutRequest:
     priority: Priority = Priority.NORMAL
     session: bool = False  # interactive: actions arrive one at a time through `SessionAction`
     attempt: int = 0  # redelivery count (Redis mode)
+    stop_on_done: bool = False  # a candidate stops stepping once the model says done (the world is absorbing)
 
     @property
     def candidates(self) -> int:

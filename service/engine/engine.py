@@ -60,6 +60,7 @@ class Active:
     actions: deque = field(default_factory=deque)  # sessions: actions not yet stepped
     last_seen: float = 0.0
     closing: bool = False
+    stopped: dict[int, int] = field(default_factory=dict)  # stop_on_done: candidate -> the step it ended at
 
 
 @dataclass(order=True)
@@ -274,7 +275,7 @@ class Engine:
                 if a.actions:
                     rows.append(Row(a, 0, a.slots[0], a.actions.popleft()))
             else:
-                rows.extend(Row(a, k, s, a.req.actions[k, a.step]) for k, s in enumerate(a.slots))
+                rows.extend(Row(a, k, s, a.req.actions[k, a.step]) for k, s in enumerate(a.slots) if s >= 0)
         return rows
 
     def _guarded(self, rows: list[Row]) -> None:
@@ -342,7 +343,9 @@ class Engine:
             nxt = self.sampler(out[:b], temp.to(dev), seed[:b], zeros[:b], stepi[:b])  # int64 [b, N]
         self.model.advance(self.state, slots[:b], nxt)
         self._advanced = True
-        want = [i for i, r in enumerate(rows) if self._wants_frame(r.active)]
+        ends = self._done_rows(rows, done[:b])  # stop_on_done: rows whose candidate ends at this step
+        want = [i for i, r in enumerate(rows) if self._wants_frame(r.active) or (i in ends and r.active.req.frames
+                                                                               == FrameMode.LAST)]
         frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # uint8 [F, H, W, 3]
         tokens = nxt if any(r.active.req.return_tokens for r in rows) and not self.latent_out else None
         host = to_host(reward[:b], done[:b], tokens, frames)  # 4b. one device -> host copy
@@ -359,11 +362,25 @@ class Engine:
                 tokens=host.tokens[i].astype(np.int64) if a.req.return_tokens and host.tokens is not None else None,
             ))
         metrics.FRAMES.inc(b)
+        for i in ends:  # a candidate whose world ended: no more steps, its slot freed now
+            r = rows[i]
+            r.active.stopped[r.candidate] = r.active.step
+            self.free.append(r.slot)
+            r.active.slots[r.candidate] = -1
         for a in {id(r.active): r.active for r in rows}.values():  # update
             a.step += 1
             a.last_seen = now  # a session is idle only when no action is being processed
-            if not a.req.session and a.step >= a.req.horizon:
-                self._finish(a, ErrorCode.OK, "")
+            if not a.req.session and (a.step >= a.req.horizon or len(a.stopped) == a.req.candidates):
+                said = ", ".join(f"candidate {k} at step {s}" for k, s in sorted(a.stopped.items()))
+                self._finish(a, ErrorCode.OK, f"stopped at done: {said}" if said else "")
+
+    def _done_rows(self, rows: list[Row], done: torch.Tensor) -> set[int]:
+        """Rows of stop_on_done requests whose done probability is > 0.5 (one small copy, only when asked)."""
+        ask = [i for i, r in enumerate(rows) if r.active.req.stop_on_done and not r.active.req.session]
+        if not ask:
+            return set()
+        d = done.float().cpu().numpy()
+        return {i for i in ask if d[i] > 0.5}
 
     def _wants_frame(self, a: Active) -> bool:
         m = a.req.frames
@@ -375,7 +392,7 @@ class Engine:
 
     def _finish(self, a: Active, code: ErrorCode, message: str) -> None:
         self.active.pop(a.req.id, None)
-        self.free.extend(a.slots)
+        self.free.extend(s for s in a.slots if s >= 0)
         a.slots = []
         self._end(a.req.id, code, message)
 

@@ -141,3 +141,30 @@ def test_local_queue_enforces_deadlines_when_the_engine_is_stuck(model):
         await q.close()
 
     asyncio.run(main())
+
+
+def test_stop_on_done_ends_a_candidate_at_the_done_step():
+    from tests.conftest import MODEL_DIR
+    from worldserve.evaluate import CONTEXT, heldout_episodes
+    from worldserve.model.io import load_model_dir
+
+    model = load_model_dir(MODEL_DIR)
+    # an episode that ends within 6 steps after its context
+    ep = next(e for e in heldout_episodes(80)
+              if not e[3][: CONTEXT - 1].any() and e[3][CONTEXT - 1 : CONTEXT + 5].any())
+    f, a, _, d = ep
+    h = 10
+    true = np.resize(a[CONTEXT - 1 :], h)  # the episode's own actions: the world ends
+    spin = np.zeros(h, np.int64)  # turning left on the spot never ends it
+    req = RolloutRequest("s", "tiny", f[:CONTEXT], np.stack([true, spin]), context_actions=a[: CONTEXT - 1],
+                         stop_on_done=True)
+    eng = Engine(model, EngineConfig(max_slots=4), emit=lambda evs: None)
+    ev = complete(eng, [req])
+    c0 = [e for e in ev if e.candidate == 0 and not e.final]
+    c1 = [e for e in ev if e.candidate == 1 and not e.final]
+    end = int(np.argmax(d[CONTEXT - 1 :]))  # the step the episode ends at
+    assert [e.step for e in c0] == list(range(end + 1)) and c0[-1].done > 0.5
+    assert [e.step for e in c1] == list(range(h)) and all(e.done < 0.5 for e in c1)
+    fin = ev[-1]
+    assert fin.final and fin.error == ErrorCode.OK and f"candidate 0 at step {end}" in fin.message
+    assert eng.free_slots() == 4
