@@ -136,3 +136,59 @@ def test_grpc_protobuf_fuzz(srv, real_frames):
     print("grpc fuzz", seen)
     assert "INVALID_ARGUMENT" in seen and "OK" in seen, seen
     assert len(stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=10).models) == 1
+
+
+# ---------------------------------------------------------------------------------------------- WebSocket
+def _json_values():
+    leaf = st.one_of(st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.floats(allow_nan=False),
+                     st.text(max_size=12), st.sampled_from(["open", "action", "close"]))
+    return st.recursive(leaf, lambda c: st.one_of(st.lists(c, max_size=4),
+                                                  st.dictionaries(st.sampled_from(
+                                                      ["type", "action", "context", "options", "x"]), c,
+                                                      max_size=4)), max_leaves=12)
+
+
+def test_websocket_fuzz(srv, real_frames):
+    """Generated frames on the session endpoint (after a valid open or instead of it): every answer is a
+    frame, an error message or a close with 1000/1003/1008/1013, never 1011 or a dropped connection."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    buf = io.BytesIO()
+    Image.fromarray(real_frames[0]).save(buf, format="PNG")
+    good_open = json.dumps({"type": "open", "context": [{"encoding": "png",
+                                                         "data": base64.b64encode(buf.getvalue()).decode()}]})
+    url = srv.http.replace("http", "ws", 1) + "/v1/models/tiny/session"
+    frames = st.one_of(_json_values().map(json.dumps), st.binary(max_size=64), st.text(max_size=40),
+                       st.builds(lambda a: json.dumps({"type": "action", "action": a}), _json_values()))
+    closes: dict[int, int] = {}
+
+    @settings(max_examples=60, **FAST)
+    @given(opened=st.booleans(), msgs=st.lists(frames, min_size=1, max_size=3))
+    def run(opened, msgs):
+        with connect(url, additional_headers=AUTH, open_timeout=10) as ws:
+            if opened:
+                ws.send(good_open)
+                assert json.loads(ws.recv(timeout=30))["type"] == "opened"
+            try:
+                for m in msgs:
+                    ws.send(m)
+                    while True:
+                        reply = json.loads(ws.recv(timeout=0.3))
+                        assert reply["type"] in ("frame", "error"), reply
+                        if reply["type"] == "error":
+                            assert reply["code"] in ("INVALID_ARGUMENT", "NOT_FOUND"), reply
+            except TimeoutError:
+                return
+            except ConnectionClosed as e:
+                code = e.rcvd.code if e.rcvd else None
+                closes[code] = closes.get(code, 0) + 1
+                assert code in (1000, 1003, 1008), code
+
+    run()
+    assert closes, closes
