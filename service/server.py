@@ -124,7 +124,9 @@ async def serve_frontends(settings: Settings, queue) -> None:
     log.warning("worldserve ready: %s://%s:%d grpc %s:%d%s models=%s keys=%d", scheme, srv.host, srv.http_port,
                 srv.host, gport, " (tls)" if srv.tls else "", [m.name for m in queue.models()], len(gate.keys))
     http_task = asyncio.create_task(http.serve())
+    watch = asyncio.create_task(dp.drainer.watch_slow_consumers(srv.slow_consumer_s))
     await stop.wait()
+    watch.cancel()
     # drain: not ready first (readyz 503, gRPC health NOT_SERVING, new work UNAVAILABLE), sessions closed
     # (1012 / UNAVAILABLE), in-flight rollouts get the grace period, the rest end with UNAVAILABLE
     log.warning("draining: %d streams open, grace %.1fs", len(dp.drainer.active), srv.grace_s)

@@ -59,6 +59,8 @@ class ServerSettings(BaseModel):
     grpc_max_connection_idle_s: float = 600.0
     grpc_min_ping_interval_s: float = 10.0  # clients pinging more often are refused (GOAWAY)
     max_sessions: int = Field(256, ge=1, description="open sessions (WS + gRPC) in this front end")
+    slow_consumer_s: float = Field(30.0, gt=0, description="a client that takes no event for this long while "
+                                   "the server waits to write to it is cut off (request cancelled, slots freed)")
 
     @property
     def tls(self) -> bool:

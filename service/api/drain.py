@@ -15,19 +15,23 @@ from collections.abc import AsyncIterator
 from ..messages import ErrorCode, RolloutEvent
 
 SHUTDOWN = "the server is shutting down: retry on another replica"
+SLOW = "the client did not read its stream for {:.0f} s: request cancelled, slots freed"
 
 
 class _Tracked:
-    __slots__ = ("session", "cut", "waiting", "task")
+    __slots__ = ("session", "cut", "waiting", "task", "pulled", "it", "reason")
 
     def __init__(self, session: bool):
         self.session, self.cut, self.waiting, self.task = session, False, False, None
+        self.pulled, self.it = time.monotonic(), None
+        self.reason = (ErrorCode.UNAVAILABLE, SHUTDOWN)
 
 
 class Drainer:
     def __init__(self):
         self.active: dict[str, _Tracked] = {}
         self.draining = False
+        self.slow_cut = 0
 
     def track(self, request_id: str, events: AsyncIterator[RolloutEvent], session: bool) -> AsyncIterator[RolloutEvent]:
         t = _Tracked(session)
@@ -35,21 +39,27 @@ class Drainer:
         return self._guard(request_id, events, t)
 
     async def _guard(self, rid: str, events: AsyncIterator[RolloutEvent], t: _Tracked):
-        it = events.__aiter__()
+        it = t.it = events.__aiter__()
         try:
             while not t.cut:
                 t.task, t.waiting = asyncio.current_task(), True
                 try:
                     ev = await it.__anext__()
                 except StopAsyncIteration:
+                    if t.cut:  # closed under us by the slow-consumer watch
+                        break
                     return
+                except RuntimeError:  # the watch is closing it right now
+                    if not t.cut:
+                        raise
+                    break
                 except asyncio.CancelledError:
                     if not t.cut:
                         raise
                     asyncio.current_task().uncancel()  # our own cut, not the caller's cancellation
                     break
                 finally:
-                    t.waiting = False
+                    t.waiting, t.pulled = False, time.monotonic()  # busy with this event from now on
                 if ev.final:
                     self.active.pop(rid, None)  # the consumer may never close us after the last event
                     yield ev
@@ -57,7 +67,7 @@ class Drainer:
                 yield ev
             await _close(it)  # cancels the request: the engine frees its slots
             self.active.pop(rid, None)
-            yield RolloutEvent.end(rid, ErrorCode.UNAVAILABLE, SHUTDOWN)
+            yield RolloutEvent.end(rid, *t.reason)
         finally:
             self.active.pop(rid, None)
             await _close(it)
@@ -73,6 +83,19 @@ class Drainer:
             if t.waiting and t.task is not None:
                 t.task.cancel()
         return n
+
+    async def watch_slow_consumers(self, slow_s: float, every_s: float = 0.5) -> None:
+        """Cancel the request of a client that has not taken its next event for `slow_s` (its consumer is
+        blocked writing to a socket nobody reads): the engine frees the slots at once, buffers stay
+        bounded, and the stream ends with RESOURCE_EXHAUSTED if the client ever reads again."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for t in list(self.active.values()):
+                if not t.cut and not t.waiting and now - t.pulled > slow_s and t.it is not None:
+                    t.cut, t.reason = True, (ErrorCode.RESOURCE_EXHAUSTED, SLOW.format(slow_s))
+                    self.slow_cut += 1
+                    asyncio.create_task(_close(t.it))
 
     async def drain(self, grace_s: float) -> tuple[int, int]:
         """Stop taking work, end sessions, give rollouts `grace_s`, then end the rest.

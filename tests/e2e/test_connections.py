@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     env = {"WORLDSERVE_SERVER__HTTP_HEADER_TIMEOUT_S": "1", "WORLDSERVE_SERVER__GRPC_MAX_CONCURRENT_RPCS": "3",
-           "WORLDSERVE_SERVER__MAX_SESSIONS": "2"}
+           "WORLDSERVE_SERVER__MAX_SESSIONS": "2", "WORLDSERVE_SERVER__SLOW_CONSUMER_S": "1"}
     s = start_server(tmp_path_factory.mktemp("conn"), "--max-slots", "8", env=env)
     yield s
     s.stop()
@@ -94,3 +94,53 @@ def test_open_sessions_are_capped(srv, real_frames):
     with connect(url) as c:  # closed sessions free their places
         c.send(open_msg)
         assert json.loads(c.recv(timeout=30))["type"] == "opened"
+
+
+def _metric(srv, name: str) -> float:
+    for line in httpx.get(srv.http + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_slow_consumer_is_cut_off_and_its_slots_freed(srv, real_frames):
+    """Two clients ask for 8 x 64 raw frames (~8 MB of NDJSON each) and never read: once the socket
+    buffers are full the server waits on them; after slow_consumer_s their requests are cancelled."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(real_frames[0])).save(buf, format="PNG")
+    body = json.dumps({"context": [{"encoding": "png", "data": base64.b64encode(buf.getvalue()).decode()}],
+                       "candidates": [[2] * 64] * 8, "options": {"frame_encoding": "raw"}}).encode()
+    host, port = srv.http.removeprefix("http://").split(":")
+    before = _metric(srv, "worldserve_frames_total")
+    socks = []
+    for _ in range(2):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect((host, int(port)))
+        s.sendall(b"POST /v1/models/tiny/rollouts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        socks.append(s)  # ... and never read
+    t0 = time.time()
+    while _metric(srv, "worldserve_active_slots") > 0 or _metric(srv, "worldserve_queue_depth") > 0 \
+            or time.time() - t0 < 1:
+        assert time.time() - t0 < 20, "slots of unread streams not freed"
+        time.sleep(0.2)
+    settled = _metric(srv, "worldserve_frames_total")
+    time.sleep(1.0)
+    assert _metric(srv, "worldserve_frames_total") == settled
+    for s in socks:  # reading now: each stream ends with a final line that says why it was cut
+        s.settimeout(5)
+        data = b""
+        while not data.endswith(b"\r\n0\r\n\r\n"):
+            chunk = s.recv(1 << 20)
+            assert chunk, data[-300:]
+            data += chunk
+        s.close()
+        tail = data[data.rindex(b'{"final"'):]
+        assert b"RESOURCE_EXHAUSTED" in tail and b"did not read" in tail, tail[:300]
+    assert httpx.get(srv.http + "/readyz").status_code == 200
