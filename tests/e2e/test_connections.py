@@ -116,7 +116,6 @@ def test_slow_consumer_is_cut_off_and_its_slots_freed(srv, real_frames):
     body = json.dumps({"context": [{"encoding": "png", "data": base64.b64encode(buf.getvalue()).decode()}],
                        "candidates": [[2] * 64] * 8, "options": {"frame_encoding": "raw"}}).encode()
     host, port = srv.http.removeprefix("http://").split(":")
-    before = _metric(srv, "worldserve_frames_total")
     socks = []
     for _ in range(2):
         s = socket.socket()
