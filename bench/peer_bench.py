@@ -123,6 +123,25 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def summary(rows: list[dict]) -> list[str]:
+    """ours / the better peer configuration of each point (highest frames/s; lowest p99, taken separately)."""
+    md = ["| workload | clients | gRPC frames/s | gRPC p99 | REST frames/s | REST p99 |",
+          "|---|---:|---:|---:|---:|---:|"]
+    for wl in dict.fromkeys(r["workload"] for r in rows):
+        for n in sorted({r["clients"] for r in rows if r["workload"] == wl}):
+            by = {r["system"]: r for r in rows if r["workload"] == wl and r["clients"] == n}
+            peers = [r for s, r in by.items() if s.startswith("peer")]
+            if not peers:
+                continue
+            thr, p99 = max(p["frames_per_s"] for p in peers), min(p["lat_p99_ms"] for p in peers)
+            cells = []
+            for s in ("ours-grpc", "ours-rest"):
+                r = by.get(s)
+                cells += [f"{r['frames_per_s'] / thr:.2f}", f"{r['lat_p99_ms'] / p99:.2f}"] if r else ["", ""]
+            md.append(f"| {wl} | {n} | " + " | ".join(cells) + " |")
+    return md
+
+
 def report(tag: str, a, facts: dict, check: dict, rows: list[dict], ratios: list[dict], meta: dict) -> str:
     md = [f"## worldserve vs LitServe peer — {tag}", "",
           f"Measured {meta['time']} UTC, commit {meta['commit']}, {meta['cores']} cores shared with other agents "
@@ -141,6 +160,8 @@ def report(tag: str, a, facts: dict, check: dict, rows: list[dict], ratios: list
     for s, c in check.items():
         md.append(f"| {s} | {c['rollout_frames_equal']} | {c['rollout_pixels_equal']:.4f} | "
                   f"{c['reward_max_abs_diff']:.2e} | {c['done_max_abs_diff']:.2e} | {c['player_frames_equal']} |")
+    md += ["", "### Summary: ours ÷ the better peer configuration (frames/s: > 1 is better; p99: < 1 is better)", "",
+           *summary(rows)]
     md += ["", "### Figures", "",
            "| workload | clients | system | frames/s | latency p50 ms | latency p99 ms | samples | errors |",
            "|---|---:|---|---:|---:|---:|---:|---|"]
@@ -178,7 +199,16 @@ def main(argv=None) -> None:
     p.add_argument("--peer-unbatched", action="store_true", help="also the peer with batching off (peer-b1)")
     p.add_argument("--tag", default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--rerender", metavar="JSON", help="only rewrite the report from a saved bench/out/peer-*.json")
     a = p.parse_args(argv)
+    if a.rerender:
+        d = json.loads(Path(a.rerender).read_text())
+        ra = argparse.Namespace(**d["args"])
+        tag = ra.tag or (ra.preset or Path(ra.model_dir).name)
+        md = report(tag, ra, d.get("facts", {"name": tag}), d["check"], d["rows"], d["ratios"], d["meta"])
+        (ROOT / "bench" / "reports" / f"peer-{tag}.md").write_text(md)
+        print(md)
+        return
     if a.quick:
         a.planner, a.planner_clients, a.player_clients, a.player_steps, a.duration, a.min_iters = \
             "8x4", "1,2", "1,2", 4, 1.0, 1
@@ -242,8 +272,8 @@ def main(argv=None) -> None:
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=ROOT).stdout.strip()}
     ratios = ratio_rows(rows)
-    (out / f"peer-{tag}.json").write_text(json.dumps({"meta": meta, "args": vars(a), "check": check, "rows": rows,
-                                                      "ratios": ratios}, indent=2) + "\n")
+    saved = {"meta": meta, "args": vars(a), "facts": facts, "check": check, "rows": rows, "ratios": ratios}
+    (out / f"peer-{tag}.json").write_text(json.dumps(saved, indent=2) + "\n")
     md = report(tag, a, facts, check, rows, ratios, meta)
     reports = ROOT / "bench" / "reports"
     reports.mkdir(exist_ok=True)
