@@ -73,6 +73,8 @@ class KeyLimits(BaseModel):
     rate: float = Field(0.0, ge=0, description="requests per second (token bucket), sessions' actions excluded")
     burst: float = Field(0.0, ge=0, description="bucket size (default: max(1, rate))")
     max_concurrent: int = Field(0, ge=0, description="requests in flight (rollouts, predicts, sessions)")
+    max_slots: int = Field(0, ge=0, description="engine slots held at once: candidates of requests in flight, "
+                           "1 per session")
     max_sessions: int = Field(0, ge=0, description="open sessions")
     max_priority: Literal["interactive", "normal", "bulk"] = "interactive"
 

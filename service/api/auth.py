@@ -55,6 +55,7 @@ class Principal:
     bucket: TokenBucket = field(init=False)
     in_flight: int = 0
     sessions: int = 0
+    slots: int = 0
 
     def __post_init__(self):
         self.bucket = TokenBucket(self.limits.rate, self.limits.burst)
@@ -71,6 +72,26 @@ def capped_priority(p: Priority) -> Priority:
     """The priority a request runs at: never above its key's cap (INTERACTIVE=0 is the highest)."""
     who = PRINCIPAL.get()
     return p if who is None else Priority(max(int(p), int(who.max_priority)))
+
+
+def take_slots(n: int):
+    """Count `n` engine slots against the calling key (RateLimited over its max_slots); -> a release
+    function (idempotent) or None when nothing is counted."""
+    who = PRINCIPAL.get()
+    if who is None or not who.limits.max_slots:
+        return None
+    if who.slots + n > who.limits.max_slots:
+        raise RateLimited(f"this request needs {n} slots and this key holds {who.slots}; its limit is "
+                          f"{who.limits.max_slots}", 1.0, "candidates")
+    who.slots += n
+    done = []
+
+    def release() -> None:
+        if not done:
+            done.append(True)
+            who.slots -= n
+
+    return release
 
 
 def load_keys(auth: AuthSettings) -> list[tuple[bytes, Principal]]:

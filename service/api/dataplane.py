@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import InvalidArgument, NotFound, Unavailable, from_code
 from ..messages import ErrorCode, FrameMode, ModelInfo, Priority, RolloutEvent, RolloutRequest, SessionAction
 from ..settings import ServerSettings
-from .auth import capped_priority
+from .auth import capped_priority, take_slots
 from .drain import SHUTDOWN, Drainer
 from .images import decode_frame
 
@@ -196,10 +196,21 @@ class DataPlane:
         )
 
     # ---- calls ----------------------------------------------------------------------------------
+    async def _submit(self, req: RolloutRequest) -> AsyncIterator[RolloutEvent]:
+        """Enqueue; the stream is tracked (drain, slow consumers) and its slots counted against the key."""
+        release = take_slots(1 if req.session else req.candidates)
+        try:
+            events = await self.queue.submit(req)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        return self.drainer.track(req.id, events, session=req.session, on_end=release)
+
     async def rollout(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         """Validate and enqueue (errors raise here, before any event); events end with a final one."""
         req = self.build(inp)
-        return req, self.drainer.track(req.id, await self.queue.submit(req), session=False)
+        return req, await self._submit(req)
 
     async def predict(self, inp: RolloutInput) -> tuple[str, list[RolloutEvent]]:
         if len(inp.candidates) != 1:
@@ -219,7 +230,7 @@ class DataPlane:
 
     async def open_session(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         req = self.build(inp, session=True)
-        return req, self.drainer.track(req.id, await self.queue.submit(req), session=True)
+        return req, await self._submit(req)
 
     async def act(self, req: RolloutRequest, action) -> None:
         m = self.model(req.model)

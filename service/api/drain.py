@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 from ..messages import ErrorCode, RolloutEvent
@@ -33,12 +34,17 @@ class Drainer:
         self.draining = False
         self.slow_cut = 0
 
-    def track(self, request_id: str, events: AsyncIterator[RolloutEvent], session: bool) -> AsyncIterator[RolloutEvent]:
+    def track(self, request_id: str, events: AsyncIterator[RolloutEvent], session: bool,
+              on_end=None) -> AsyncIterator[RolloutEvent]:
+        """-> the guarded stream; `on_end()` runs once when it ends (or is collected unstarted)."""
         t = _Tracked(session)
         self.active[request_id] = t
-        return self._guard(request_id, events, t)
+        gen = self._guard(request_id, events, t, on_end)
+        if on_end is not None:
+            weakref.finalize(gen, on_end)
+        return gen
 
-    async def _guard(self, rid: str, events: AsyncIterator[RolloutEvent], t: _Tracked):
+    async def _guard(self, rid: str, events: AsyncIterator[RolloutEvent], t: _Tracked, on_end=None):
         it = t.it = events.__aiter__()
         try:
             while not t.cut:
@@ -70,6 +76,8 @@ class Drainer:
             yield RolloutEvent.end(rid, *t.reason)
         finally:
             self.active.pop(rid, None)
+            if on_end is not None:
+                on_end()
             await _close(it)
 
     def cut(self, sessions_only: bool = False) -> int:

@@ -23,7 +23,8 @@ from worldserve.api.gen import worldserve_pb2_grpc as pbg
 pytestmark = pytest.mark.e2e
 KEY = "k-alpha-0123456789"
 LIMITED = [{"key": "k-slow-0123456789", "name": "slow", "rate": 1, "burst": 2},
-           {"key": "k-one-0123456789", "name": "one", "max_concurrent": 1, "max_sessions": 1}]
+           {"key": "k-one-0123456789", "name": "one", "max_concurrent": 1, "max_sessions": 1},
+           {"key": "k-slots-0123456789", "name": "slots", "max_slots": 4}]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,14 @@ def test_rest(srv, real_frames):
     codes = [h.get("/v1/models", headers=bearer("k-slow-0123456789")) for _ in range(3)]
     assert [c.status_code for c in codes] == [200, 200, 429], [c.text for c in codes]
     assert int(codes[2].headers["retry-after"]) >= 1 and codes[2].json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+    # slots: a key with max_slots 4 may not run 5 candidates; 4 are fine, and they are given back
+    roll = {"context": body(real_frames)["context"], "candidates": [[2, 2]] * 5, "options": {"frames": "none"}}
+    slots = bearer("k-slots-0123456789")
+    r = h.post("/v1/models/tiny/rollouts", json=roll, headers=slots)
+    assert r.status_code == 429 and "slots" in r.json()["error"]["message"], r.text
+    for _ in range(3):
+        r = h.post("/v1/models/tiny/rollouts", json={**roll, "candidates": [[2, 2]] * 4}, headers=slots)
+        assert r.status_code == 200 and r.text.count("\n") == 4 * 2 + 1, r.text[-300:]
 
 
 def test_websocket(srv, real_frames):
