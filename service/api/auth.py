@@ -242,7 +242,9 @@ class GrpcGate(grpc.aio.ServerInterceptor):
 # ------------------------------------------------------------------------------------------------ HTTP
 ALWAYS_PUBLIC = ("/healthz", "/readyz")
 DOCS = ("/docs", "/redoc", "/openapi.json", "/play", "/static/")
-COUNTED = ("/v1/",)  # API calls: a token each; POSTs and sessions also count as in flight
+COUNTED = ("/v1/",)
+WS_BEARER = "bearer."  # WebSocket subprotocol carrying the key; the server selects WS_PROTOCOL
+WS_PROTOCOL = "worldserve.v1"  # API calls: a token each; POSTs and sessions also count as in flight
 
 
 class HttpGate:
@@ -266,6 +268,10 @@ class HttpGate:
         for k, v in scope.get("headers", ()):
             if k == b"authorization":
                 auth = v.decode("latin-1")
+        if auth is None and ws:  # browsers cannot set headers on a WebSocket: `bearer.<key>` subprotocol
+            for proto in scope.get("subprotocols", ()):
+                if proto.startswith(WS_BEARER):
+                    auth = "Bearer " + proto[len(WS_BEARER):]
         try:
             who = self.gate.identify(auth)
             if counted:

@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ServiceError
 from ..settings import ServerSettings
-from .auth import Gate, HttpGate
+from .auth import WS_PROTOCOL, Gate, HttpGate
 from .dataplane import DataPlane, RolloutInput
 from .errors import code_name, http_status, retry_after
 from .limits import BodyLimit
@@ -132,7 +132,8 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
 
     @app.websocket("/v1/models/{name}/session")
     async def session(ws: WebSocket, name: str):
-        await ws.accept()
+        offered = ws.scope.get("subprotocols", ())  # a browser sending its key as `bearer.<key>` needs one back
+        await ws.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
         await run_ws_session(ws, dp, name)
 
     return app

@@ -94,6 +94,14 @@ def test_websocket(srv, real_frames):
         assert json.loads(ws.recv(timeout=30))["type"] == "opened"
         ws.send(json.dumps({"type": "action", "action": 2}))
         assert json.loads(ws.recv(timeout=30))["type"] == "frame"
+    # a browser sends its key as a subprotocol (it cannot set headers); the server selects worldserve.v1
+    with pytest.raises(InvalidStatus) as ei:
+        connect(url, subprotocols=["worldserve.v1", "bearer.wrong"])
+    assert ei.value.response.status_code == 401
+    with connect(url, subprotocols=["worldserve.v1", f"bearer.{KEY}"]) as ws:
+        assert ws.subprotocol == "worldserve.v1"
+        ws.send(open_msg)
+        assert json.loads(ws.recv(timeout=30))["type"] == "opened"
     # key "one": one session at a time, and nothing else in flight while it is open
     with connect(url, additional_headers=bearer("k-one-0123456789")) as ws:
         ws.send(open_msg)

@@ -1,6 +1,20 @@
 // /play: a WebSocket session with the world model. Keys map to the model's discrete actions; every frame
-// drawn after the start frame is the model's prediction. Protocol: see run_ws_session in service/api/http.py.
+// drawn after the start frame is the model's prediction. Protocol: see service/api/ws.py.
+// With API keys configured (and auth.public_docs for the page itself), open /play#key=<key>: the key is kept
+// in this tab's sessionStorage, sent as a Bearer header to /v1/models and as a WebSocket subprotocol
+// (`bearer.<key>`, next to `worldserve.v1`), since browsers cannot set headers on a WebSocket.
 "use strict";
+
+const API_KEY = (() => {
+  const m = location.hash.match(/key=([^&]+)/);
+  if (m) {
+    sessionStorage.setItem("worldserveKey", decodeURIComponent(m[1]));
+    history.replaceState(null, "", location.pathname);
+  }
+  return sessionStorage.getItem("worldserveKey");
+})();
+const AUTH_HEADERS = API_KEY ? { authorization: `Bearer ${API_KEY}` } : {};
+const WS_PROTOCOLS = API_KEY ? ["worldserve.v1", `bearer.${API_KEY}`] : [];
 
 const KEYS = { ArrowLeft: 0, a: 0, A: 0, ArrowRight: 1, d: 1, D: 1, ArrowUp: 2, w: 2, W: 2 };
 const MAX_IN_FLIGHT = 2; // actions sent but not yet answered; more key presses are dropped, not queued
@@ -60,7 +74,8 @@ async function openSession() {
   if (gen !== generation) return;
   await draw(data, -1);
   const proto = location.protocol === "https:" ? "wss" : "ws";
-  const sock = new WebSocket(`${proto}://${location.host}/v1/models/${encodeURIComponent(model)}/session`);
+  const sock = new WebSocket(`${proto}://${location.host}/v1/models/${encodeURIComponent(model)}/session`,
+    WS_PROTOCOLS);
   ws = sock;
   sock.onopen = () => sock.send(JSON.stringify({
     type: "open", context: [{ encoding: "png", data }], options: { frame_encoding: "png", frames: "all" },
@@ -129,7 +144,8 @@ setInterval(updateFps, 500);
 
 async function init() {
   try {
-    const models = (await (await fetch("/v1/models")).json()).models.filter((m) => m.action_dim === 0);
+    const models = (await (await fetch("/v1/models", { headers: AUTH_HEADERS })).json()).models
+      .filter((m) => m.action_dim === 0);
     if (!models.length) { setStatus("no discrete-action model is served", true); return; }
     for (const m of models) $("model").add(new Option(`${m.name} (${m.action_names.join("/")})`, m.name));
     const starts = (await (await fetch("/static/starts/index.json")).json()).starts;
