@@ -176,33 +176,43 @@ def dynamics_loss(model: WorldModel, cfg: ModelConfig, batch, gen: torch.Generat
     return ce + 5.0 * r_loss + 2.0 * F.binary_cross_entropy_with_logits(d, done), ce_tok.mean()
 
 
-def train_dynamics(model: WorldModel, windows: Windows, steps: int, batch: int, seed: int, ckpt: Path,
-                   lr: float = 1e-3, time_budget_s: float | None = None) -> list[float]:
-    dyn = model.dynamics.train()
-    opt = torch.optim.AdamW(dyn.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
-    start, losses = _resume(ckpt, dyn, opt)
+def fit(module: torch.nn.Module, batch_loss, steps: int, seed: int, ckpt: Path, lr: float, desc: str,
+        weight_decay: float, betas: tuple[float, float], every: int = 100,
+        time_budget_s: float | None = None) -> list[float]:
+    """The training loop shared by every model: AdamW, warm-up + cosine lr, clip 1.0, a checkpoint every `every`
+    steps (and at a time budget), resumable with the same batch stream. batch_loss(np gen, torch gen) ->
+    (loss to minimise, metric to log)."""
+    module.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+    start, losses = _resume(ckpt, module, opt)
     gen = np.random.default_rng(seed + start)
     tgen = torch.Generator().manual_seed(seed + start)
     t0 = time.time()
-    bar = tqdm(range(start, steps), desc="dynamics", initial=start, total=steps, mininterval=5)
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=5)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr)
-        loss, ce = dynamics_loss(model, model.cfg, windows.batch(gen, batch), tgen)
+        loss, metric = batch_loss(gen, tgen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(dyn.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
-        losses.append(float(ce))
+        losses.append(float(metric))
         if step % 20 == 0:
-            bar.set_postfix(ce=f"{np.mean(losses[-20:]):.4f}", loss=f"{float(loss):.4f}")
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            _ckpt(ckpt, model=dyn.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
-        if time_budget_s and time.time() - t0 > time_budget_s:
-            _ckpt(ckpt, model=dyn.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
+            bar.set_postfix(metric=f"{np.mean(losses[-20:]):.4f}", loss=f"{float(loss):.4f}")
+        stop = time_budget_s is not None and time.time() - t0 > time_budget_s
+        if (step + 1) % every == 0 or step + 1 == steps or stop:
+            _ckpt(ckpt, model=module.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
+        if stop:
             break
-    dyn.eval()
+    module.eval()
     return losses
+
+
+def train_dynamics(model: WorldModel, windows: Windows, steps: int, batch: int, seed: int, ckpt: Path,
+                   lr: float = 1e-3, time_budget_s: float | None = None) -> list[float]:
+    return fit(model.dynamics, lambda g, tg: dynamics_loss(model, model.cfg, windows.batch(g, batch), tg), steps,
+               seed, ckpt, lr, "dynamics", 0.05, (0.9, 0.95), 100, time_budget_s)
 
 
 def run(data: dict, out_ckpt_dir: Path, cfg: ModelConfig, tok_steps: int, dyn_steps: int, batch: int,

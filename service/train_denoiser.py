@@ -9,7 +9,6 @@ Seeded, checkpointed every 200 steps and resumable; `time_budget_s` stops early 
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from .model.denoiser import DenoiserConfig, DenoisingWorldModel, edm_loss
-from .train import _ckpt, _resume, lr_at, unique_patches
+from .train import _ckpt, _resume, fit, lr_at, unique_patches
 
 
 def train_autoencoder(model: DenoisingWorldModel, frames: np.ndarray, steps: int, seed: int, ckpt: Path,
@@ -86,31 +85,8 @@ class Transitions:
 
 def train_denoiser(model: DenoisingWorldModel, tr: Transitions, steps: int, batch: int, seed: int, ckpt: Path,
                    lr: float = 1e-3, time_budget_s: float | None = None) -> list[float]:
-    den = model.denoiser.train()
-    opt = torch.optim.AdamW(den.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    start, losses = _resume(ckpt, den, opt)
-    gen = np.random.default_rng(seed + start)
-    tgen = torch.Generator().manual_seed(seed + start)
-    t0 = time.time()
-    bar = tqdm(range(start, steps), desc="denoiser", initial=start, total=steps, mininterval=5)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
-        loss, den_loss = edm_loss(model, *tr.batch(gen, batch), tgen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(den.parameters(), 1.0)
-        opt.step()
-        losses.append(float(den_loss))
-        if step % 20 == 0:
-            bar.set_postfix(denoise=f"{np.mean(losses[-20:]):.4f}", loss=f"{float(loss):.4f}")
-        stop = time_budget_s is not None and time.time() - t0 > time_budget_s
-        if (step + 1) % 200 == 0 or step + 1 == steps or stop:
-            _ckpt(ckpt, model=den.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
-        if stop:
-            break
-    den.eval()
-    return losses
+    return fit(model.denoiser, lambda g, tg: edm_loss(model, *tr.batch(g, batch), tg), steps, seed, ckpt, lr,
+               "denoiser", 0.01, (0.9, 0.99), 200, time_budget_s)
 
 
 def run(data: dict, ckpt_dir: Path, cfg: DenoiserConfig, ae_steps: int, steps: int, batch: int, seed: int = 0,

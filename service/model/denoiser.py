@@ -29,6 +29,7 @@ from torch import nn
 from .protocol import ModelSpec, Noise
 
 ARCHITECTURE = "denoiser"
+CHUNK = 8  # rows per denoiser call: CPU conv kernels pick their algorithm by batch size (batch invariance)
 
 
 @dataclass(frozen=True)
@@ -225,8 +226,16 @@ class DenoisingWorldModel(nn.Module):
         b, c = ctx.shape[0], self.cfg.latent_ch
         shape = (c, *self.cfg.grid)
         z = noise.normal(shape) if noise is not None else torch.zeros(b, *shape, device=ctx.device)
-        x = self.sample(ctx, actions, z.to(ctx.dtype))
-        reward, done = self.denoiser.heads(ctx, x, actions)
+        z = z.to(ctx.dtype)
+        outs = []
+        for i in range(0, b, CHUNK):  # fixed-size chunks: a row's arithmetic never depends on the batch
+            n = min(CHUNK, b - i)
+            pad = torch.arange(i, i + CHUNK, device=ctx.device).clamp(max=b - 1)  # the last rows repeated
+            cx, ax, zx = ctx[pad], actions[pad], z[pad]
+            x = self.sample(cx, ax, zx)
+            r, d = self.denoiser.heads(cx, x, ax)
+            outs.append((x[:n], r[:n], d[:n]))
+        x, reward, done = (torch.cat(t) for t in zip(*outs, strict=True))
         return x, reward, torch.sigmoid(done)
 
     def sample(self, ctx: torch.Tensor, actions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
