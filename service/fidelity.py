@@ -153,3 +153,64 @@ def table(f: Fidelity) -> str:
     rows.append(f"| collision calibration error, step 1 (ECE over states) | {f.ece:.3f} |")
     rows += [f"| calibration bin: predicted {p:.3f} vs true {t:.3f} ({n} states) |  |" for p, t, n in f.bins]
     return "\n".join(rows)
+
+
+@dataclass
+class RareEvents:
+    """Collision within `horizon` steps, in states where the world gives it probability <= `p_max`."""
+
+    true_rate: float  # simulator frequency, pooled over the states
+    rates: dict[str, float]  # variant -> the model's sampled frequency, pooled
+    ci: dict[str, tuple[float, float]]  # variant -> 95 % Wilson interval of that frequency
+    n_states: int
+    k: int
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    w = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return float(c - w), float(c + w)
+
+
+def rare_events(variants: dict, n_states: int, k: int = 256, horizon: int = 4, p_max: float = 0.05,
+                candidates: int | None = None, seed: int = 0) -> RareEvents:
+    """Each variant (name -> model) samples K futures per state; a future 'collides' when the model's done
+    probability passes 0.5 within `horizon` steps. States are kept where the simulator's collision frequency over
+    K clones is in (0, p_max]: the rare futures that quantization could wash out."""
+    from .engine.engine import Engine, EngineConfig
+
+    pool = heldout_states(candidates or 8 * n_states, horizon, seed0=HELDOUT_SEED0 + 50_000)
+    kept, true_hits = [], 0
+    for j, st in enumerate(pool):
+        _, hit = simulate(st, k, seed + j)
+        rate = hit[:, -1].mean()
+        if 0 < rate <= p_max:
+            kept.append(st)
+            true_hits += int(hit[:, -1].sum())
+        if len(kept) == n_states:
+            break
+    rates, ci = {}, {}
+    for name, model in variants.items():
+        eng = Engine(model, EngineConfig(max_slots=k, max_queue=4, max_candidates=k), emit=lambda evs: None)
+        hits = 0
+        for j, st in enumerate(kept):
+            _, done = sample_model(eng, st, k, seed + j * k)
+            hits += int((done > 0.5).any(1).sum())
+        n = k * len(kept)
+        rates[name], ci[name] = hits / max(n, 1), wilson(hits, n)
+    return RareEvents(true_hits / max(k * len(kept), 1), rates, ci, len(kept), k)
+
+
+def rare_table(r: RareEvents) -> str:
+    rows = [f"| collision within the horizon, {r.n_states} states with true p <= 5 % x {r.k} futures | frequency | "
+            "95 % interval | vs fp32 |", "|---|---|---|---|",
+            f"| simulator | {r.true_rate:.4f} | | |"]
+    ref = r.rates.get("fp32")
+    for name, v in r.rates.items():
+        rel = "" if not ref else f"{(v - ref) / ref:+.0%}"
+        rows.append(f"| {name} | {v:.4f} | {r.ci[name][0]:.4f} – {r.ci[name][1]:.4f} | {rel} |")
+    return "\n".join(rows)
