@@ -147,6 +147,15 @@ def test_grpc(srv, real_frames):
             errs.append(e)
     assert errs and errs[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert int(dict(errs[0].trailing_metadata())["retry-after"]) >= 1
+    # the key travels into the data plane (contextvar): its slot limit holds on gRPC too
+    slots = (("authorization", "Bearer k-slots-0123456789"),)
+    five = pb.RolloutRequest(model="tiny", context=[frame], candidates=[pb.ActionSequence(
+        actions=[pb.Action(discrete=2)])] * 5, options=pb.RolloutOptions(frames=pb.FRAMES_NONE))
+    with pytest.raises(grpc.RpcError) as ei:
+        list(stub.Rollout(five, metadata=slots, timeout=10))
+    assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "slots" in ei.value.details()
+    four = pb.RolloutRequest(model="tiny", context=[frame], candidates=list(five.candidates)[:4], options=five.options)
+    assert len(list(stub.Rollout(four, metadata=slots, timeout=30))) == 4
     # key "one": a second concurrent session is refused
     one = (("authorization", "Bearer k-one-0123456789"),)
     opened = pb.SessionMessage(open=pb.SessionOpen(model="tiny", context=[frame]))
