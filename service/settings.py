@@ -53,6 +53,7 @@ class ServerSettings(BaseModel):
     http_max_connections: int = Field(1024, ge=1, description="open HTTP connections + tasks; over it: 503")
     http_keep_alive_s: float = 5.0
     http_header_timeout_s: float = Field(10.0, gt=0, description="a connection must send its headers within this")
+    http_body_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next piece of a request body")
     grpc_max_concurrent_rpcs: int = Field(1024, ge=0, description="0 = unlimited; over it: RESOURCE_EXHAUSTED")
     grpc_keepalive_time_s: float = 60.0  # server pings idle connections this often
     grpc_keepalive_timeout_s: float = 20.0  # ... and drops them when a ping goes unanswered this long

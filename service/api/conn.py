@@ -1,7 +1,8 @@
 """Connection hygiene and TLS for the two servers, from settings: uvicorn (HTTP/WS) and grpc.aio.
 
 - HTTP: a connection must finish its request headers within `http_header_timeout_s` (slowloris: 500
-  connections that never finished their headers were held for 60 s); `http_max_connections` caps open
+  connections that never finished their headers were held for 60 s) and each piece of its body within
+  `http_body_timeout_s` (limits.BodyLimit, 408); `http_max_connections` caps open
   connections + tasks (503 over it); idle keep-alive connections close after `http_keep_alive_s`.
 - gRPC: `grpc_max_concurrent_rpcs` (RESOURCE_EXHAUSTED over it), keepalive pings and limits, idle
   connections closed, max message size = `max_body_bytes`.

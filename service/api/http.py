@@ -48,7 +48,8 @@ async def _until_disconnected(request: Request) -> None:
 def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> FastAPI:
     app = FastAPI(title="worldserve", version="0.1.0",
                   description="Action-conditioned video world model serving: predict, rollouts, sessions.")
-    app.add_middleware(BodyLimit, max_bytes=srv.max_body_bytes, max_items=srv.max_request_items)
+    app.add_middleware(BodyLimit, max_bytes=srv.max_body_bytes, max_items=srv.max_request_items,
+                       body_timeout_s=srv.http_body_timeout_s)
     if gate is not None:  # outermost: strangers are refused before their body is read
         app.add_middleware(HttpGate, gate=gate)
 

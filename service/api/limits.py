@@ -1,6 +1,6 @@
 """Request-body limits as pure ASGI middleware: bytes and JSON containers are counted while the body is
 read, so a body over the limit is cut off with 413 before it is buffered whole or parsed (chunked bodies
-without Content-Length included). No torch here.
+without Content-Length included); a body that stops arriving for `body_timeout_s` gets 408. No torch.
 
 Why containers: `json.loads` turns 16 MB of `[],[],...` into ~5 M Python lists (~450 MB). A legitimate
 request has at most a few thousand arrays/objects (K candidates x T actions), so counting `[` and `{`
@@ -9,6 +9,7 @@ bytes (never part of base64 frame data) bounds the memory a body can cost before
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,8 +38,8 @@ async def send_json_error(send: Send, status: int, code: str, message: str, fiel
 class BodyLimit:
     """413 for a body over `max_bytes` bytes or over `max_items` JSON arrays/objects."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_items: int):
-        self.app, self.max_bytes, self.max_items = app, max_bytes, max_items
+    def __init__(self, app: ASGIApp, max_bytes: int, max_items: int, body_timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.max_items, self.body_timeout_s = app, max_bytes, max_items, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -50,14 +51,21 @@ class BodyLimit:
                     return await send_json_error(send, 413, "INVALID_ARGUMENT",
                                                  f"payload of {n[:30]} bytes is over the {self.max_bytes}-byte limit",
                                                  "body")
-        seen = {"bytes": 0, "items": 0, "over": None}
+        seen = {"bytes": 0, "items": 0, "over": None, "status": 413, "done": False}
         started = {"app": False}
 
         async def counted() -> Message:
             if seen["over"]:
                 raise BodyTooLarge(seen["over"])
-            msg = await receive()
+            if seen["done"]:  # the body is in: what comes now is the disconnect, whenever it comes
+                return await receive()
+            try:  # a body that trickles in (slowloris on the body) holds a connection and a task
+                msg = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                seen["over"], seen["status"] = f"request body not received within {self.body_timeout_s:g} s", 408
+                raise BodyTooLarge(seen["over"]) from None
             if msg["type"] == "http.request":
+                seen["done"] = not msg.get("more_body", False)
                 chunk = msg.get("body", b"")
                 seen["bytes"] += len(chunk)
                 seen["items"] += chunk.count(b"[") + chunk.count(b"{")
@@ -84,4 +92,4 @@ class BodyLimit:
             if not seen["over"]:
                 raise
         if seen["over"] and not started["app"]:
-            await send_json_error(send, 413, "INVALID_ARGUMENT", seen["over"], "body")
+            await send_json_error(send, seen["status"], "INVALID_ARGUMENT", seen["over"], "body")

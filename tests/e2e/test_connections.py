@@ -22,7 +22,8 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    env = {"WORLDSERVE_SERVER__HTTP_HEADER_TIMEOUT_S": "1", "WORLDSERVE_SERVER__GRPC_MAX_CONCURRENT_RPCS": "3",
+    env = {"WORLDSERVE_SERVER__HTTP_HEADER_TIMEOUT_S": "1", "WORLDSERVE_SERVER__HTTP_BODY_TIMEOUT_S": "1",
+           "WORLDSERVE_SERVER__GRPC_MAX_CONCURRENT_RPCS": "3",
            "WORLDSERVE_SERVER__MAX_SESSIONS": "2", "WORLDSERVE_SERVER__SLOW_CONSUMER_S": "1"}
     s = start_server(tmp_path_factory.mktemp("conn"), "--max-slots", "8", env=env)
     yield s
@@ -54,6 +55,21 @@ def test_slowloris_connections_are_dropped(srv):
         assert c.get("/healthz").status_code == 200
         time.sleep(1.2)
         assert c.get("/readyz").status_code == 200
+
+
+def test_trickling_body_gets_408(srv):
+    host, port = srv.http.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 1000\r\n\r\n{\"context\": ")  # ... and the rest never comes
+    s.settimeout(10)
+    t0 = time.time()
+    head = b""
+    while chunk := s.recv(4096):  # the server answers, then closes
+        head += chunk
+    s.close()
+    assert head.startswith(b"HTTP/1.1 408") and b"body not received" in head, head[:300]
+    assert time.time() - t0 < 5
 
 
 def test_grpc_max_concurrent_rpcs(srv, real_frames):
