@@ -121,7 +121,7 @@ class Worker(Liveness):
         await self._leave()
         self.engine.stop()
         self._thread.join(10)
-        await self.r.aclose()
+        await self._close_client()
 
     async def _watchdog(self) -> None:
         while not self.engine_dead():
@@ -140,14 +140,21 @@ class Worker(Liveness):
         await asyncio.sleep(0.1)  # the publisher's last pipeline
         await self._cancel_all([tasks["publisher"]])
         await self._leave()
-        await self.r.aclose()
+        await self._close_client()
+
+    async def _close_client(self) -> None:
+        try:
+            await asyncio.wait_for(self.r.aclose(), 2.0)
+        except (TimeoutError, *rc.TRANSIENT):
+            pass
 
     @staticmethod
     async def _cancel_all(tasks) -> None:
         tasks = list(tasks)
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # bounded: a command cancelled mid-flight inside redis-py can stay "cancelling"
+            await asyncio.wait(tasks, timeout=2.0)
 
     # ---- taking work ------------------------------------------------------------------------------
     def _has_room(self) -> bool:

@@ -86,9 +86,13 @@ def split_credentials(url: str) -> tuple[str, str | None, str | None]:
     Robust to reserved characters left un-encoded in the password ('/', '@', '?', '#', ':'): the user
     info is everything between "scheme://" and the LAST '@' (a Redis URL has no '@' after the host)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep or "@" not in rest or (scheme == "unix" and rest.startswith("/")):  # unix:///path?password=
         return url, None, None
-    info, _, host = rest.rpartition("@")
+    if scheme == "unix":  # unix://[user]:[password]@/path/to/socket
+        info, _, host = rest.partition("@/")
+        host = "/" + host
+    else:
+        info, _, host = rest.rpartition("@")
     user, colon, pw = info.partition(":")
     return f"{scheme}://{host}", unquote(user) or None, unquote(pw) if colon else None
 
@@ -129,13 +133,26 @@ def connect(q: QueueSettings) -> aioredis.Redis:
     return aioredis.from_url(url, **kw)
 
 
-def describe(e: BaseException, url: str) -> str:
-    """A log- and client-safe reason for a Redis failure (auth errors named as such, never a secret)."""
-    if isinstance(e, AuthenticationError) or "NOAUTH" in str(e) or "WRONGPASS" in str(e):
-        return f"redis authentication failed at {redacted(url)} (wrong password or user?): {type(e).__name__}"
+def describe(e: BaseException, url: str | None = None) -> str:
+    """A reason for a Redis failure, auth errors named as such, never a secret. With `url`, for logs (the
+    redacted address); without, for clients (no internal address)."""
+    at = f" at {redacted(url)}" if url else ""
+    text = redact_text(str(e), url) if url else ""
+    if is_auth_error(e):
+        return f"redis authentication failed{at} (wrong password or user?)"
     if isinstance(e, TRANSIENT):
-        return f"redis unreachable at {redacted(url)} ({type(e).__name__}: {redact_text(str(e), url)})"
-    return f"redis error ({type(e).__name__}: {redact_text(str(e), url)})"
+        return f"redis unreachable{at} ({type(e).__name__}{': ' + text if text else ''})"
+    return f"redis error ({type(e).__name__}{': ' + text if text else ''})"
+
+
+_AUTH_TEXT = ("noauth", "wrongpass", "invalid username-password", "authentication required", "invalid password",
+              "auth <password> called without")
+
+
+def is_auth_error(e: BaseException) -> bool:
+    """Wrong or missing credentials (redis-py raises these as AuthenticationError or, on some transports,
+    as a plain ConnectionError / ResponseError carrying the server's text)."""
+    return isinstance(e, AuthenticationError) or any(t in str(e).lower() for t in _AUTH_TEXT)
 
 
 def redact_text(text: str, url: str) -> str:

@@ -51,6 +51,7 @@ class RedisQueue:
         self._live_models: set[str] = set()
         self._tasks: list[asyncio.Task] = []
         self._connected = False
+        self._closed = False
         self._error: str | None = None  # why Redis cannot be used right now (logged when it changes)
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -59,10 +60,15 @@ class RedisQueue:
         self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._watch())]
 
     async def close(self) -> None:
+        self._closed = True
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.r.aclose()
+        if self._tasks:  # bounded: a command cancelled mid-flight inside redis-py can stay "cancelling"
+            await asyncio.wait(self._tasks, timeout=2.0)
+        try:
+            await asyncio.wait_for(self.r.aclose(), 2.0)
+        except (TimeoutError, *rc.TRANSIENT):
+            pass
 
     def models(self) -> list[ModelInfo]:
         if not self._connected and self._error is not None:
@@ -77,12 +83,12 @@ class RedisQueue:
         return bool(self._tasks) and not any(t.done() for t in self._tasks)
 
     def _failed(self, e: BaseException, where: str) -> None:
-        reason = rc.describe(e, self.q.url)
+        reason = rc.describe(e)  # for clients: no address
         if isinstance(e, rc.TRANSIENT):
             self._connected = False
         if reason != self._error:
             self._error = reason
-            log.warning("%s: %s; retrying", where, reason)
+            log.warning("%s: %s; retrying", where, rc.describe(e, self.q.url))
 
     def _ok(self) -> None:
         if self._error is not None:
@@ -111,7 +117,7 @@ class RedisQueue:
         except rc.TRANSIENT as e:
             self._pending.pop(req.id, None)
             self._failed(e, "submit")
-            raise Unavailable(f"queue unavailable: {rc.describe(e, self.q.url)}") from e
+            raise Unavailable(f"queue unavailable: {rc.describe(e)}") from e
         return self._events(p)
 
     async def _events(self, p: Pending) -> AsyncIterator[RolloutEvent]:
@@ -126,7 +132,7 @@ class RedisQueue:
             if not p.done:  # client went away: tell the worker to free the slots
                 p.done = True
                 await self._cancel(p.req)
-            else:
+            elif not self._closed:
                 asyncio.create_task(self._cleanup(p.req.id))
 
     async def _cleanup(self, rid: str) -> None:
@@ -155,7 +161,7 @@ class RedisQueue:
                 pipe.expire(rc.session_key(action.request_id), self.q.result_ttl_s)
                 await pipe.execute()
         except rc.TRANSIENT as e:
-            raise Unavailable(f"queue unavailable: {rc.describe(e, self.q.url)}") from e
+            raise Unavailable(f"queue unavailable: {rc.describe(e)}") from e
 
     async def _wake(self) -> None:
         await self.r.xadd(rc.wake_key(self.id), {"w": b"1"}, maxlen=10, approximate=True)
