@@ -83,3 +83,15 @@ def test_bf16_cpu_attention_matches_sdpa(mask_shape):
     got = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
     assert got.dtype == torch.bfloat16 and got.shape == ref.shape
     torch.testing.assert_close(got.float(), ref, atol=0.03, rtol=0.03)
+
+
+def test_rope_pairs_bit_equal_to_rope():
+    from worldserve.model.dynamics import apply_rope, apply_rope_pairs, rope_tables
+
+    cos, sin = rope_tables(torch.arange(12).view(3, 4, 1), 32, 10000.0)  # [3, 4, 1, 16]
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 4, 2, 32).to(dtype)
+        c, s = cos.to(dtype), sin.to(dtype)
+        want = torch.stack((x[..., 0::2] * c - x[..., 1::2] * s, x[..., 0::2] * s + x[..., 1::2] * c), -1).flatten(-2)
+        assert torch.equal(apply_rope_pairs(x, c, s), want)
+        assert torch.equal(apply_rope(x, cos, sin), want)
