@@ -62,7 +62,7 @@ def w8a8_linear(x: torch.Tensor, packed, bias: torch.Tensor | None, out_features
     k = x.shape[-1]
     x2 = x.reshape(-1, k).float()
     m = x2.shape[0]
-    amax = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True).clamp_(min=1e-30)  # [M, 1], one pass
+    amax = x2.abs().amax(1, keepdim=True).clamp_(min=1e-30)  # [M, 1] (linalg.vector_norm(inf) is 20x slower)
     buf = torch.empty(m + 1, k)
     torch.div(x2, amax, out=buf[:m])
     buf[m] = _edge(k)  # pins FBGEMM's per-call range to [-1, 1]
