@@ -76,9 +76,10 @@ def make(preset: str, variant: str, dtype: torch.dtype):
 
 @torch.no_grad()
 def measure(model, batch: int, warmup: int, reps: int) -> dict:
+    from worldserve.engine.sampler import Sampler
     from worldserve.model.dynamics import advance
-    from worldserve.model.sampling import sample
 
+    sample = Sampler()  # the serving sampler: the Triton kernel on CUDA
     cfg = model.cfg
     cache = model.allocate_cache(batch)
     slots = torch.arange(batch, device="cuda")
