@@ -98,7 +98,23 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(ts) * 1e3
 
 
-def sampler_share(preset: str, batch: int, reps: int) -> dict:
+def sampler_at(rev: str):
+    """The `sample` function of service/model/sampling.py at git revision `rev` (before/after in one run)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:service/model/sampling.py"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    path = Path(tempfile.mkdtemp()) / "sampling_before.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("sampling_before", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.sample
+
+
+def sampler_share(preset: str, batch: int, reps: int, before=None) -> dict:
     model = build(PRESETS[preset], seed=0)
     cache = model.allocate_cache(batch)
     slots = torch.arange(batch)
@@ -115,6 +131,11 @@ def sampler_share(preset: str, batch: int, reps: int) -> dict:
         ms = _median_ms(lambda t=t: sampler(logits, torch.full((batch,), t), torch.arange(batch), z, z), reps)
         row[f"t{t:g}_ms"] = ms
         row[f"t{t:g}_share"] = ms / (step_ms + ms)
+        if before is not None:
+            ms = _median_ms(lambda t=t: before(logits, torch.full((batch,), t), torch.arange(batch), z, z),
+                            max(1, reps // 2))
+            row[f"before_t{t:g}_ms"] = ms
+            row[f"before_t{t:g}_share"] = ms / (step_ms + ms)
     return row
 
 
@@ -124,11 +145,13 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["tiny", "base"])
     p.add_argument("--batches", nargs="+", type=int, default=[16, 64])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--before", default="", help="also time the sampler of this git revision (e.g. 73ad6a3)")
     a = p.parse_args()
+    before = sampler_at(a.before) if a.before else None
     torch.set_num_threads(1)
     lines = ["# Engine overhead (one run, one thread)", "",
              f"Command: `python -m bench.engine_overhead --rows {a.rows} --presets {' '.join(a.presets)} "
-             f"--batches {' '.join(map(str, a.batches))}`", "",
+             f"--batches {' '.join(map(str, a.batches))}" + (f" --before {a.before}" if a.before else "") + "`", "",
              "## Host overhead per engine step, model compute removed", "",
              "Temperature 0: greedy rows (argmax of a 16-entry vocabulary). Temperature 1: the sampler draws for",
              "rows x 64 tokens, its own cost at a tiny vocabulary.", "",
@@ -143,10 +166,15 @@ def main() -> None:
               "|---|---|---|---|---|---|---|---|---|"]
     for preset in a.presets:
         for b in a.batches:
-            r = sampler_share(preset, b, a.reps)
+            r = sampler_share(preset, b, a.reps, before)
             lines.append(f"| {preset} | {b} | {r['vocab']} | {r['step_ms']:.1f} | {r['argmax_ms']:.1f} | "
                          f"{r['t0_ms']:.1f} | {r['t0_share']:.1%} | {r['t1_ms']:.1f} | {r['t1_share']:.1%} |")
             print(lines[-1], flush=True)
+            if before is not None:
+                lines.append(f"| {preset} (sampler at {a.before}) | {b} | {r['vocab']} | {r['step_ms']:.1f} | | "
+                             f"{r['before_t0_ms']:.1f} | {r['before_t0_share']:.1%} | {r['before_t1_ms']:.1f} | "
+                             f"{r['before_t1_share']:.1%} |")
+                print(lines[-1], flush=True)
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(lines) + "\n")
     print(f"wrote {REPORT}")
