@@ -46,9 +46,9 @@ class ServerError(Exception):
 
 
 def _opts(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal", return_tokens=False,
-          frame_encoding="png") -> dict:
+          frame_encoding="png", stop_on_done=False) -> dict:
     return dict(frames=frames, seed=seed, temperature=temperature, deadline_ms=deadline_ms, priority=priority,
-                return_tokens=return_tokens, frame_encoding=frame_encoding)
+                return_tokens=return_tokens, frame_encoding=frame_encoding, stop_on_done=stop_on_done)
 
 
 # ---------------------------------------------------------------------------------------------- REST
@@ -162,10 +162,10 @@ def _pb_seq(seq) -> pb.ActionSequence:
 
 
 def _pb_options(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal", return_tokens=False,
-                frame_encoding="raw") -> pb.RolloutOptions:
+                frame_encoding="raw", stop_on_done=False) -> pb.RolloutOptions:
     return pb.RolloutOptions(frames=_MODES[frames], seed=seed, temperature=temperature, deadline_ms=deadline_ms,
                              priority=_PRIO[priority], return_tokens=return_tokens,
-                             frame_encoding=_ENC[frame_encoding])
+                             frame_encoding=_ENC[frame_encoding], stop_on_done=stop_on_done)
 
 
 class GrpcClient:

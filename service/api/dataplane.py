@@ -53,6 +53,7 @@ class Options:
     priority: Priority = Priority.NORMAL
     return_tokens: bool = False
     frame_encoding: str = "png"
+    stop_on_done: bool = False  # a candidate stops once the model says done (rollouts; sessions ignore it)
 
 
 @dataclass
@@ -191,6 +192,7 @@ class DataPlane:
         return RolloutRequest(
             id=uuid.uuid4().hex, model=m.name, context=frames, actions=actions, context_actions=ctx_actions,
             frames=FrameMode(o.frames), return_tokens=bool(o.return_tokens), seed=int(o.seed),
+            stop_on_done=bool(o.stop_on_done) and not session,
             temperature=float(t), deadline=deadline,
             priority=capped_priority(Priority.INTERACTIVE if session else Priority(o.priority)), session=session,
         )

@@ -94,7 +94,7 @@ def _options(o: pb.RolloutOptions) -> Options:
     if o.frame_encoding not in ENC_NAME:
         raise InvalidArgument(f"options.frame_encoding: unknown encoding {o.frame_encoding}", "options.frame_encoding")
     return Options(FrameMode(o.frames), int(o.seed), float(o.temperature), int(o.deadline_ms),
-                   PRIORITY[o.priority], bool(o.return_tokens), ENC_NAME[o.frame_encoding])
+                   PRIORITY[o.priority], bool(o.return_tokens), ENC_NAME[o.frame_encoding], bool(o.stop_on_done))
 
 
 def _frames(frames) -> list[WireFrame]:
@@ -169,6 +169,8 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
         async for ev in events:  # a cancelled RPC closes this iterator, which cancels the request
             if ev.final:
                 raise_for(ev)
+                if ev.message:  # e.g. stop_on_done: which candidates ended early, in the trailing metadata
+                    context.set_trailing_metadata((("worldserve-final-message", ev.message),))
                 return
             yield _event(ev, enc)
 

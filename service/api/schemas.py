@@ -38,6 +38,8 @@ class OptionsIn(BaseModel):
     priority: Literal["interactive", "normal", "bulk"] = "normal"
     return_tokens: bool = False
     frame_encoding: Literal["raw", "png", "jpeg"] = "png"
+    stop_on_done: bool = Field(False, description="stop stepping a candidate once the model says done (the world is "
+                                                  "absorbing after done); the final line names each stop")
 
 
 class PredictIn(BaseModel):
@@ -77,7 +79,7 @@ def frames_in(frames: list[FrameIn]) -> list[WireFrame]:
 
 def options_in(o: OptionsIn) -> Options:
     return Options(FRAME_MODES[o.frames], o.seed, o.temperature, o.deadline_ms, PRIORITIES[o.priority],
-                   o.return_tokens, o.frame_encoding)
+                   o.return_tokens, o.frame_encoding, o.stop_on_done)
 
 
 def describe(errors: list[dict], skip: int = 0) -> tuple[str, str]:
@@ -96,8 +98,9 @@ def validation_error(ve: ValidationError) -> InvalidArgument:
 
 def event_json(ev: RolloutEvent, encoding: str) -> dict:
     if ev.final:
-        err = None if ev.error == ErrorCode.OK else {"code": ev.error.name, "message": ev.message}
-        return {"final": True, "error": err}
+        if ev.error == ErrorCode.OK:  # an OK end may still say something (stop_on_done: which candidates stopped)
+            return {"final": True, "error": None, **({"message": ev.message} if ev.message else {})}
+        return {"final": True, "error": {"code": ev.error.name, "message": ev.message}}
     d: dict = {"candidate": ev.candidate, "step": ev.step, "reward": ev.reward, "done": ev.done}
     if ev.frame is not None:
         h, w = ev.frame.shape[:2]

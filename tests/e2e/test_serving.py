@@ -184,3 +184,26 @@ def test_health_ready_metrics_docs(server):
     ch = grpc.insecure_channel(server.grpc)
     resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_stop_on_done_over_rest_and_grpc(server, real_frames):
+    """A candidate that walks into the goal stops there (its last step says done); the other runs to the horizon."""
+    from worldserve.evaluate import CONTEXT, heldout_episodes
+
+    ep = next(e for e in heldout_episodes(80)
+              if not e[3][: CONTEXT - 1].any() and e[3][CONTEXT - 1 : CONTEXT + 5].any())
+    f, a, _, d = ep
+    end = int(np.argmax(d[CONTEXT - 1 :]))
+    cands = [np.resize(a[CONTEXT - 1 :], 8).tolist(), [0] * 8]
+    rest = RestClient(server.http)
+    events = list(rest.rollout("tiny", f[:CONTEXT], cands, context_actions=a[: CONTEXT - 1].tolist(), frames="none",
+                               stop_on_done=True))
+    assert [e.step for e in events if e.candidate == 0] == list(range(end + 1))
+    assert [e.step for e in events if e.candidate == 1] == list(range(8))
+    g = GrpcClient(server.grpc)
+    try:
+        got = list(g.rollout("tiny", f[:CONTEXT], cands, context_actions=a[: CONTEXT - 1].tolist(), frames="none",
+                             stop_on_done=True))
+    finally:
+        g.close()
+    assert [e.step for e in got if e.candidate == 0] == list(range(end + 1)) and got[-1].candidate == 1
