@@ -124,6 +124,14 @@ def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frame
             "step_p99_ms": 1e3 * pct(step_times, 99)}
 
 
+def mean_of(parts: list[dict]) -> dict:
+    """Mean of the numeric fields of repeated chunks of one point (errors: concatenated)."""
+    out = {k: float(np.mean([p[k] for p in parts])) for k, v in parts[0].items() if isinstance(v, float | int)}
+    if "errors" in parts[0]:
+        out["errors"] = [e for p in parts for e in p["errors"]][:3]
+    return out
+
+
 def fork_speedup(target: str, model: str, h: int, k: int = 64):
     """A planner's tick: full 8-frame context, short horizon, latent only: prefill dominates."""
     ctx = context_frames(8)
@@ -163,6 +171,7 @@ def main() -> None:
     p.add_argument("--transports", default="grpc,http")
     p.add_argument("--modes", default="local", help="local,redis")
     p.add_argument("--max-slots", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1, help="alternate raw and served chunks this many times")
     p.add_argument("--tag", default=None)
     p.add_argument("--engine-batch", type=int, default=16, help="engine frame vs bare model.step (0: skip)")
     p.add_argument("--engine-steps", type=int, default=10)
@@ -245,11 +254,16 @@ def run(a) -> None:
             for n in [int(x) for x in a.clients.split(",")]:
                 if n * a.candidates > a.max_slots:
                     continue
-                raw = raw_engine(a.model_dir, a.preset, n, a.candidates, a.horizon, a.duration, a.frames, actions,
-                                 a.max_slots)
-                for tr in a.transports.split(","):
-                    target = srv.grpc if tr == "grpc" else srv.http
-                    s = served(target, tr, model, n, a.candidates, a.horizon, a.duration, a.frames, actions)
+                raws, serv = [], {tr: [] for tr in a.transports.split(",")}
+                for _ in range(a.repeats):  # raw and served alternate: drift of a shared machine hits both
+                    raws.append(raw_engine(a.model_dir, a.preset, n, a.candidates, a.horizon,
+                                           a.duration / a.repeats, a.frames, actions, a.max_slots))
+                    for tr in serv:
+                        serv[tr].append(served(srv.grpc if tr == "grpc" else srv.http, tr, model, n, a.candidates,
+                                               a.horizon, a.duration / a.repeats, a.frames, actions))
+                raw = mean_of(raws)
+                for tr in serv:
+                    s = mean_of(serv[tr])
                     row = {"mode": mode, "transport": tr, "clients": n, "K": a.candidates, "H": a.horizon, **s,
                            "raw_frames_per_s": raw["frames_per_s"], "raw_step_p50_ms": raw["step_p50_ms"],
                            "raw_step_p99_ms": raw["step_p99_ms"],
@@ -267,7 +281,8 @@ def run(a) -> None:
     report["engine"] = engine_rows
     report["time"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     (out / f"load-{tag}.json").write_text(json.dumps(report, indent=2))
-    md = [f"### {tag}: K={a.candidates}, H={a.horizon}, frames={a.frames}, {a.duration:.0f}s per point",
+    md = [f"### {tag}: K={a.candidates}, H={a.horizon}, frames={a.frames}, {a.duration:.0f}s per point"
+          + (f" (raw and served alternating in {a.repeats} chunks, figures averaged)" if a.repeats > 1 else ""),
           "", "| mode | transport | clients | served frames/s | raw frames/s | served/raw | TTFF p50/p99 ms | "
           "inter-frame p50/p99 ms | raw step p50/p99 ms | overhead p50/p99 ms |", "|" + "---|" * 10]
     for r in rows:
