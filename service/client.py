@@ -52,10 +52,17 @@ def _opts(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal
 
 
 # ---------------------------------------------------------------------------------------------- REST
+def auth_headers(api_key: str | None) -> dict:
+    """HTTP headers that carry an API key (REST and WebSocket)."""
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
 class RestClient:
-    def __init__(self, base_url: str, timeout: float = 120.0, context_encoding: str = "png"):
+    def __init__(self, base_url: str, timeout: float = 120.0, context_encoding: str = "png", api_key: str | None = None,
+                 verify=True):
         self.base = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base, timeout=timeout)
+        self.api_key = api_key
+        self.http = httpx.Client(base_url=self.base, timeout=timeout, headers=auth_headers(api_key), verify=verify)
         self.context_encoding = context_encoding
 
     def close(self) -> None:
@@ -117,17 +124,18 @@ class RestClient:
 
     def session(self, model: str, context, context_actions=None, **opts) -> WsSession:
         return WsSession(self.base.replace("http", "ws", 1) + f"/v1/models/{model}/session",
-                         [self._frame_json(f) for f in context], _opts(**opts), _plain(context_actions))
+                         [self._frame_json(f) for f in context], _opts(**opts), _plain(context_actions), self.api_key)
 
 
 class WsSession:
-    def __init__(self, url: str, context: list[dict], options: dict, context_actions=None):
+    def __init__(self, url: str, context: list[dict], options: dict, context_actions=None, api_key: str | None = None):
         self.url, self.context, self.options, self.context_actions = url, context, options, context_actions
+        self.api_key = api_key
 
     def __enter__(self) -> WsSession:
         from websockets.sync.client import connect
 
-        self.ws = connect(self.url, max_size=2**24)
+        self.ws = connect(self.url, max_size=2**24, additional_headers=auth_headers(self.api_key))
         self.ws.send(json.dumps({"type": "open", "context": self.context, "options": self.options,
                                  "context_actions": self.context_actions}))
         msg = json.loads(self.ws.recv())
@@ -168,9 +176,50 @@ def _pb_options(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="
                              frame_encoding=_ENC[frame_encoding], stop_on_done=stop_on_done)
 
 
+class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                      grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the `authorization: Bearer <key>` metadata to every call of a channel."""
+
+    def __init__(self, api_key: str):
+        self.md = ("authorization", f"Bearer {api_key}")
+
+    def _details(self, d):
+        md = [*(d.metadata or []), self.md]
+        return d._replace(metadata=md) if hasattr(d, "_replace") else _Details(d, md)
+
+    def intercept_unary_unary(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_unary_stream(self, cont, d, req):
+        return cont(self._details(d), req)
+
+    def intercept_stream_unary(self, cont, d, it):
+        return cont(self._details(d), it)
+
+    def intercept_stream_stream(self, cont, d, it):
+        return cont(self._details(d), it)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, d, metadata):
+        self.method, self.timeout, self.metadata = d.method, d.timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = d.credentials, d.wait_for_ready, d.compression
+
+
+def channel(target: str, api_key: str | None = None, root_certificates: bytes | None = None, options=()):
+    """A gRPC channel (TLS when root certificates are given) that sends the API key with every call."""
+    opts = [("grpc.max_receive_message_length", 2**26), *options]
+    if root_certificates is not None:
+        ch = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=opts)
+    else:
+        ch = grpc.insecure_channel(target, options=opts)
+    return grpc.intercept_channel(ch, _KeyInterceptor(api_key)) if api_key else ch
+
+
 class GrpcClient:
-    def __init__(self, target: str, context_encoding: str = "raw"):
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 2**26)])
+    def __init__(self, target: str, context_encoding: str = "raw", api_key: str | None = None,
+                 root_certificates: bytes | None = None):
+        self.channel = channel(target, api_key, root_certificates)
         self.stub = pbg.WorldModelServiceStub(self.channel)
         self.context_encoding = context_encoding
 

@@ -25,13 +25,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+E2E_KEY = "e2e-key-0123456789abcdef"  # the e2e suite runs with API keys configured (WORLDSERVE_AUTH__API_KEYS)
+
+
+class Clients:
+    """Clients of a serving surface (`http`, `grpc`) that send its API key (`key`)."""
+
+    @property
+    def headers(self) -> dict:
+        from worldserve.client import auth_headers
+
+        return auth_headers(self.key)
+
+    def rest(self, **kw):
+        from worldserve.client import RestClient
+
+        return RestClient(self.http, api_key=self.key, **kw)
+
+    def grpc_client(self, **kw):
+        from worldserve.client import GrpcClient
+
+        return GrpcClient(self.grpc, api_key=self.key, **kw)
+
+    def channel(self, options=()):
+        from worldserve.client import channel
+
+        return channel(self.grpc, self.key, options=options)
+
+
 @dataclass
-class Server:
+class Server(Clients):
     proc: subprocess.Popen
     http: str
     grpc: str
     log: Path
     metrics_urls: list | None = None
+    key: str | None = None  # the API key its clients must send
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.poll() is None:
@@ -89,6 +118,11 @@ def real_frames() -> np.ndarray:
     return np.stack(frames)
 
 
+# the suite's key; its limits are generous so that the e2e tests measure the service, not the per-key limits
+E2E_AUTH = {"WORLDSERVE_AUTH__API_KEYS": E2E_KEY, "WORLDSERVE_AUTH__PUBLIC_METRICS": "true",
+            "WORLDSERVE_AUTH__PUBLIC_DOCS": "true"}
+
+
 @pytest.fixture(scope="session", params=["local", "redis"])
 def server(request, tmp_path_factory):
     """The e2e surface, twice: `serve` (in-process queue) and api + worker through a real Redis."""
@@ -96,11 +130,13 @@ def server(request, tmp_path_factory):
     if request.param == "local":
         # e.g. WORLDSERVE_TEST_SERVE_ARGS="--backend onnxruntime --precision int8" runs the suite on that backend
         extra = os.environ.get("WORLDSERVE_TEST_SERVE_ARGS", "").split()
-        srv = start_server(tmp, "--model-dir", str(MODEL_DIR), "--max-slots", "64", "--max-queue", "128", *extra)
+        srv = start_server(tmp, "--model-dir", str(MODEL_DIR), "--max-slots", "64", "--max-queue", "128", *extra,
+                           env=E2E_AUTH)
         srv.metrics_urls = [srv.http]
     else:
         redis = request.getfixturevalue("redis_server")
-        srv = start_stack(tmp, redis, 1, ("--max-slots", "64", "--max-queue", "128"))
+        srv = start_stack(tmp, redis, 1, ("--max-slots", "64", "--max-queue", "128"), api_env=E2E_AUTH)
+    srv.key = E2E_KEY
     yield srv
     srv.stop()
 
@@ -164,12 +200,13 @@ FAST_FAILOVER = {"WORLDSERVE_QUEUE__CLAIM_IDLE_MS": "1500", "WORLDSERVE_QUEUE__H
 
 
 @dataclass
-class Stack:
+class Stack(Clients):
     """Front end (api) + workers joined by a real redis-server: the same HTTP/gRPC surface as `serve`."""
 
     api: Server
     workers: list[Server]
     redis: RedisServer
+    key: str | None = None
 
     @property
     def http(self) -> str:

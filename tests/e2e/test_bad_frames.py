@@ -19,7 +19,6 @@ from websockets.sync.client import connect
 
 from worldserve.api.gen import worldserve_pb2 as pb
 from worldserve.api.gen import worldserve_pb2_grpc as pbg
-from worldserve.client import GrpcClient
 
 pytestmark = pytest.mark.e2e
 SVC = "/worldserve.v1.WorldModelService/"
@@ -72,15 +71,15 @@ def test_ws_malformed_frames_get_an_error_and_a_close_frame(server, real_frames)
               (_open(real_frames, bogus=1), 1008, "bogus"),
               (json.dumps({"type": "open", "context": "x"}), 1008, "context")]
     for frame, code, part in probes:
-        with connect(url) as ws:
+        with connect(url, additional_headers=server.headers) as ws:
             ws.send(frame)
             msg = _expect_close(ws, code)
             assert part in msg["message"] + str(msg.get("field")), (frame[:40], msg)
-    with connect(url.replace("/tiny/", "/nope/")) as ws:
+    with connect(url.replace("/tiny/", "/nope/"), additional_headers=server.headers) as ws:
         ws.send(_open(real_frames))
         assert _expect_close(ws, 1008)["code"] == "NOT_FOUND"
     # inside an open session: a bad action is an error and the session goes on; a malformed frame ends it
-    with connect(url) as ws:
+    with connect(url, additional_headers=server.headers) as ws:
         ws.send(_open(real_frames))
         assert json.loads(ws.recv(timeout=30))["type"] == "opened"
         for bad in ({"type": "action", "action": "x"}, {"type": "action", "action": [[0.1]]},
@@ -98,7 +97,7 @@ def test_ws_malformed_frames_get_an_error_and_a_close_frame(server, real_frames)
 def test_grpc_counts_checked_before_parsing(server):
     """16 MB of empty context frames / candidates / actions: refused in milliseconds (it took 45 s and
     5.9 GB); over max_body_bytes: refused by gRPC itself."""
-    ch = grpc.insecure_channel(server.grpc, options=[("grpc.max_send_message_length", 64 << 20)])
+    ch = server.channel(options=[("grpc.max_send_message_length", 64 << 20)])
     predict = ch.unary_unary(SVC + "Predict", request_serializer=None, response_deserializer=None)
     rollout = ch.unary_stream(SVC + "Rollout", request_serializer=None, response_deserializer=None)
     n = (16 << 20) // 2 - 64
@@ -118,7 +117,7 @@ def test_grpc_counts_checked_before_parsing(server):
         predict(model + b"\x22\x80\x80\x80\x09" + b"\0" * (18 << 20), timeout=30)
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # many context frames, within the byte budget: refused on the count, before any image is decoded
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     with pytest.raises(Exception) as ei2:
         g.predict_events("tiny", [np.zeros((64, 64, 3), np.uint8)] * 200, [1])
     assert "context" in str(ei2.value)
@@ -126,7 +125,7 @@ def test_grpc_counts_checked_before_parsing(server):
 
 
 def test_grpc_session_protocol_errors(server, real_frames):
-    stub = pbg.WorldModelServiceStub(grpc.insecure_channel(server.grpc))
+    stub = pbg.WorldModelServiceStub(server.channel())
     frame = pb.Frame(encoding=pb.Frame.RAW_RGB8, height=64, width=64, data=real_frames[0].tobytes())
     opened = pb.SessionMessage(open=pb.SessionOpen(model="tiny", context=[frame]))
     act = pb.SessionMessage(action=pb.Action(discrete=2))

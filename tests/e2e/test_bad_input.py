@@ -30,7 +30,7 @@ def frame_json(arr):
 
 @pytest.fixture(scope="module")
 def rest(server):
-    return httpx.Client(base_url=server.http, timeout=30)
+    return httpx.Client(base_url=server.http, timeout=30, headers=server.headers)
 
 
 def metric(server, name: str) -> float:
@@ -90,7 +90,7 @@ def test_rest_bad_inputs(rest, real_frames):
     assert r.status_code == 422
 
 
-def test_rest_oversized_numbers_and_unknown_fields(rest, real_frames):
+def test_rest_oversized_numbers_and_unknown_fields(rest, server, real_frames):
     """Issue 12 probes: a 400-digit deadline_ms or action is a 4xx naming the field, never an OverflowError 500."""
     ok = frame_json(real_frames[0])
     p = "/v1/models/tiny/predict"
@@ -111,7 +111,7 @@ def test_rest_oversized_numbers_and_unknown_fields(rest, real_frames):
     # discrete actions given as lists (the shape of another model) are refused
     post(rest, p, {"context": [ok], "actions": [[2]]}, 400, "actions[0]")
     post(rest, p, {"context": [ok], "actions": [[]]}, 400, "actions[0]")
-    assert len(RestClient(rest.base_url.__str__()).predict("tiny", [real_frames[0]], [2])) == 1
+    assert len(server.rest().predict("tiny", [real_frames[0]], [2])) == 1
 
 
 def _encode(arr: np.ndarray, fmt: str) -> bytes:
@@ -174,7 +174,7 @@ def test_predict_cancelled_when_client_disconnects(server, real_frames):
 
     def cut(_):
         try:
-            httpx.post(server.http + "/v1/models/tiny/predict", json=body, timeout=0.3)
+            httpx.post(server.http + "/v1/models/tiny/predict", json=body, timeout=0.3, headers=server.headers)
         except httpx.TimeoutException:
             pass
 
@@ -188,7 +188,7 @@ def test_predict_cancelled_when_client_disconnects(server, real_frames):
 
 
 def test_grpc_bad_inputs(server, real_frames):
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     cases = [
         (dict(context=[np.zeros((32, 32, 3), np.uint8)], actions=[2]), "INVALID_ARGUMENT", "context[0]"),
         (dict(context=[real_frames[0]] * 9, actions=[2]), "INVALID_ARGUMENT", "context"),

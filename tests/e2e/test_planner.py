@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worldserve.client import GrpcClient
 from worldserve.plan import (
     CEMPlanner,
     MPCPolicy,
@@ -60,7 +59,7 @@ def test_remote_planner_beats_random_on_the_real_environment(server, request):
     if request.node.callspec.params.get("server") == "redis":
         pytest.skip("planning quality is checked once, against `serve`; Redis transport is covered by test_serving")
     cfg = PlanConfig(candidates=32, horizon=12)
-    policy = MPCPolicy(RemoteWorld(GrpcClient(server.grpc), "tiny"), cfg)
+    policy = MPCPolicy(RemoteWorld(server.grpc_client(), "tiny"), cfg)
     planned = evaluate("served", policy, SEEDS, cfg=cfg)
     rnd = evaluate("random", RandomPolicy(), SEEDS)
     wins = [p.seed for p, r in zip(planned.episodes, rnd.episodes, strict=True) if p.success and not r.success]

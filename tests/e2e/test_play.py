@@ -14,8 +14,6 @@ import pytest
 from PIL import Image
 from playwright.sync_api import sync_playwright
 
-from worldserve.client import RestClient
-
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 STARTS = ROOT / "service" / "api" / "static" / "starts"
@@ -33,7 +31,7 @@ def test_play_page_runs_a_session_from_a_real_start_frame(server, request):
     first = json.loads((STARTS / "index.json").read_text())["starts"][0]["file"]
     start = np.asarray(Image.open(STARTS / first).convert("RGB"))
     # what the model answers to "turn left" from that frame (greedy, so the page must draw exactly this)
-    with RestClient(server.http).session("tiny", [start]) as s:
+    with server.rest().session("tiny", [start]) as s:
         want_left = s.step(0).frame
         want_forward = s.step(2).frame
 
@@ -44,7 +42,7 @@ def test_play_page_runs_a_session_from_a_real_start_frame(server, request):
             page = browser.new_page()
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.http + "/play")
+            page.goto(server.http + "/play" + (f"#key={server.key}" if server.key else ""))
             page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=60_000)
             np.testing.assert_array_equal(canvas_pixels(page), start)  # the real start frame is shown
 

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from worldserve.client import GrpcClient, RestClient, ServerError
+from worldserve.client import ServerError
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny"
@@ -50,18 +50,18 @@ def metric(server, name: str) -> float:
 
 def test_rest_predict_equals_inprocess_engine(server, real_frames):
     ctx, actions = real_frames[:3], [2, 1, 2, 2, 0, 2]
-    rest = RestClient(server.http)
+    rest = server.rest()
     got = rest.predict(MODEL, ctx, actions, seed=7, temperature=1.0)
     want = inprocess_frames(ctx, [actions], seed=7, temperature=1.0)[0]
     assert got.shape == (6, 64, 64, 3) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, want)
     # gRPC agrees with REST
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     np.testing.assert_array_equal(g.predict(MODEL, ctx, actions, seed=7, temperature=1.0), got)
 
 
 def test_grpc_rollout_streams_every_candidate_and_step_in_order(server, real_frames):
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     k, h = 5, 7
     rng = np.random.default_rng(0)
     cands = rng.integers(0, 3, (k, h)).tolist()
@@ -78,14 +78,14 @@ def test_grpc_rollout_streams_every_candidate_and_step_in_order(server, real_fra
 
 
 def test_seeded_rollout_identical_alone_and_in_a_batch_of_32(server, real_frames):
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     cands = [[2, 0, 2, 2, 1, 2, 2, 2]] * 2
     alone = [e.frame for e in g.rollout(MODEL, real_frames[:4], cands, seed=11, temperature=1.0)]
     results, errors = {}, []
 
     def other(i):
         try:
-            c = GrpcClient(server.grpc)
+            c = server.grpc_client()
             list(c.rollout(MODEL, real_frames[i % 8 : i % 8 + 2], [[i % 3] * 8] * 3, seed=i, temperature=1.0))
         except Exception as e:  # noqa: BLE001
             errors.append(e)
@@ -104,7 +104,7 @@ def test_seeded_rollout_identical_alone_and_in_a_batch_of_32(server, real_frames
 
 
 def test_fork_equals_separate_requests(server, real_frames):
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     k, h, seed = 16, 6, 100
     rng = np.random.default_rng(1)
     cands = rng.integers(0, 3, (k, h)).tolist()
@@ -117,7 +117,7 @@ def test_fork_equals_separate_requests(server, real_frames):
 
 
 def test_cancelled_stream_frees_its_slots(server, real_frames):
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     before = metric(server, "worldserve_frames_total")
     call = g.rollout_call(MODEL, real_frames[:2], [[2] * 64] * 16, frames="none")
     for i, _ in enumerate(call):
@@ -133,7 +133,7 @@ def test_cancelled_stream_frees_its_slots(server, real_frames):
 
 
 def test_deadline_returns_partial_then_deadline_exceeded(server, real_frames):
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     got = []
     t0 = time.time()
     with pytest.raises(ServerError) as ei:
@@ -143,7 +143,7 @@ def test_deadline_returns_partial_then_deadline_exceeded(server, real_frames):
     assert time.time() - t0 < 3
     assert len(got) < 32 * 64
     # REST: the stream ends with a final line carrying the error
-    rest = RestClient(server.http)
+    rest = server.rest()
     with pytest.raises(ServerError) as ei:
         list(rest.rollout(MODEL, real_frames[:2], [[2] * 64] * 32, deadline_ms=100))
     assert ei.value.code == "DEADLINE_EXCEEDED"
@@ -151,7 +151,7 @@ def test_deadline_returns_partial_then_deadline_exceeded(server, real_frames):
 
 @pytest.mark.parametrize("transport", ["grpc", "ws"])
 def test_session_runs_100_steps(server, real_frames, transport):
-    c = GrpcClient(server.grpc) if transport == "grpc" else RestClient(server.http)
+    c = server.grpc_client() if transport == "grpc" else server.rest()
     pattern = [2, 2, 2, 1, 2, 2, 0, 2, 2, 2]  # mostly forward, as a player would
     with c.session(MODEL, real_frames[:2], context_actions=[2], frame_encoding="raw") as s:
         frames = [s.step(pattern[i % 10]).frame for i in range(100)]
@@ -161,7 +161,7 @@ def test_session_runs_100_steps(server, real_frames, transport):
 
 
 def test_session_equals_rollout(server, real_frames):
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     actions = [2, 2, 1, 2, 0, 2]
     with g.session(MODEL, real_frames[:2], seed=9, temperature=1.0) as s:
         sess = [s.step(a).frame for a in actions]
@@ -178,10 +178,9 @@ def test_health_ready_metrics_docs(server):
         assert name in m
     assert httpx.get(server.http + "/docs").status_code == 200
     assert "/v1/models/{name}/rollouts" in httpx.get(server.http + "/openapi.json").json()["paths"]
-    import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    ch = grpc.insecure_channel(server.grpc)
+    ch = server.channel()
     resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
     assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -195,15 +194,23 @@ def test_stop_on_done_over_rest_and_grpc(server, real_frames):
     f, a, _, d = ep
     end = int(np.argmax(d[CONTEXT - 1 :]))
     cands = [np.resize(a[CONTEXT - 1 :], 8).tolist(), [0] * 8]
-    rest = RestClient(server.http)
+    rest = server.rest()
     events = list(rest.rollout("tiny", f[:CONTEXT], cands, context_actions=a[: CONTEXT - 1].tolist(), frames="none",
                                stop_on_done=True))
     assert [e.step for e in events if e.candidate == 0] == list(range(end + 1))
     assert [e.step for e in events if e.candidate == 1] == list(range(8))
-    g = GrpcClient(server.grpc)
+    g = server.grpc_client()
     try:
         got = list(g.rollout("tiny", f[:CONTEXT], cands, context_actions=a[: CONTEXT - 1].tolist(), frames="none",
                              stop_on_done=True))
     finally:
         g.close()
     assert [e.step for e in got if e.candidate == 0] == list(range(end + 1)) and got[-1].candidate == 1
+
+
+def test_the_suite_runs_with_keys(server, real_frames):
+    """Every e2e test here authenticates: the same call without the key is refused."""
+    assert server.key
+    r = httpx.get(server.http + "/v1/models")
+    assert r.status_code == 401, r.text
+    assert httpx.get(server.http + "/v1/models", headers=server.headers).status_code == 200
