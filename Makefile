@@ -38,7 +38,7 @@ image: container-setup
 	  --target cpu -t worldserve:cpu .
 
 serve: proto
-	$(VENV)/bin/worldserve serve
+	$(VENV)/bin/worldserve serve --model-repo models
 
 lint: setup
 	$(VENV)/bin/ruff check .

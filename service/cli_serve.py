@@ -6,23 +6,31 @@ import argparse
 import asyncio
 import logging
 
+CLI_FIELDS = [  # flag -> (settings section, field)
+    ("model_dir", "model", "dir"), ("model_repo", "model", "repo"), ("preset", "model", "preset"),
+    ("device", "model", "device"), ("backend", "model", "backend"), ("precision", "model", "precision"),
+    ("max_slots", "engine", "max_slots"), ("max_queue", "engine", "max_queue"), ("host", "server", "host"),
+    ("http_port", "server", "http_port"), ("grpc_port", "server", "grpc_port"), ("queue", "queue", "url"),
+]
+
 
 def _settings(a):
+    """Settings from the environment, then the flags given on the command line, validated like the rest."""
     from .settings import Settings
 
     s = Settings()
-    m, e, srv, q = s.model, s.engine, s.server, s.queue
-    for name, target, attr in [
-        ("model_dir", m, "dir"), ("preset", m, "preset"), ("device", m, "device"), ("backend", m, "backend"),
-        ("precision", m, "precision"), ("max_slots", e, "max_slots"), ("max_queue", e, "max_queue"),
-        ("host", srv, "host"), ("http_port", srv, "http_port"), ("grpc_port", srv, "grpc_port"),
-        ("queue", q, "url"),
-    ]:
-        v = getattr(a, name, None)
+    over: dict[str, dict] = {}
+    for flag, section, attr in CLI_FIELDS:
+        v = getattr(a, flag, None)
         if v is not None:
-            setattr(target, attr, type(getattr(target, attr))(v) if getattr(target, attr) is not None else v)
+            over.setdefault(section, {})[attr] = v
     if getattr(a, "triton", False):
-        m.triton_kernels = True
+        over.setdefault("model", {})["triton_kernels"] = True
+    if getattr(a, "name", None):
+        over.setdefault("queue", {})["worker_name"] = a.name
+    for section, values in over.items():  # validated: a bad flag is an error naming it, not a crash later
+        sub = getattr(s, section)
+        setattr(s, section, type(sub).model_validate({**sub.model_dump(), **values}))
     return s
 
 
@@ -33,6 +41,7 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
     p.add_argument("--queue", help="local | redis://[user:pass@]host:port/db | rediss://…")
     if model:
         p.add_argument("--model-dir")
+        p.add_argument("--model-repo", help="serve every model directory in this folder (e.g. models)")
         p.add_argument("--preset", help="serve random weights of a preset (tiny/base/large)")
         p.add_argument("--device")
         p.add_argument("--backend", choices=["eager", "compile", "onnxruntime", "tensorrt"])
@@ -70,8 +79,6 @@ def cmd_worker(a) -> None:
     s = _settings(a)
     if not s.queue.url.startswith(("redis://", "rediss://", "unix://")):
         raise SystemExit("`worker` needs --queue redis://… (or WORLDSERVE_QUEUE__URL)")
-    if a.name:
-        s.queue.worker_name = a.name
     asyncio.run(run_worker(s))
 
 

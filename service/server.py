@@ -35,10 +35,26 @@ def build_engine(settings: Settings):
     return engine, engine.info(settings.model.backend, settings.model.precision)
 
 
+def repo_dirs(repo) -> list:
+    """The model directories of a repository: its sub-folders that hold a config.json, by name."""
+    dirs = sorted(d for d in repo.iterdir() if (d / "config.json").is_file())
+    if not dirs:
+        raise SystemExit(f"model repository {repo} holds no model directory (a folder with config.json)")
+    return dirs
+
+
 def build_local_queue(settings: Settings):
     from .queue.local import LocalQueue
 
-    return LocalQueue(*build_engine(settings))
+    def load(model_dir):  # a model directory -> (engine, info): used at start-up and by the admin API
+        ms = type(settings.model).model_validate({**settings.model.model_dump(), "dir": model_dir, "repo": None})
+        return build_engine(settings.model_copy(update={"model": ms}))
+
+    q = LocalQueue(loader=load)
+    for d in repo_dirs(settings.model.repo) if settings.model.repo else [None]:
+        engine, info = build_engine(settings) if d is None else load(d)
+        q.served_now(engine, info)
+    return q
 
 
 async def run_worker(settings: Settings) -> None:

@@ -17,6 +17,8 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny"
 
 class ModelSettings(BaseModel):
     dir: Path = DEFAULT_MODEL_DIR
+    repo: Path | None = Field(None, description="a model repository: serve every directory in it that holds a "
+                              "config.json, side by side (each with its own engine, slots and queue); overrides dir")
     preset: str | None = Field(None, description="serve a random-weight preset (tiny/base/large) instead of dir")
     device: str = "cpu"
     backend: Literal["eager", "compile", "onnxruntime", "tensorrt"] = "eager"
@@ -35,6 +37,9 @@ class EngineSettings(BaseModel):
 
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
+    admin_api: bool = Field(False, description="POST /v1/admin/models (load a model directory) and DELETE "
+                            "/v1/admin/models/{name} (unload) in `serve`; loading runs the directory's code: "
+                            "keep it off unless API keys are configured")
     http_port: int = 8000
     grpc_port: int = 50051
     max_body_bytes: int = 16 * 1024 * 1024  # REST body, WS message and gRPC message limit

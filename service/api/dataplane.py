@@ -83,6 +83,23 @@ class DataPlane:
         known = ", ".join(m.name for m in self.queue.models()) or "none loaded"
         raise NotFound(f"model {name!r} not found (available: {known})", "model")
 
+    async def load_model(self, model_dir: str) -> ModelInfo:
+        """Admin: serve another model directory without a restart (embedded mode)."""
+        load = getattr(self.queue, "load_model", None)
+        if load is None:
+            raise Unavailable("loading models needs the embedded server (`worldserve serve`); in Redis mode start a "
+                              "worker for the model")
+        try:
+            return await load(model_dir)
+        except (ValueError, TypeError, OSError, SystemExit) as e:  # a name already served, a bad directory
+            raise InvalidArgument(f"cannot load {model_dir!r}: {e}", "dir") from e
+
+    async def unload_model(self, name: str) -> None:
+        unload = getattr(self.queue, "remove_model", None)
+        if unload is None:
+            raise Unavailable("unloading models needs the embedded server (`worldserve serve`)")
+        await unload(name)
+
     def ready(self) -> bool:
         return not self.drainer.draining and self.queue.ready()
 

@@ -20,7 +20,7 @@ from .auth import WS_PROTOCOL, Gate, HttpGate
 from .dataplane import DataPlane, RolloutInput
 from .errors import code_name, http_status, retry_after
 from .limits import BodyLimit
-from .schemas import PredictIn, RolloutIn, describe, event_json, frames_in, options_in
+from .schemas import LoadModelIn, PredictIn, RolloutIn, describe, event_json, frames_in, options_in
 from .ws import run_ws_session
 
 STATIC = Path(__file__).parent / "static"
@@ -90,6 +90,17 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
     @app.get("/v1/models")
     async def list_models():
         return {"models": [vars(m) for m in dp.models()]}
+
+    if srv.admin_api:  # behind the API keys like every non-public path
+
+        @app.post("/v1/admin/models", status_code=201)
+        async def load_model(body: LoadModelIn):
+            return vars(await dp.load_model(body.dir))
+
+        @app.delete("/v1/admin/models/{name}")
+        async def unload_model(name: str):
+            await dp.unload_model(name)
+            return {"unloaded": name}
 
     @app.post("/v1/models/{name}/predict")
     async def predict(name: str, body: PredictIn, request: Request):

@@ -42,6 +42,11 @@ class OptionsIn(BaseModel):
                                                   "absorbing after done); the final line names each stop")
 
 
+class LoadModelIn(BaseModel):
+    model_config = STRICT
+    dir: str = Field(description="a model directory on the server (config.json, model.safetensors, MODEL_CARD.md)")
+
+
 class PredictIn(BaseModel):
     model_config = STRICT
     context: list[FrameIn]

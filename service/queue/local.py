@@ -36,13 +36,21 @@ class Served:
 
 
 class LocalQueue:
-    def __init__(self, engine=None, info: ModelInfo | None = None):
+    def __init__(self, engine=None, info: ModelInfo | None = None, loader=None):
+        # loader: model directory -> (engine, info), for loading models while serving (built by the caller)
         self.served: dict[str, Served] = {}
         self._routes: dict[str, tuple[asyncio.Queue, Served]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
+        self.loader = loader
         if engine is not None:
-            self.served[info.name] = Served(engine, info)
+            self.served_now(engine, info)
+
+    def served_now(self, engine, info: ModelInfo) -> None:
+        """Add a model before start()."""
+        if info.name in self.served:
+            raise ValueError(f"two models named {info.name!r}: model names must be unique")
+        self.served[info.name] = Served(engine, info)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -65,6 +73,14 @@ class LocalQueue:
             route = self._routes.get(rid)
             if route is not None:
                 route[0].put_nowait([RolloutEvent.end(rid, code, message)])
+
+    async def load_model(self, model_dir: str) -> ModelInfo:
+        """Load a model directory with the loader (in a thread: the event loop keeps serving) and serve it."""
+        if self.loader is None:
+            raise Unavailable("this queue cannot load models")
+        engine, info = await asyncio.to_thread(self.loader, model_dir)
+        await self.add_model(engine, info)
+        return info
 
     async def add_model(self, engine, info: ModelInfo) -> None:
         """Serve another model without a restart (its engine built and warmed up by the caller)."""
