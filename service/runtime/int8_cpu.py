@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -39,6 +40,37 @@ def has_vnni() -> bool:
     except OSError:
         return False
     return any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
+
+
+_PACKS: OrderedDict = OrderedDict()  # (weight ptr/version, scale ptr/version, shape) -> (weight, scale, packed)
+MAX_PACKS = 256
+
+
+def packed_for(weight_q: torch.Tensor, scale: torch.Tensor):
+    """FBGEMM's packed form of (weight_q, scale), made once and reused. The entry holds the tensors themselves, so
+    their storage cannot be freed and its address reused while cached; an in-place change (load_state_dict)
+    bumps the version and repacks."""
+    key = (weight_q.data_ptr(), weight_q._version, scale.data_ptr(), scale._version, tuple(weight_q.shape))
+    hit = _PACKS.get(key)
+    if hit is None:
+        hit = _PACKS[key] = (weight_q, scale, prepack(weight_q, scale))
+        while len(_PACKS) > MAX_PACKS:
+            _PACKS.popitem(last=False)
+    else:
+        _PACKS.move_to_end(key)
+    return hit[2]
+
+
+@torch.library.custom_op("worldserve::w8a8_linear", mutates_args=())
+def w8a8_op(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] float (CPU), weight_q int8 [N, K], scale fp32 [N], bias [N] | None -> [..., N] (x.dtype).
+    One op, so torch.compile keeps the FBGEMM call (it cannot trace into the packed weight)."""
+    return w8a8_linear(x, packed_for(weight_q, scale), bias, weight_q.shape[0])
+
+
+@w8a8_op.register_fake
+def _(x, weight_q, scale, bias):
+    return x.new_empty(*x.shape[:-1], weight_q.shape[0])
 
 
 def prepack(weight_q: torch.Tensor, scale: torch.Tensor):

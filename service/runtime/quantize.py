@@ -70,15 +70,6 @@ class Int8Linear(nn.Module):
         self.use_triton = False
         # CPU: int8 x int8 through FBGEMM with activations quantized per row (int8_cpu.py); False = the reference
         self.w8a8 = self.in_features >= 2 and int8_cpu.available()
-        self._packed = None  # FBGEMM's packed weight, made on first use (after any load_state_dict)
-
-    def _apply(self, fn, recurse=True):
-        self._packed = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = None
-        return super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
@@ -95,10 +86,8 @@ class Int8Linear(nn.Module):
 
             y = int8_matmul(x.reshape(-1, self.in_features), self.weight_q, self.scale, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
-        if self.w8a8 and x.device.type == "cpu" and not _tracing():
-            if self._packed is None:
-                self._packed = int8_cpu.prepack(self.weight_q, self.scale)
-            return int8_cpu.w8a8_linear(x, self._packed, self.bias, self.out_features)
+        if self.w8a8 and x.device.type == "cpu" and not _exporting():  # eager and torch.compile (one custom op)
+            return torch.ops.worldserve.w8a8_linear(x, self.weight_q, self.scale, self.bias)
         return self.reference(x)
 
     def extra_repr(self) -> str:

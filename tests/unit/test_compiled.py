@@ -16,11 +16,9 @@ from worldserve.runtime.quantize import Int8Linear, quantize_model
 def test_compiled_matches_eager(precision):
     cfg = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, window=4)
     m = build(cfg, seed=5)
-    if precision == "int8":  # inductor lowers the int8 dequantization itself (weight-only: compare with the
-        m = quantize_model(m, "int8")  # eager reference, not eager's CPU W8A8 path)
-        for mod in m.modules():
-            if isinstance(mod, Int8Linear):
-                mod.w8a8 = False
+    if precision == "int8":  # on the CPU the compiled graph keeps eager's int8 x int8 op (worldserve::w8a8_linear)
+        m = quantize_model(m, "int8")
+        assert all(mod.w8a8 for mod in m.modules() if isinstance(mod, Int8Linear))
     c = compile_model(m)
     assert c.spec == m.spec and next(c.parameters()).device == next(m.parameters()).device
     frames = torch.randint(0, 256, (6, 64, 64, 3), dtype=torch.uint8)
@@ -36,10 +34,13 @@ def test_compiled_matches_eager(precision):
         a = torch.tensor([s % 3, 1, 2, 0])
         le, re, de = m.step(ce, slots, a)
         lc, rc, dc = c.step(cc, slots, a)
-        torch.testing.assert_close(lc, le, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(rc, re, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(dc, de, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(cc.k, ce.k, atol=1e-4, rtol=1e-4)
+        # int8: inductor's fp32 ops round differently by ~1e-6, which can move an activation across an int8
+        # step (a per-row scale is 1/127 of the row's absmax): a looser, still small bound
+        tol = 1e-4 if precision == "fp32" else 2e-2
+        torch.testing.assert_close(lc, le, atol=tol, rtol=tol)
+        torch.testing.assert_close(rc, re, atol=tol, rtol=tol)
+        torch.testing.assert_close(dc, de, atol=tol, rtol=tol)
+        torch.testing.assert_close(cc.k, ce.k, atol=tol, rtol=tol)
         nxt = le.argmax(-1)
         advance(ce, slots, nxt)
         advance(cc, slots, nxt)
