@@ -52,6 +52,7 @@ class Liveness:
                     await self._reconcile()
                 if not self.alive_once.is_set():
                     await rc.ensure_group(self.r, self.model)  # the stream exists before any scan of it
+                    await self._resume_own()
                     self.alive_once.set()
                 mine = [f.entry_id for f in self.inflight.values()]
                 if mine:  # reset idle time of what we are still working on
@@ -65,9 +66,15 @@ class Liveness:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001
-                if rc.is_nogroup(e):
-                    await rc.ensure_group(self.r, self.model)
                 await self._on_error(e, backoff, "heartbeat")
+
+    async def _resume_own(self) -> None:
+        """Entries pending under our consumer name from a previous life (a restart with a fixed --name):
+        nobody else reclaims them while our alive key exists, so we rerun them (or dead-letter them)."""
+        own = await self.r.xpending_range(self.key, self.group, "-", "+", 1000, consumername=self.id)
+        if own:
+            log.warning("worker %s resumes %d requests left pending under its name", self.id, len(own))
+            await self._take(own, 0)
 
     async def _reconcile(self) -> None:
         """Our alive key had expired (a stall past its TTL): drop the requests a survivor took from us."""

@@ -25,12 +25,14 @@ def settings(redis) -> QueueSettings:
 class WorkerThread:
     """A Worker (real engine) on its own event loop; `code` is its exit status once run() ends."""
 
-    def __init__(self, model, redis, poisoned: bool = False, always: bool = False, fatal_after: int = 3):
+    def __init__(self, model, redis, poisoned: bool = False, always: bool = False, fatal_after: int = 3,
+                 name: str | None = None):
         from worldserve.engine.engine import Engine, EngineConfig
 
         m = PoisonedModel(model, always=always) if poisoned else model
         self.engine = Engine(m, EngineConfig(max_slots=8, max_consecutive_failures=fatal_after), emit=lambda e: None)
         self.q, self.code, self.worker = settings(redis), None, None
+        self.q.worker_name = name
         self.started = threading.Event()
         self.thread = threading.Thread(target=self._main, daemon=True)
         self.thread.start()

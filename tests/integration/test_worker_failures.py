@@ -140,3 +140,24 @@ def test_corrupt_or_foreign_entries_are_dead_lettered_raw_and_their_clients_told
         assert ok[-1].error == ErrorCode.OK
     finally:
         w.shutdown()
+
+
+def test_worker_restarted_under_the_same_name_resumes_its_pending_entries(model, redis_server, real_frames):
+    """A worker restarted with a fixed --name (a StatefulSet pod) finds entries pending under that name from
+    its previous life; nobody else reclaims them while its alive key exists, so it reruns them itself."""
+    r = redis_server.client()
+    r.xgroup_create(KEY, GROUP, id="0", mkstream=True)
+    req = request(real_frames[:1], 60, k=1, h=3)
+    r.xadd(KEY, {"m": pack(req), "id": req.id, "d": b"60"})
+    r.xreadgroup(GROUP, "w-fixed", {KEY: ">"}, count=1)  # taken, then the process died
+    w = WorkerThread(model, redis_server, name="w-fixed")
+    try:
+        t0 = time.time()
+        while not any(unpack(f[b"m"]).final for _, f in r.xrange(f"worldserve:results:{req.id}")):
+            assert time.time() - t0 < 15, "the entry of the previous life was never rerun"
+            time.sleep(0.05)
+        ev = [unpack(f[b"m"]) for _, f in r.xrange(f"worldserve:results:{req.id}")]
+        assert ev[-1].error == ErrorCode.OK and len(ev) == 3 + 1
+        assert r.xpending(KEY, GROUP)["pending"] == 0
+    finally:
+        w.shutdown()
