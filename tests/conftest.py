@@ -19,6 +19,20 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "tiny"
 
 
+def metric_value(urls, name: str) -> float:
+    """A Prometheus metric summed over every label set (e.g. every model) and every process in `urls` (str or list);
+    KeyError when no process exports it."""
+    total, seen = 0.0, False
+    for url in [urls] if isinstance(urls, str) else urls:
+        for line in httpx.get(url + "/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+    if not seen:
+        raise KeyError(name)
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

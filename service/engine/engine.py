@@ -117,7 +117,7 @@ class Engine:
             if self.fatal is not None:
                 raise Unavailable(f"engine failed ({type(self.fatal).__name__}: {self.fatal}); not taking work")
             if len(self.waiting) + len(self._inbox) >= self.cfg.max_queue:
-                metrics.REQUESTS.labels("rejected").inc()
+                metrics.REQUESTS.labels(self.spec.name, "rejected").inc()
                 raise QueueFull(f"queue full ({self.cfg.max_queue} requests waiting); retry later")
             self._inbox.append(("submit", req, time.monotonic()))
         self._wake.set()
@@ -164,9 +164,9 @@ class Engine:
             rows = self._schedule()
             if rows:
                 self._guarded(rows)  # 4 + 5
-                metrics.STEP_SECONDS.observe(time.perf_counter() - t0)
-            metrics.QUEUE_DEPTH.set(len(self.waiting))
-            metrics.ACTIVE_SLOTS.set(self.cfg.max_slots - len(self.free))
+                metrics.STEP_SECONDS.labels(self.spec.name).observe(time.perf_counter() - t0)
+            metrics.QUEUE_DEPTH.labels(self.spec.name).set(len(self.waiting))
+            metrics.ACTIVE_SLOTS.labels(self.spec.name).set(self.cfg.max_slots - len(self.free))
             return bool(rows) or bool(self._inbox)
         finally:
             self._flush()
@@ -318,7 +318,7 @@ class Engine:
     def _execute(self, rows: list[Row]) -> None:
         b = len(rows)
         nb = bucket(b, self.cfg.max_slots)
-        metrics.BATCH_SIZE.observe(b)
+        metrics.BATCH_SIZE.labels(self.spec.name).observe(b)
         slots = pad_to(torch.tensor([r.slot for r in rows]), nb, self.pad_slot).to(self.device)
         if self.spec.action_dim:
             acts = torch.zeros(nb, self.spec.action_dim)
@@ -355,13 +355,13 @@ class Engine:
             a = r.active
             if not a.first_event:
                 a.first_event = True
-                metrics.TTFF.observe(now - a.submitted)
+                metrics.TTFF.labels(self.spec.name).observe(now - a.submitted)
             self._out.append(RolloutEvent(
                 a.req.id, r.candidate, a.step, float(host.reward[i]), float(host.done[i]),
                 frame=host.frames[frame_of[i]] if i in frame_of else None,
                 tokens=host.tokens[i].astype(np.int64) if a.req.return_tokens and host.tokens is not None else None,
             ))
-        metrics.FRAMES.inc(b)
+        metrics.FRAMES.labels(self.spec.name).inc(b)
         for i in ends:  # a candidate whose world ended: no more steps, its slot freed now
             r = rows[i]
             r.active.stopped[r.candidate] = r.active.step
@@ -387,7 +387,7 @@ class Engine:
         return m == FrameMode.ALL or (m == FrameMode.LAST and (a.req.session or a.step == a.req.horizon - 1))
 
     def _end(self, request_id: str, code: ErrorCode, message: str) -> None:
-        metrics.REQUESTS.labels(code.name.lower()).inc()
+        metrics.REQUESTS.labels(self.spec.name, code.name.lower()).inc()
         self._out.append(RolloutEvent.end(request_id, code, message))
 
     def _finish(self, a: Active, code: ErrorCode, message: str) -> None:

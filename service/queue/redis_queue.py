@@ -108,7 +108,7 @@ class RedisQueue:
         key = rc.requests_key(req.model)
         try:
             if await self.r.xlen(key) >= self.q.stream_maxlen:
-                metrics.REQUESTS.labels("rejected").inc()
+                metrics.REQUESTS.labels(req.model, "rejected").inc()
                 raise QueueFull(f"queue full ({self.q.stream_maxlen} requests outstanding); retry later")
             p = Pending(req, b"", asyncio.Queue())
             self._pending[req.id] = p

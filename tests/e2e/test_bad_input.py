@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import start_server
+from tests.conftest import metric_value, start_server
 from worldserve.client import GrpcClient, RestClient, ServerError
 
 pytestmark = pytest.mark.e2e
@@ -34,13 +34,8 @@ def rest(server):
 
 
 def metric(server, name: str) -> float:
-    """Sum of a counter over the processes that run engines (the server itself, or the workers)."""
-    total = 0.0
-    for url in server.metrics_urls:
-        for line in httpx.get(url + "/metrics").text.splitlines():
-            if line.startswith(name + " "):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    """Summed over the processes that run engines (the server itself, or the workers)."""
+    return metric_value(server.metrics_urls, name)
 
 
 def post(rest, path, body, status, field_part):

@@ -14,7 +14,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.conftest import start_server
+from tests.conftest import metric_value, start_server
 from worldserve.client import GrpcClient
 
 pytestmark = pytest.mark.e2e
@@ -113,10 +113,7 @@ def test_open_sessions_are_capped(srv, real_frames):
 
 
 def _metric(srv, name: str) -> float:
-    for line in httpx.get(srv.http + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    return metric_value(srv.http, name)
 
 
 def test_slow_consumer_is_cut_off_and_its_slots_freed(srv, real_frames):

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import metric_value
 from worldserve.client import ServerError
 
 pytestmark = pytest.mark.e2e
@@ -36,16 +37,8 @@ def inprocess_frames(context, actions, seed, temperature, candidates=1):
 
 
 def metric(server, name: str) -> float:
-    """Sum of a metric over the processes that run engines (the server itself, or the workers)."""
-    total, seen = 0.0, False
-    for url in server.metrics_urls:
-        for line in httpx.get(url + "/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-                seen = True
-    if not seen:
-        raise KeyError(name)
-    return total
+    """Summed over the processes that run engines (the server itself, or the workers)."""
+    return metric_value(server.metrics_urls, name)
 
 
 def test_rest_predict_equals_inprocess_engine(server, real_frames):

@@ -6,11 +6,10 @@ import signal
 import threading
 import time
 
-import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import MODEL_DIR, start_redis, start_stack, wait_ready
+from tests.conftest import MODEL_DIR, metric_value, start_redis, start_stack, wait_ready
 from worldserve.client import GrpcClient, ServerError
 
 pytestmark = pytest.mark.integration
@@ -41,10 +40,10 @@ def redis_server(tmp_path):
 
 
 def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+    try:
+        return metric_value(url, name)
+    except KeyError:
+        return 0.0
 
 
 def stream_all(target, context, jobs, results, errors, **kw):
