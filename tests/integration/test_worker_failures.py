@@ -161,3 +161,43 @@ def test_worker_restarted_under_the_same_name_resumes_its_pending_entries(model,
         assert r.xpending(KEY, GROUP)["pending"] == 0
     finally:
         w.shutdown()
+
+
+def test_worker_taken_for_dead_gives_up_what_a_survivor_took(model, redis_server, real_frames):
+    """A worker silent past its alive TTL (a long GC or CPU stall) may have had its entries claimed by a survivor.
+    On its next heartbeat it finds its alive key gone, drops the runs it no longer owns (slots freed, no events
+    published for them: the survivor answers) and keeps the ones still pending under its name."""
+    w = WorkerThread(model, redis_server)
+    try:
+        w.wait_ready()
+        r = redis_server.client()
+        taken = request(real_frames[:1], 70, k=1, h=0)  # a session: never ends by itself
+        taken.session = True
+        kept = request(real_frames[:1], 71, k=2, h=64)
+        for q in (taken, kept):
+            r.xadd(KEY, {"m": pack(q), "id": q.id, "d": b"120"})
+        t0 = time.time()
+        while len(w.worker.inflight) < 2:
+            assert time.time() - t0 < 10
+            time.sleep(0.01)
+        eid = w.worker.inflight[taken.id].entry_id
+        with r.pipeline() as pipe:  # as a survivor would after the TTL: the key is gone, the entry claimed
+            pipe.delete(f"worldserve:alive:{w.worker.id}")
+            pipe.xclaim(KEY, GROUP, "survivor", 0, [eid], justid=True)
+            pipe.set("worldserve:alive:survivor", b"1", ex=60)
+            pipe.execute()
+        while taken.id in w.worker.inflight:
+            assert time.time() - t0 < 10, "the worker kept running a request it no longer owns"
+            time.sleep(0.01)
+        while kept.id in w.worker.inflight:
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert not r.exists(f"worldserve:results:{taken.id}"), "events for a request the survivor owns"
+        end = unpack(r.xrange(f"worldserve:results:{kept.id}")[-1][1][b"m"])
+        assert end.final and end.error == ErrorCode.OK
+        pend = r.xpending_range(KEY, GROUP, "-", "+", 10)
+        assert [(p["message_id"], p["consumer"]) for p in pend] == [(eid, b"survivor")]
+        assert w.engine.free_slots() == 8 and w.worker.ready()
+    finally:
+        w.shutdown()
