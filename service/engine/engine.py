@@ -218,6 +218,9 @@ class Engine:
         expired = {w.req.id for w in self.waiting if w.req.deadline is not None and now > w.req.deadline}
         if expired:
             self._drop_waiting(expired, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+        stale = {w.req.id for w in self.waiting if w.req.session and mono - w.submitted > self.cfg.session_idle_s}
+        if stale:  # a session nobody could admit for session_idle_s: its player has long given up
+            self._drop_waiting(stale, ErrorCode.DEADLINE_EXCEEDED, "session idle timeout while waiting for a slot")
 
     def _admit(self) -> None:
         admitted: list[Active] = []

@@ -148,3 +148,17 @@ def test_session_action_sent_with_the_open_is_not_lost(model):
     for _ in range(3):
         eng.step()
     assert [e.step for e in ev if not e.final] == [0]
+
+
+def test_sessions_waiting_for_a_slot_time_out(model):
+    events = []
+    eng = Engine(model, EngineConfig(max_slots=1, session_idle_s=0.2), emit=events.extend)
+    eng.submit(RolloutRequest("long", "tiny", ctx(), np.zeros((1, 64), np.int64), frames=FrameMode.NONE))
+    eng.step()  # the only slot is taken
+    eng.submit(RolloutRequest("s", "tiny", ctx(1), np.zeros((1, 0), np.int64), session=True))
+    t0 = time.time()
+    while not any(e.final and e.request_id == "s" for e in events) and time.time() - t0 < 5:
+        eng.step()
+    (f,) = [e for e in events if e.final and e.request_id == "s"]
+    assert f.error == ErrorCode.DEADLINE_EXCEEDED and "waiting" in f.message
+    assert not any(e.final and e.request_id == "long" for e in events)  # the rollout goes on
