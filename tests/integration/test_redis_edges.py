@@ -120,6 +120,8 @@ def test_wrong_password_is_named_and_secrets_never_logged_in_any_url_form(tmp_pa
         bad_api.wait_log("authentication failed")
         err = rollout_error(bad_api.grpc, real_frames)
         assert err.code == "UNAVAILABLE" and "authentication failed" in err.message, err
+        rest = httpx.get(bad_api.url + "/v1/models", timeout=5)
+        assert rest.status_code == 503 and rest.json()["error"]["code"] == "UNAVAILABLE", rest.text
         for good in (worker, api, user_api):
             wait_ready(good.url, good.proc, good.log, timeout=90)
         for a in (api, user_api):
