@@ -195,6 +195,9 @@ class Worker(Liveness):
             req.attempt += 1
             metrics.REDIS_RECLAIMED.inc()
             log.warning("reclaimed request %s (attempt %d)", req.id, req.attempt + 1)
+        t0 = time.monotonic()
+        while req.id in self.disowned and time.monotonic() - t0 < 2:  # our cancelled run ends first
+            await asyncio.sleep(0.01)
         self.disowned.discard(req.id)
         self.inflight[req.id] = InFlight(entry_id, req)
         self.engine.submit(req)

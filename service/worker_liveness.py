@@ -77,12 +77,17 @@ class Liveness:
             await self._take(own, 0)
 
     async def _reconcile(self) -> None:
-        """Our alive key had expired (a stall past its TTL): drop the requests a survivor took from us."""
-        ours = {p["message_id"] for p in await self.r.xpending_range(self.key, self.group, "-", "+", 10_000,
-                                                                       consumername=self.id)}
-        lost = [rid for rid, f in self.inflight.items() if f.entry_id not in ours]
-        log.warning("worker %s was silent past its alive TTL (%.1fs); %d of its requests were taken over",
-                    self.id, self.alive_ttl_s, len(lost))
+        """Our alive key was gone: a stall past its TTL (a survivor may have claimed entries from us: drop
+        those runs) or a Redis restart (nothing is owned by anyone: keep running, the front ends re-add)."""
+        held = list(self.inflight.items())
+        async with self.r.pipeline(transaction=False) as pipe:
+            for _, f in held:
+                pipe.xpending_range(self.key, self.group, f.entry_id, f.entry_id, 1)
+            owners = await pipe.execute()
+        me = self.id.encode()
+        lost = [rid for (rid, _), p in zip(held, owners, strict=True) if p and p[0]["consumer"] != me]
+        log.warning("worker %s: its alive key had expired (stall past %.1fs or a Redis restart); %d of its "
+                    "requests were taken over by other workers", self.id, self.alive_ttl_s, len(lost))
         for rid in lost:
             self.inflight.pop(rid)
             self.disowned.add(rid)
