@@ -102,6 +102,13 @@ def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frame
     eng = Engine(model, EngineConfig(max_slots=max_slots, max_queue=4 * n), emit=events.extend)
     ctx = context_frames()
     mode = {"all": FrameMode.ALL, "last": FrameMode.LAST, "none": FrameMode.NONE}[frames]
+    # warm-up, untimed (the server warmed its buckets at start-up): one admission of n requests + 2 steps
+    for i in range(n):
+        eng.submit(RolloutRequest(f"warm-{i}", model.cfg.name, ctx,
+                                  np.asarray([actions(i, j) for j in range(k)])[:, :2], frames=mode, seed=i))
+    while sum(e.final for e in events) < n:
+        eng.step()
+    events.clear()
     step_times, done_frames = [], 0
     t_end = time.time() + duration
     t0 = time.time()
