@@ -256,7 +256,7 @@ def run(a) -> None:
             redis = start_redis(tmp)
             srv = start_stack(tmp, redis, 1, (*model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024"),
                               api_env={"WORLDSERVE_QUEUE__STREAM_MAXLEN": "4096"})
-        model = a.preset or "tiny"
+        model = a.preset or GrpcClient(srv.grpc).models()[0].name  # the served model's own name
         try:
             for n in [int(x) for x in a.clients.split(",")]:
                 if n * a.candidates > a.max_slots:
