@@ -68,7 +68,8 @@ async def run_worker(settings: Settings) -> None:
     engine, info = build_engine(settings)
     worker = Worker(engine, info, settings.queue)
     app = FastAPI(title="worldserve worker")
-    app.get("/healthz")(lambda: {"status": "ok", "worker": worker.id})
+    app.get("/healthz")(lambda: {"status": "ok", "worker": worker.id} if worker.dead is None
+                        else JSONResponse({"status": "dead", "reason": worker.dead}, status_code=503))
     app.get("/readyz")(lambda: {"status": "ready"} if worker.ready()
                        else JSONResponse({"status": "not ready"}, status_code=503))
     app.get("/metrics")(lambda: Response(generate_latest(), media_type=CONTENT_TYPE_LATEST))
@@ -79,9 +80,15 @@ async def run_worker(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     http_task = asyncio.create_task(http.serve())
-    await worker.run(stop, srv.grace_s)
+    code = 0
+    try:
+        await worker.run(stop, srv.grace_s)
+    except SystemExit as e:  # the engine died: the worker has handed its work on; exit non-zero, cleanly
+        code = e.code if isinstance(e.code, int) else 1
     http.should_exit = True
     await http_task
+    if code:
+        raise SystemExit(code)
 
 
 def quiet_server(config: uvicorn.Config) -> uvicorn.Server:

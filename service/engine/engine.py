@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import metrics
-from ..errors import QueueFull, Unavailable
+from ..errors import InvalidArgument, QueueFull, Unavailable
 from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 from ..model.protocol import Noise, WorldModelProtocol, check_model
 from .batch import bucket, pad_to, run_fixed_chunks
@@ -116,6 +116,9 @@ class Engine:
         with self._lock:
             if self.fatal is not None:
                 raise Unavailable(f"engine failed ({type(self.fatal).__name__}: {self.fatal}); not taking work")
+            if req.id in self.active or any(w.req.id == req.id for w in self.waiting) or any(
+                    k == "submit" and obj.id == req.id for k, obj, _ in self._inbox):
+                raise InvalidArgument(f"request id {req.id!r} is already in this engine", "id")
             if len(self.waiting) + len(self._inbox) >= self.cfg.max_queue:
                 metrics.REQUESTS.labels(self.spec.name, "rejected").inc()
                 raise QueueFull(f"queue full ({self.cfg.max_queue} requests waiting); retry later")

@@ -162,3 +162,17 @@ def test_sessions_waiting_for_a_slot_time_out(model):
     (f,) = [e for e in events if e.final and e.request_id == "s"]
     assert f.error == ErrorCode.DEADLINE_EXCEEDED and "waiting" in f.message
     assert not any(e.final and e.request_id == "long" for e in events)  # the rollout goes on
+
+
+def test_a_duplicate_request_id_is_refused_and_leaks_nothing(model):
+    from worldserve.errors import InvalidArgument
+
+    eng, ev = make(model, slots=4)
+    eng.submit(RolloutRequest("dup", "tiny", ctx(), np.zeros((2, 3), np.int64)))
+    with pytest.raises(InvalidArgument):
+        eng.submit(RolloutRequest("dup", "tiny", ctx(), np.zeros((2, 3), np.int64)))
+    eng.step()
+    with pytest.raises(InvalidArgument):  # admitted: still refused
+        eng.submit(RolloutRequest("dup", "tiny", ctx(), np.zeros((2, 3), np.int64)))
+    run(eng, ev, 1)
+    assert eng.free_slots() == 4 and [e.request_id for e in ev if e.final] == ["dup"]
