@@ -33,6 +33,18 @@ def metric_value(urls, name: str) -> float:
     return total
 
 
+def wait_models(http: str, key: str, names, timeout: float = 30) -> None:
+    """Until the front end lists every model in `names` (in Redis mode workers announce their models)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = {m["name"] for m in httpx.get(http + "/v1/models", headers={"authorization": f"Bearer {key}"},
+                                            timeout=5).json().get("models", [])}
+        if set(names) <= got:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"models {sorted(names)} not all listed after {timeout}s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -137,19 +149,29 @@ E2E_AUTH = {"WORLDSERVE_AUTH__API_KEYS": E2E_KEY, "WORLDSERVE_AUTH__PUBLIC_METRI
             "WORLDSERVE_AUTH__PUBLIC_DOCS": "true"}
 
 
+E2E_MODELS = ("tiny", "denoiser")  # the e2e surface serves both shipped architectures side by side
+
+
 @pytest.fixture(scope="session", params=["local", "redis"])
 def server(request, tmp_path_factory):
-    """The e2e surface, twice: `serve` (in-process queue) and api + worker through a real Redis."""
+    """The e2e surface, twice: `serve` of a model repository (in-process queue: tiny + denoiser) and api + one
+    worker per model through a real Redis."""
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "local":
+        repo = tmp / "models"
+        repo.mkdir()
+        for name in E2E_MODELS:
+            (repo / name).symlink_to(ROOT / "models" / name)
         # e.g. WORLDSERVE_TEST_SERVE_ARGS="--backend onnxruntime --precision int8" runs the suite on that backend
         extra = os.environ.get("WORLDSERVE_TEST_SERVE_ARGS", "").split()
-        srv = start_server(tmp, "--model-dir", str(MODEL_DIR), "--max-slots", "64", "--max-queue", "128", *extra,
+        srv = start_server(tmp, "--model-repo", str(repo), "--max-slots", "64", "--max-queue", "128", *extra,
                            env=E2E_AUTH)
         srv.metrics_urls = [srv.http]
     else:
         redis = request.getfixturevalue("redis_server")
         srv = start_stack(tmp, redis, 1, ("--max-slots", "64", "--max-queue", "128"), api_env=E2E_AUTH)
+        srv.add_worker(tmp, "--model-dir", str(ROOT / "models" / "denoiser"), "--max-slots", "64", "--max-queue", "128")
+        wait_models(srv.http, E2E_AUTH["WORLDSERVE_AUTH__API_KEYS"], E2E_MODELS)
     srv.key = E2E_KEY
     yield srv
     srv.stop()
