@@ -101,8 +101,17 @@ def cmd_eval(a) -> None:
     from .evaluate import evaluate_dir
 
     torch.set_num_threads(a.threads)
-    ok = evaluate_dir(Path(a.model_dir), a.episodes, write_card=not a.no_card, variant=a.variant)
+    ok = evaluate_dir(Path(a.model_dir), a.episodes, write_card=not a.no_card, variant=a.variant, env=a.env)
     sys.exit(0 if ok else 1)
+
+
+def cmd_fidelity(a) -> None:
+    import torch
+
+    from .fidelity import fidelity_dir
+
+    torch.set_num_threads(a.threads)
+    fidelity_dir(Path(a.model_dir), a.states, a.k, a.variants.split(","), a.rare_states, not a.no_card)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,7 +149,19 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--variant", default="fp32", help="fp32 | int8 (quantized variant, compared to fp32)")
     e.add_argument("--no-card", action="store_true", help="do not write the table into the model card")
+    e.add_argument("--env", choices=("minigrid", "dynamic"), default="minigrid", help="the world of the episodes")
     e.set_defaults(fn=cmd_eval)
+
+    f = sub.add_parser("fidelity", help="sampled futures vs the simulator's (stochastic world): TV, calibration, "
+                       "rare events by precision")
+    f.add_argument("model_dir")
+    f.add_argument("--states", type=int, default=32)
+    f.add_argument("--k", type=int, default=256, help="sampled futures per state")
+    f.add_argument("--rare-states", type=int, default=16, help="states for the rare-event gate (0: skip)")
+    f.add_argument("--variants", default="fp32,int8,bf16")
+    f.add_argument("--threads", type=int, default=2)
+    f.add_argument("--no-card", action="store_true")
+    f.set_defaults(fn=cmd_fidelity)
 
     from . import cli_plan, cli_runtime, cli_serve
 

@@ -25,12 +25,15 @@ from .model.protocol import WorldModelProtocol
 CONTEXT, HORIZON, REPORT_STEPS = 4, 8, (1, 4, 8)
 
 
-def heldout_episodes(n: int, seed0: int = HELDOUT_SEED0):
-    """n held-out episodes, each at least CONTEXT + HORIZON frames long (terminated ones padded)."""
+def heldout_episodes(n: int, seed0: int = HELDOUT_SEED0, env: str = "minigrid", horizon: int = HORIZON):
+    """n held-out episodes of `env`, each at least CONTEXT + horizon frames long (terminated ones padded)."""
+    from .data.collect import ENVS
+
     out, s = [], seed0
     while len(out) < n:
-        f, a, r, d = run_episode(s, episode_epsilon(s), pad=HORIZON + CONTEXT)
-        if len(a) >= CONTEXT + HORIZON - 1:
+        f, a, r, d = run_episode(s, episode_epsilon(s), pad=horizon + CONTEXT, env_cls=ENVS[env],
+                                 max_steps=max(64, horizon + CONTEXT))
+        if len(a) >= CONTEXT + horizon - 1:
             out.append((f, a, r, d))
         s += 1
     return out
@@ -137,22 +140,33 @@ def table(r: EvalResult, title: str = "fp32") -> str:
     return "\n".join(rows)
 
 
-def write_card_table(model_dir: Path, text: str) -> None:
+def write_card_table(model_dir: Path, text: str, section: str = "eval") -> None:
     card = model_dir / "MODEL_CARD.md"
     body = card.read_text()
-    block = f"<!-- eval:start -->\n## Evaluation\n\n{text}\n<!-- eval:end -->"
-    if "<!-- eval:start -->" in body:
-        body = re.sub(r"<!-- eval:start -->.*<!-- eval:end -->", block, body, flags=re.S)
+    title = {"eval": "Evaluation", "fidelity": "Distribution fidelity"}.get(section, section)
+    block = f"<!-- {section}:start -->\n## {title}\n\n{text}\n<!-- {section}:end -->"
+    if f"<!-- {section}:start -->" in body:
+        body = re.sub(rf"<!-- {section}:start -->.*<!-- {section}:end -->", lambda _: block, body, flags=re.S)
     else:
         head, sep, sha = body.rpartition("\nweights_sha256:")
         body = f"{head.rstrip()}\n\n{block}\n{sep}{sha}"
     card.write_text(body)
 
 
-def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, variant: str = "fp32") -> bool:
+def drift(model: WorldModelProtocol, eps, horizon: int = 64) -> dict[int, tuple[float, float]]:
+    """Open-loop PSNR and copy-last PSNR by step up to `horizon` (8x the window): step -> (model dB, copy-last dB)."""
+    pred, _, _ = open_loop(model, eps, horizon)
+    truth = np.stack([f[CONTEXT : CONTEXT + horizon] for f, *_ in eps]).astype(np.float32)
+    last = np.stack([f[CONTEXT - 1] for f, *_ in eps]).astype(np.float32)
+    return {s: (psnr(float(((pred[:, s - 1] - truth[:, s - 1]) ** 2).mean())),
+                psnr(float(((last - truth[:, s - 1]) ** 2).mean()))) for s in range(1, horizon + 1)}
+
+
+def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, variant: str = "fp32",
+                 env: str = "minigrid") -> bool:
     from .model.io import load_model_dir
 
-    eps = heldout_episodes(n_episodes)
+    eps = heldout_episodes(n_episodes, env=env)
     model = load_model_dir(model_dir)
     ref = evaluate(model, eps)
     text = table(ref)

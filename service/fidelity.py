@@ -108,6 +108,7 @@ def tv(p: np.ndarray, q: np.ndarray) -> float:
 @dataclass
 class Fidelity:
     tv: dict[int, float]  # step -> mean TV of occupancy maps
+    floor: dict[int, float]  # step -> the same TV between two independent sets of simulator futures (K samples)
     count_ok: dict[int, float]  # step -> fraction of model futures with the right number of balls
     ece: float  # collision calibration error at step 1
     bins: list = field(default_factory=list)  # (predicted mean, true mean, states) per bin
@@ -121,16 +122,21 @@ def fidelity(model, n_states: int, k: int = 256, steps=(1, 4, 8), seed: int = 0)
     h = max(steps)
     engine = Engine(model, EngineConfig(max_slots=k, max_queue=4, max_candidates=k), emit=lambda evs: None)
     tvs: dict[int, list[float]] = {s: [] for s in steps}
+    floors: dict[int, list[float]] = {s: [] for s in steps}
     counts: dict[int, list[float]] = {s: [] for s in steps}
     pred, true = [], []
     for j, st in enumerate(heldout_states(n_states, h)):
         mf, md = sample_model(engine, st, k, seed + j * k)
         sf, shit = simulate(st, k, seed + j)
+        sf2, shit2 = simulate(st, k, seed + j + 7_919)  # the measure's own noise floor at K samples
         n_balls = len(st.env.obstacles)
         for s in steps:
             alive = ~shit[:, s - 1]  # occupancy of worlds still running (a collision ends the episode)
             mo, so = balls(mf[:, s - 1]), balls(sf[:, s - 1][alive]) if alive.any() else balls(sf[:, s - 1])
             tvs[s].append(tv(mo.mean(0), so.mean(0)))
+            alive2 = ~shit2[:, s - 1]
+            so2 = balls(sf2[:, s - 1][alive2]) if alive2.any() else balls(sf2[:, s - 1])
+            floors[s].append(tv(so2.mean(0), so.mean(0)))
             counts[s].append(float((mo.sum((1, 2)) == n_balls).mean()))
         pred.append(float(md[:, 0].mean()))
         true.append(float(shit[:, 0].mean()))
@@ -142,13 +148,14 @@ def fidelity(model, n_states: int, k: int = 256, steps=(1, 4, 8), seed: int = 0)
         if m.any():
             bins.append((float(pred_a[m].mean()), float(true_a[m].mean()), int(m.sum())))
             ece += m.mean() * abs(pred_a[m].mean() - true_a[m].mean())
-    return Fidelity({s: float(np.mean(v)) for s, v in tvs.items()}, {s: float(np.mean(v)) for s, v in counts.items()},
-                    float(ece), bins, n_states, k)
+    return Fidelity({s: float(np.mean(v)) for s, v in tvs.items()}, {s: float(np.mean(v)) for s, v in floors.items()},
+                    {s: float(np.mean(v)) for s, v in counts.items()}, float(ece), bins, n_states, k)
 
 
 def table(f: Fidelity) -> str:
     rows = [f"| fidelity ({f.n_states} held-out states x {f.k} sampled futures, temperature 1) | value |", "|---|---|"]
-    rows += [f"| occupancy TV at step {s} (model vs simulator) | {v:.3f} |" for s, v in f.tv.items()]
+    rows += [f"| occupancy TV at step {s}, model vs simulator (simulator vs itself: the floor at K) | {v:.3f} "
+             f"({f.floor[s]:.3f}) |" for s, v in f.tv.items()]
     rows += [f"| futures with the right ball count, step {s} | {100 * v:.1f}% |" for s, v in f.count_ok.items()]
     rows.append(f"| collision calibration error, step 1 (ECE over states) | {f.ece:.3f} |")
     rows += [f"| calibration bin: predicted {p:.3f} vs true {t:.3f} ({n} states) |  |" for p, t, n in f.bins]
@@ -214,3 +221,33 @@ def rare_table(r: RareEvents) -> str:
         rel = "" if not ref else f"{(v - ref) / ref:+.0%}"
         rows.append(f"| {name} | {v:.4f} | {r.ci[name][0]:.4f} – {r.ci[name][1]:.4f} | {rel} |")
     return "\n".join(rows)
+
+
+def variant(model, name: str):
+    """The model under a precision variant, for the rare-event gate (fp32 is the model itself)."""
+    import torch
+
+    if name == "fp32":
+        return model
+    if name == "bf16":
+        import copy
+
+        return copy.deepcopy(model).to(torch.bfloat16)
+    from .runtime.quantize import quantize_model
+
+    return quantize_model(model, name)
+
+
+def fidelity_dir(model_dir, n_states: int, k: int, variants: list[str], rare_states: int, write_card: bool) -> str:
+    """`worldserve fidelity`: fidelity and rare-event tables of a model of the stochastic world (its card)."""
+    from .evaluate import write_card_table
+    from .model.io import load_model_dir
+
+    model = load_model_dir(model_dir)
+    text = table(fidelity(model, n_states, k))
+    if rare_states:
+        text += "\n\n" + rare_table(rare_events({v: variant(model, v) for v in variants}, rare_states, k))
+    print(text)
+    if write_card:
+        write_card_table(model_dir, text, "fidelity")
+    return text
