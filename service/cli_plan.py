@@ -42,22 +42,24 @@ def cmd_plan(a) -> None:
     )
 
     cfg = PlanConfig(candidates=a.candidates, horizon=a.horizon, gamma=a.gamma, lava_penalty=a.lava_penalty,
-                     primitives=not a.no_primitives, seed=a.seed)
+                     primitives=not a.no_primitives, futures=a.futures, seed=a.seed)
     seeds = eval_seeds(a.episodes, a.seed0)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.verbose else None
     rows, t0 = [], time.time()
+    shape = f"K={cfg.candidates}, H={cfg.horizon}" + (f", M={cfg.futures} futures" if cfg.futures > 1 else "")
     for name in a.policies.split(","):
         if name == "random":
-            rows.append(evaluate("random", RandomPolicy(a.seed), seeds, a.max_steps, log=log))
+            rows.append(evaluate("random", RandomPolicy(a.seed), seeds, a.max_steps, log=log, env=a.env))
         elif name == "served":
-            world = RemoteWorld(_client(a), a.model, temperature=a.temperature)
-            label = f"CEM planner on the served model (K={cfg.candidates}, H={cfg.horizon})"
-            rows.append(evaluate(label, MPCPolicy(world, cfg), seeds, a.max_steps, cfg, log=log))
+            world = RemoteWorld(_client(a), a.model, temperature=a.temperature, max_rows=a.max_rows)
+            label = f"CEM planner on the served model ({shape})"
+            rows.append(evaluate(label, MPCPolicy(world, cfg), seeds, a.max_steps, cfg, log=log, env=a.env))
         elif name == "sim":
-            label = f"same planner on the true simulator (K={cfg.candidates}, H={cfg.horizon})"
-            rows.append(evaluate(label, MPCPolicy(SimWorld(), cfg), seeds, a.max_steps, cfg, log=log))
+            label = f"same planner on the true simulator ({shape})"
+            rows.append(evaluate(label, MPCPolicy(SimWorld(), cfg), seeds, a.max_steps, cfg, log=log, env=a.env))
         elif name == "expert":
-            rows.append(evaluate("expert (BFS on the true state)", ExpertPolicy(), seeds, a.max_steps, log=log))
+            rows.append(evaluate("expert (BFS on the true state)", ExpertPolicy(), seeds, a.max_steps, log=log,
+                                 env=a.env))
         else:
             raise SystemExit(f"unknown policy {name!r} (random, served, sim, expert)")
         print(rows[-1].row(), file=sys.stderr, flush=True)
@@ -194,6 +196,11 @@ def add_commands(sub) -> None:
     p.add_argument("--lava-penalty", type=float, default=1.0)
     p.add_argument("--no-primitives", action="store_true", help="CEM samples only (no L-shaped primitive library)")
     p.add_argument("--temperature", type=float, default=0.0, help="world-model sampling temperature")
+    p.add_argument("--futures", type=int, default=1,
+                   help="sampled futures per candidate (scored by their mean; use with --temperature 1)")
+    p.add_argument("--max-rows", type=int, default=64, help="candidate rows per Rollout (the server's max_candidates)")
+    p.add_argument("--env", choices=("minigrid", "dynamic"), default="minigrid",
+                   help="the real environment (dynamic: random-walking obstacles, --model dynamic)")
     p.add_argument("--max-steps", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="planner / random-policy seed")
     p.add_argument("--write", help="put the table (and the command) into this markdown file, e.g. docs/planning.md")

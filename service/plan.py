@@ -19,13 +19,13 @@ bounds what a perfect world model would achieve with this search.
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .data.collect import ENVS
 from .data.minigrid_env import N_ACTIONS, Simulator, expert_action
 
 LEFT, RIGHT, FORWARD = 0, 1, 2
@@ -42,6 +42,7 @@ class PlanConfig:
     elite: int = 8  # CEM elite count
     smoothing: float = 0.5  # CEM update: p <- (1 - s) p + s * elite frequencies
     primitives: bool = True  # include the L-shaped motion-primitive library
+    futures: int = 1  # M sampled futures per candidate (seeded streams; needs temperature > 0 to differ)
     seed: int = 0
 
 
@@ -118,19 +119,27 @@ class CEMPlanner:
         return action
 
     def plan(self, evaluate) -> tuple[int, np.ndarray, np.ndarray]:
-        """evaluate(cands int64 [K, H]) -> (rewards [K, H], dones [K, H]). Returns (action, cands, scores)."""
-        cands = self.propose()
-        rewards, dones = evaluate(cands)
-        scores = score(rewards, dones, self.cfg)
+        """evaluate(rows int64 [K*M, H]) -> (rewards [K*M, H], dones [K*M, H]). Returns (action, cands, scores).
+
+        Each candidate is sent M = cfg.futures times (rows k*M .. k*M+M-1); every row draws its own seeded
+        stream, so the M rows are M sampled futures of that action sequence. A candidate's score is the mean
+        of its futures' returns: the expected return under the world's odds, not the return of its mode.
+        """
+        cands = self.propose()  # int64 [K, H]
+        m = max(1, self.cfg.futures)
+        rewards, dones = evaluate(np.repeat(cands, m, axis=0))  # float [K*M, H]
+        scores = score(rewards, dones, self.cfg).reshape(len(cands), m).mean(1)  # float [K]
         return self.update(cands, scores), cands, scores
 
 
 # ---------------------------------------------------------------------------------------------- worlds
 class RemoteWorld:
-    """The served world model: one latent-only Rollout per tick through a worldserve client."""
+    """The served world model: latent-only Rollouts per tick through a worldserve client, at most `max_rows`
+    candidate rows each (the server's max_candidates); rows beyond it go in further Rollouts of the same tick."""
 
-    def __init__(self, client, model: str = "tiny", context_window: int | None = None, temperature: float = 0.0):
-        self.client, self.model, self.temperature = client, model, temperature
+    def __init__(self, client, model: str = "tiny", context_window: int | None = None, temperature: float = 0.0,
+                 max_rows: int = 64):
+        self.client, self.model, self.temperature, self.max_rows = client, model, temperature, max_rows
         if context_window is None:
             info = [m for m in client.models() if _field(m, "name") == model]
             if not info:
@@ -149,32 +158,34 @@ class RemoteWorld:
         k, h = cands.shape
         rewards, dones = np.zeros((k, h)), np.zeros((k, h))
         self.tick += 1
-        for ev in self.client.rollout(self.model, np.stack(ctx), cands.tolist(), context_actions=ctx_actions,
-                                      frames="none", seed=self.seed * 1000 + self.tick,
-                                      temperature=self.temperature):
-            rewards[ev.candidate, ev.step] = ev.reward
-            dones[ev.candidate, ev.step] = ev.done
+        seed = (self.seed * 1000 + self.tick) * 4096  # row r of this tick draws from stream seed + r
+        for lo in range(0, k, self.max_rows):
+            chunk = cands[lo : lo + self.max_rows]
+            for ev in self.client.rollout(self.model, np.stack(ctx), chunk.tolist(), context_actions=ctx_actions,
+                                          frames="none", seed=seed + lo, temperature=self.temperature):
+                rewards[lo + ev.candidate, ev.step] = ev.reward
+                dones[lo + ev.candidate, ev.step] = ev.done
         return rewards, dones
 
 
 class SimWorld:
-    """The true simulator as the world model (upper bound): every candidate runs on a deep copy."""
+    """The true simulator as the world model (upper bound): every candidate row runs on a copy of the true
+    state whose future randomness is its own (a stochastic world's rows are independent sampled futures)."""
 
     def reset(self, sim: Simulator, seed: int) -> None:
-        del seed
-        self.sim = sim
+        self.sim, self.rng = sim, np.random.default_rng(seed)
 
     def evaluate(self, frames, actions, cands: np.ndarray):
         del frames, actions
         k, h = cands.shape
         rewards, dones = np.zeros((k, h)), np.zeros((k, h))
         for i in range(k):
-            s = copy.deepcopy(self.sim)
+            s = self.sim.clone(int(self.rng.integers(2**63)))
             for t in range(h):
                 if s.done:
                     dones[i, t:] = 1.0
                     break
-                _, r, term = s.step(int(cands[i, t]))
+                _, r, term = s.step(int(cands[i, t]), render=False)  # rewards only: no frame to draw
                 rewards[i, t], dones[i, t] = r, float(term)
         return rewards, dones
 
@@ -236,8 +247,8 @@ class EpisodeResult:
     actions: list[int] = field(default_factory=list)
 
 
-def run_episode(policy, seed: int, max_steps: int = 64) -> EpisodeResult:
-    sim = Simulator(seed, max_steps=max_steps)
+def run_episode(policy, seed: int, max_steps: int = 64, env: str = "minigrid") -> EpisodeResult:
+    sim = Simulator(seed, max_steps=max_steps, env_cls=ENVS[env])
     policy.reset(sim, seed)
     frames, actions, ret, success = [sim.frame()], [], 0.0, False
     while not sim.done:
@@ -285,10 +296,10 @@ TABLE_HEADER = ("| policy | episodes | success | mean return | mean steps | tick
 
 
 def evaluate(name: str, policy, seeds: list[int], max_steps: int = 64, cfg: PlanConfig | None = None,
-             log=None) -> Summary:
+             log=None, env: str = "minigrid") -> Summary:
     eps = []
     for s in seeds:
-        eps.append(run_episode(policy, s, max_steps))
+        eps.append(run_episode(policy, s, max_steps, env))
         if log is not None:
             e = eps[-1]
             log(f"{name} seed {s}: {'success' if e.success else 'fail'} return {e.ret:.3f} steps {e.steps}")

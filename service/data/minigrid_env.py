@@ -8,6 +8,7 @@ with reward 0. After the episode ends the world is absorbing: the last frame rep
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 
 import numpy as np
@@ -120,17 +121,25 @@ def episode_epsilon(seed: int) -> float:
 class Simulator:
     """The true environment as a step-able object for planners (copyable state)."""
 
-    def __init__(self, seed: int, max_steps: int = 64):
-        self.env = RandomLayoutEnv(max_steps=max_steps)
+    def __init__(self, seed: int, max_steps: int = 64, env_cls: type = RandomLayoutEnv):
+        self.env = env_cls(max_steps=max_steps)
         self.env.reset(seed=seed)
         self.done = False
+
+    def clone(self, seed: int) -> Simulator:
+        """A copy of this state whose future randomness comes from `seed` (a stochastic world's sampled future;
+        a deterministic world's copy is the same future whatever the seed)."""
+        other = copy.deepcopy(self)
+        other.env.np_random = np.random.default_rng(seed)
+        return other
 
     def frame(self) -> np.ndarray:
         return self.env.frame()
 
-    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
+    def step(self, action: int, render: bool = True) -> tuple[np.ndarray | None, float, bool]:
+        """-> (frame uint8 [64, 64, 3], or None when not `render`; reward; terminated)."""
         if self.done:
-            return self.frame(), 0.0, True
+            return self.frame() if render else None, 0.0, True
         _, r, term, trunc, _ = self.env.step(int(action))
         self.done = bool(term or trunc)
-        return self.frame(), float(r), bool(term)
+        return self.frame() if render else None, float(r), bool(term)
