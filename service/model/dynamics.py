@@ -136,9 +136,6 @@ class KVCache:
         self.last_tokens[dst] = self.last_tokens[src].clone()
         self.frames[dst] = self.frames[src].clone()
 
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 class Dynamics(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -237,6 +234,31 @@ class Dynamics(nn.Module):
         cache.last_tokens[slots] = tokens[:, -1]
         cache.frames[slots] = c - 1
 
+    def step_with(self, tokens: torch.Tensor, frames: torch.Tensor, actions, known, window_kv):
+        """The cached step, written once for every backend: one new frame per row.
+
+        tokens int64 [B, N] (the input frame), frames int64 [B] (its index; ring position frames % W),
+        actions int64 [B] | float [B, A] (+ known bool [B]). window_kv(layer, k, v) receives this frame's
+        keys / values float [B, N, d] (keys rotated) and returns the window to attend to, head-major
+        [B, H, W*N, hd] with this frame at its ring position: `step` writes them into the KV cache and reads
+        the window back; runtime/graphs.StepGraph (compile, ONNX, TensorRT) selects them without writing.
+        -> logits [B, N, V], reward [B], done_logit [B]
+        """
+        cfg = self.cfg
+        b, n, w = tokens.shape[0], cfg.tokens_per_frame, cfg.window
+        x = self.embed(tokens.unsqueeze(1), self.embed_actions(actions, known).unsqueeze(1)).view(b, n, -1)  # [B, N, d]
+        cos, sin = rope_tables(frames, cfg.head_dim, cfg.rope_base)  # [B, hd/2]
+        cos, sin = cos.unsqueeze(1).expand(b, n, -1), sin.unsqueeze(1).expand(b, n, -1)
+        # valid ring entries: frames max(0, t-W+1) .. t  -> the first min(t+1, W) ring positions
+        valid = torch.arange(w, device=frames.device)[None, :] < torch.clamp(frames + 1, max=w)[:, None]  # [B, W]
+        mask = valid.repeat_interleave(n, dim=1)[:, None, None, :]  # [B, 1, 1, W*N]
+        for layer, blk in enumerate(self.blocks):
+            q, k, v = blk.qkv_heads(x, cos, sin)  # [B, H, N, hd]
+            kk, vv = window_kv(layer, k.transpose(1, 2).reshape(b, n, -1), v.transpose(1, 2).reshape(b, n, -1))
+            x = blk.finish(x, attention(q, kk.to(q.dtype), vv.to(q.dtype), mask))
+        logits, reward, done = self.heads(x.unsqueeze(1))
+        return logits[:, 0], reward[:, 0], done[:, 0]
+
     @torch.no_grad()
     def step(self, cache: KVCache, slots: torch.Tensor, actions, known=None):
         """One frame for every slot in `slots` [B]: returns logits [B, N, V], reward [B], done_logit [B].
@@ -244,28 +266,19 @@ class Dynamics(nn.Module):
         Writes the keys/values of the current frame (last_tokens + action) into the ring buffer.
         The caller samples the next tokens and calls `advance`.
         """
-        cfg = self.cfg
-        b, n, w = slots.shape[0], cfg.tokens_per_frame, cfg.window
         t = cache.frames[slots]  # [B] frame index being written
-        x = self.embed(cache.last_tokens[slots].unsqueeze(1), self.embed_actions(actions, known).unsqueeze(1))
-        x = x.view(b, n, -1)  # [B, N, d]
-        cos, sin = rope_tables(t, cfg.head_dim, cfg.rope_base)  # [B, hd/2]
-        cos, sin = cos.unsqueeze(1).expand(b, n, -1), sin.unsqueeze(1).expand(b, n, -1)
-        ring = t % w
-        # valid ring entries: frames max(0, t-W+1) .. t  -> the first min(t+1, W) ring positions
-        valid = torch.arange(w, device=slots.device)[None, :] < torch.clamp(t + 1, max=w)[:, None]  # [B, W]
-        mask = valid.repeat_interleave(n, dim=1)[:, None, None, :]  # [B, 1, 1, W*N]
-        for layer, blk in enumerate(self.blocks):
-            q, k, v = blk.qkv_heads(x, cos, sin)  # [B, H, N, hd]
-            cache.k[layer, slots, ring] = k.transpose(1, 2).reshape(b, n, -1).to(cache.k.dtype)
-            cache.v[layer, slots, ring] = v.transpose(1, 2).reshape(b, n, -1).to(cache.v.dtype)
+        ring = t % self.cfg.window
+
+        def window_kv(layer: int, k: torch.Tensor, v: torch.Tensor):
+            cache.k[layer, slots, ring] = k.to(cache.k.dtype)
+            cache.v[layer, slots, ring] = v.to(cache.v.dtype)
             # gather the slots' window already head-major: one pass, [B, H, W*N, hd] contiguous
-            heads = (cache.slots, w * n, blk.n_heads, blk.head_dim)
-            kk = cache.k[layer].view(heads).transpose(1, 2).index_select(0, slots).to(q.dtype)
-            vv = cache.v[layer].view(heads).transpose(1, 2).index_select(0, slots).to(q.dtype)
-            x = blk.finish(x, attention(q, kk, vv, mask))
-        logits, reward, done = self.heads(x.unsqueeze(1))
-        return logits[:, 0], reward[:, 0], done[:, 0]
+            blk = self.blocks[layer]
+            heads = (cache.slots, self.cfg.window * self.cfg.tokens_per_frame, blk.n_heads, blk.head_dim)
+            return (cache.k[layer].view(heads).transpose(1, 2).index_select(0, slots),
+                    cache.v[layer].view(heads).transpose(1, 2).index_select(0, slots))
+
+        return self.step_with(cache.last_tokens[slots], t, actions, known, window_kv)
 
 
 def advance(cache: KVCache, slots: torch.Tensor, next_tokens: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from ..model.dynamics import Dynamics, KVCache, attention, rope_tables
+from ..model.dynamics import Dynamics, KVCache
 from ..model.memory import check_state_fits
 from ..model.world_model import WorldModel
 
@@ -35,30 +35,25 @@ class StepGraph(nn.Module):
         self.dyn = dynamics
 
     def forward(self, tokens, frames, k_ctx, v_ctx, actions, known=None):
-        dyn, cfg = self.dyn, self.dyn.cfg
+        # Dynamics.step_with with a window that selects this frame's keys / values at its ring position
+        # instead of writing them into the cache; they are returned for the caller's `scatter`
+        blk0, w = self.dyn.blocks[0], self.dyn.cfg.window
         b, n = tokens.shape
-        w = cfg.window
-        x = dyn.embed(tokens.unsqueeze(1), dyn.embed_actions(actions, known).unsqueeze(1)).view(b, n, -1)  # [B, N, d]
-        cos, sin = rope_tables(frames, cfg.head_dim, cfg.rope_base)  # [B, hd/2]
-        cos, sin = cos.unsqueeze(1).expand(b, n, -1), sin.unsqueeze(1).expand(b, n, -1)
-        pos = torch.arange(w, device=frames.device)[None, :]  # [1, W]
-        here = (pos == (frames % w)[:, None])[:, :, None, None]  # bool [B, W, 1, 1]: this frame's ring entry
-        valid = pos < torch.clamp(frames + 1, max=w)[:, None]  # [B, W]
-        mask = valid.repeat_interleave(n, dim=1)[:, None, None, :]  # [B, 1, 1, W*N]
+        ring = torch.arange(w, device=frames.device)[None, :]  # [1, W]
+        here = (ring == (frames % w)[:, None])[:, :, None, None]  # bool [B, W, 1, 1]: this frame's ring entry
         k_out, v_out = [], []
-        for layer, blk in enumerate(dyn.blocks):
-            q, k, v = blk.qkv_heads(x, cos, sin)  # [B, H, N, hd]
-            kf = k.transpose(1, 2).reshape(b, n, -1).to(k_ctx.dtype)  # [B, N, d], as the cache stores it
-            vf = v.transpose(1, 2).reshape(b, n, -1).to(v_ctx.dtype)
-            kk = torch.where(here, kf[:, None], k_ctx[layer])  # [B, W, N, d]
-            vv = torch.where(here, vf[:, None], v_ctx[layer])
-            kk = kk.reshape(b, w * n, blk.n_heads, blk.head_dim).transpose(1, 2).to(q.dtype)
-            vv = vv.reshape(b, w * n, blk.n_heads, blk.head_dim).transpose(1, 2).to(q.dtype)
-            x = blk.finish(x, attention(q, kk, vv, mask))
+
+        def window_kv(layer: int, k: torch.Tensor, v: torch.Tensor):
+            kf, vf = k.to(k_ctx.dtype), v.to(v_ctx.dtype)  # [B, N, d], as the cache stores them
             k_out.append(kf)
             v_out.append(vf)
-        logits, reward, done = dyn.heads(x.unsqueeze(1))
-        return logits[:, 0], reward[:, 0], torch.sigmoid(done[:, 0]), torch.stack(k_out), torch.stack(v_out)
+            kk = torch.where(here, kf[:, None], k_ctx[layer])  # [B, W, N, d]
+            vv = torch.where(here, vf[:, None], v_ctx[layer])
+            heads = (b, w * n, blk0.n_heads, blk0.head_dim)
+            return kk.reshape(heads).transpose(1, 2), vv.reshape(heads).transpose(1, 2)
+
+        logits, reward, done = self.dyn.step_with(tokens, frames, actions, known, window_kv)
+        return logits, reward, torch.sigmoid(done), torch.stack(k_out), torch.stack(v_out)
 
 
 class EncodeGraph(nn.Module):

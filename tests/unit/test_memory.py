@@ -18,7 +18,7 @@ def test_kv_cache_bytes_is_the_allocated_size():
     m = build(cfg)
     for dtype in (torch.float32, torch.bfloat16):
         cache = m.to(dtype).allocate_cache(5)
-        assert kv_cache_bytes(cfg, 5, dtype) == cache.nbytes()
+        assert kv_cache_bytes(cfg, 5, dtype) == cache.k.nbytes + cache.v.nbytes
     # base at the default 64 slots (+1 padding): 2 x 8 layers x 65 x 8 frames x 64 tokens x 512 x 4 B
     assert kv_cache_bytes(PRESETS["base"], 65, torch.float32) == 2 * 8 * 65 * 8 * 64 * 512 * 4
 
