@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -184,14 +184,3 @@ def check_request(req, info: ModelInfo) -> str | None:
         if not cont and (not np.issubdtype(x.dtype, np.integer) or x.min() < 0 or x.max() >= info.n_actions):
             return f"discrete actions must be integers in [0, {info.n_actions})"
     return None
-
-
-@dataclass
-class Stats:
-    """Engine counters exposed through /metrics."""
-
-    queue_depth: int = 0
-    active_slots: int = 0
-    frames_total: int = 0
-    steps_total: int = 0
-    batch_sizes: list[int] = field(default_factory=list)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,6 @@ class ModelConfig:
     action_dim: int = 0
     action_names: tuple[str, ...] = ("left", "right", "forward")
     rope_base: float = 10000.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def tokens_per_frame(self) -> int:

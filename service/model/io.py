@@ -12,7 +12,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -129,8 +128,3 @@ def load_model_dir(model_dir: str | Path, device: str = "cpu", verify: bool = Tr
 
 def model_hash(model_dir: str | Path) -> str:
     return sha256_file(Path(model_dir) / WEIGHTS)[:16]
-
-
-def weights_dtype_bytes(model: WorldModel) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.buffers() if isinstance(b, torch.Tensor))
