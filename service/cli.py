@@ -169,7 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     cli_runtime.add_commands(sub)  # export, quantize
     cli_plan.add_commands(sub)  # plan, rollout
     args = p.parse_args(argv)
-    args.fn(args)
+    from .model.config import ConfigurationError
+
+    try:
+        args.fn(args)
+    except ConfigurationError as e:  # a configuration that cannot serve: its message, no traceback
+        raise SystemExit(f"worldserve {args.cmd}: {e}") from None
 
 
 if __name__ == "__main__":

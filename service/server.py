@@ -104,8 +104,8 @@ def warmup(engine) -> None:
     """Run every bucket size once so the first real request does not pay for it."""
     import numpy as np
 
-    from .engine.batch import buckets
     from .messages import RolloutRequest
+    from .runtime.batch import buckets
 
     s = engine.spec
     events = []

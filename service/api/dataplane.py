@@ -91,7 +91,7 @@ class DataPlane:
                               "worker for the model")
         try:
             return await load(model_dir)
-        except (ValueError, TypeError, OSError, SystemExit) as e:  # a name already served, a bad directory
+        except (ValueError, TypeError, OSError) as e:  # a name already served, a bad directory
             raise InvalidArgument(f"cannot load {model_dir!r}: {e}", "dir") from e
 
     async def unload_model(self, name: str) -> None:

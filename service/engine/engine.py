@@ -34,7 +34,7 @@ from .. import metrics
 from ..errors import InvalidArgument, QueueFull, Unavailable
 from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 from ..model.protocol import Noise, WorldModelProtocol, check_model
-from .batch import bucket, pad_to, run_fixed_chunks
+from ..runtime.batch import bucket, pad_to, run_fixed_chunks
 from .host import to_host
 from .sampler import Sampler
 

@@ -6,6 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 
 
+class ConfigurationError(ValueError):
+    """A model, backend, precision or memory configuration that cannot serve. Raised by library code; the
+    command line turns it into a clean exit with the message (never a traceback, never SystemExit from here)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "tiny"

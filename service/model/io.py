@@ -15,14 +15,14 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import ConfigurationError, ModelConfig
 from .world_model import WorldModel
 
 CONFIG, WEIGHTS, CARD = "config.json", "model.safetensors", "MODEL_CARD.md"
 SHA_LINE = re.compile(r"^weights_sha256:\s*([0-9a-f]{64})\s*$", re.M)
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ConfigurationError):
     """A model directory that cannot be loaded; the message names the file and what is wrong."""
 
 

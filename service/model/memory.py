@@ -17,14 +17,14 @@ import os
 
 import torch
 
-from .config import ModelConfig
+from .config import ConfigurationError, ModelConfig
 
 HEADROOM = 0.9  # leave 10 % of what is free to the allocator, the front end and the OS
 GB = 1e9
 
 
-class DoesNotFit(SystemExit):
-    """The configured slots do not fit the device's memory (stops the process at start-up with the message)."""
+class DoesNotFit(ConfigurationError):
+    """The configured slots do not fit the device's memory (start-up stops with the message)."""
 
 
 def _elt(dtype: torch.dtype) -> int:

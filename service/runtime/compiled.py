@@ -17,8 +17,8 @@ import logging
 
 import torch
 
-from ..engine.batch import pow2
 from ..model.world_model import WorldModel
+from .batch import pow2
 from .graphs import BackendModel, DecodeGraph, EncodeGraph, StepGraph, scatter, step_inputs
 
 log = logging.getLogger("worldserve.runtime")

@@ -6,7 +6,7 @@ import logging
 
 import torch
 
-from ..model.config import PRESETS
+from ..model.config import PRESETS, ConfigurationError
 from ..model.io import load_model_dir
 from ..model.world_model import WorldModel, build
 from ..settings import ModelSettings
@@ -17,7 +17,7 @@ log = logging.getLogger("worldserve.runtime")
 def load_model(ms: ModelSettings) -> WorldModel:
     if ms.preset:
         if ms.preset not in PRESETS:
-            raise SystemExit(f"unknown preset {ms.preset!r}; choose one of {sorted(PRESETS)}")
+            raise ConfigurationError(f"unknown preset {ms.preset!r}; choose one of {sorted(PRESETS)}")
         model = build(PRESETS[ms.preset], seed=0)
     elif (ms.dir / "quantization.json").exists():  # written by `worldserve quantize`
         from .quantize import load_quantized

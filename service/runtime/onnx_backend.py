@@ -36,6 +36,7 @@ from .artifacts import library_versions, load_or_build, weights_hash
 from .fp8_qdq import onnx_translations
 from .graphs import BackendModel, DecodeGraph, EncodeGraph, StepGraph, gather, scatter, step_inputs
 from .quantize import quantization_of
+from .support import Unsupported
 
 log = logging.getLogger("worldserve.runtime")
 EXPORT_FORMAT = 2  # bump when the exported graphs change meaning (2: fp8 weights as DequantizeLinear)
@@ -125,11 +126,11 @@ class OnnxWorldModel(BackendModel):
     def build(cls, model: WorldModel, ms, say: Callable[[str], None] = log.info) -> OnnxWorldModel:
         device = torch.device(ms.device)
         if device.type != "cpu":
-            raise SystemExit(f"backend 'onnxruntime' runs on the CPU (CPUExecutionProvider), not {ms.device}; "
+            raise Unsupported(f"backend 'onnxruntime' runs on the CPU (CPUExecutionProvider), not {ms.device}; "
                              "on a GPU use backend 'tensorrt' or 'compile'")
         precision = quantization_of(model)
         if precision not in ("fp32", "int8"):
-            raise SystemExit(f"backend 'onnxruntime' serves fp32 or int8 weights, not {precision}")
+            raise Unsupported(f"backend 'onnxruntime' serves fp32 or int8 weights, not {precision}")
         say(f"hashing weights of {model.cfg.name} ({precision})")
         key = export_key(model, cls.backend, "cpu", precision)
         label = f"{model.cfg.name}-{cls.backend}-{precision}-cpu"

@@ -1,6 +1,6 @@
 """Which (device, backend, precision) combinations can serve: checked at start-up, before any weight is loaded.
 
-    check_supported(ms)   raise SystemExit naming the combination and why it cannot work, or return None
+    check_supported(ms)   raise Unsupported naming the combination and why it cannot work, or return None
 
 A combination that cannot work must stop the process at start-up with a message that names it, never at the
 first request. What each backend serves:
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import torch
 
+from ..model.config import ConfigurationError
+
 BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 
-class Unsupported(SystemExit):
-    """A configuration that cannot serve; the message names it (exits the process with that message)."""
+class Unsupported(ConfigurationError):
+    """A backend / precision / device combination that cannot serve; the message names it and why."""
 
 
 def _combo(ms) -> str:
@@ -90,7 +92,7 @@ def _triton_interpreted() -> bool:
 
 
 def check_supported(ms) -> None:
-    """Stop at start-up (SystemExit with the reason) when `ms` cannot serve."""
+    """Stop at start-up (Unsupported, with the reason) when `ms` cannot serve."""
     why = problem(ms)
     if why:
         raise Unsupported(f"unsupported configuration {_combo(ms)}: {why}")

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
-from ..engine.batch import buckets
 from ..model.world_model import WorldModel
 from .artifacts import load_or_build
+from .batch import buckets
 from .graphs import BackendModel, gather, scatter, step_inputs
 from .onnx_backend import GRAPHS, export_graphs, export_key
 from .quantize import quantization_of
+from .support import Unsupported
 
 log = logging.getLogger("worldserve.runtime")
 WORKSPACE_BYTES = 8 << 30
@@ -71,7 +72,7 @@ def check_trt_precision(precision: str, version: str, flags: set[str], capabilit
 
 def graph_buckets(graph: str, max_batch: int) -> list[int]:
     """Batch sizes each graph gets a profile for: every bucket the engine pads a step (or decode) batch of at most
-    max_batch rows to (engine.batch.buckets). Encode takes whole contexts (up to W frames per request): 8x; larger
+    max_batch rows to (runtime.batch.buckets). Encode takes whole contexts (up to W frames per request): 8x; larger
     encode batches run in chunks of the largest profile."""
     return buckets(max_batch * 8) if graph == "encoder" else buckets(max_batch)
 
@@ -212,7 +213,7 @@ class TrtWorldModel(BackendModel):
 
         device = torch.device(ms.device)
         if device.type != "cuda" or not torch.cuda.is_available():
-            raise SystemExit(f"backend 'tensorrt' needs an NVIDIA GPU (device cuda), not {ms.device}")
+            raise Unsupported(f"backend 'tensorrt' needs an NVIDIA GPU (device cuda), not {ms.device}")
         precision = quantization_of(model)
         gpu = torch.cuda.get_device_name(device).replace(" ", "_")
         key = export_key(model, cls.backend, gpu, precision) | {"max_batch": max_batch}

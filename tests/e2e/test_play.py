@@ -42,7 +42,7 @@ def test_play_page_runs_a_session_from_a_real_start_frame(server, request):
             page = browser.new_page()
             errors = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.http + "/play" + (f"#key={server.key}" if server.key else ""))
+            page.goto(server.http + "/play?model=tiny" + (f"#key={server.key}" if server.key else ""))
             page.wait_for_function("document.getElementById('status').textContent === 'ready'", timeout=60_000)
             np.testing.assert_array_equal(canvas_pixels(page), start)  # the real start frame is shown
 

@@ -8,9 +8,9 @@ import onnx
 import pytest
 import torch
 
-from worldserve.engine.batch import bucket
 from worldserve.model.config import PRESETS
 from worldserve.model.world_model import build
+from worldserve.runtime.batch import bucket
 from worldserve.runtime.onnx_backend import GRAPHS, export_graphs
 from worldserve.runtime.quantize import Fp8Linear, target_layers
 from worldserve.runtime.trt_backend import profile_plan

@@ -9,7 +9,7 @@ const API_KEY = (() => {
   const m = location.hash.match(/key=([^&]+)/);
   if (m) {
     sessionStorage.setItem("worldserveKey", decodeURIComponent(m[1]));
-    history.replaceState(null, "", location.pathname);
+    history.replaceState(null, "", location.pathname + location.search);  // the key leaves the URL, ?model= stays
   }
   return sessionStorage.getItem("worldserveKey");
 })();
@@ -148,6 +148,8 @@ async function init() {
       .filter((m) => m.action_dim === 0);
     if (!models.length) { setStatus("no discrete-action model is served", true); return; }
     for (const m of models) $("model").add(new Option(`${m.name} (${m.action_names.join("/")})`, m.name));
+    const wanted = new URLSearchParams(location.search).get("model");  // /play?model=NAME picks the model
+    if (wanted && models.some((m) => m.name === wanted)) $("model").value = wanted;
     const starts = (await (await fetch("/static/starts/index.json")).json()).starts;
     for (const s of starts) {
       const img = new Image();

@@ -1,4 +1,5 @@
-"""Batch-shape bucketing: step batches are padded to 1, 2, 4, ... max so compiled graphs are reused."""
+"""Batch-shape bucketing, shared by the runtime backends and the engine: step batches are padded to 1, 2, 4, ...
+max so compiled graphs and TensorRT profiles are reused."""
 
 from __future__ import annotations
 
