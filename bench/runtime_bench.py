@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from worldserve.model.config import ConfigurationError
 from worldserve.model.sampling import sample
 from worldserve.runtime.loader import prepare
 from worldserve.settings import ModelSettings
@@ -79,7 +80,7 @@ def build(preset: str, backend: str, precision: str, artifact_dir: Path):
     t0 = time.perf_counter()
     try:
         model = prepare(ms)
-    except SystemExit as e:  # refused at start-up (runtime/support.py): reported, not measured
+    except ConfigurationError as e:  # refused at start-up (runtime/support.py): reported, not measured
         return None, str(e), 0.0
     return model, "", time.perf_counter() - t0
 
