@@ -10,7 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS_BEGIN, RESULTS_END = "<!-- plan-results -->", "<!-- /plan-results -->"
+
+def _markers(env: str) -> tuple[str, str]:
+    """The results block of one environment in a markdown file (--write replaces only that block)."""
+    tag = "plan-results" if env == "minigrid" else f"plan-results:{env}"
+    return f"<!-- {tag} -->", f"<!-- /{tag} -->"
 
 
 def _client(a):
@@ -77,12 +81,13 @@ def _write_results(path: Path, table: str, a, seconds: float) -> None:
         first = text.strip().splitlines()[0].lstrip("# ") if text.strip() else ""
         model = f"Model: `{a.card}` — {first}" + (f" (weights sha256 `{sha.group(1)[:16]}…`)" if sha else "") + ".\n"
     argv = " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("worldserve", "cli.py") else ""
-    block = (f"{RESULTS_BEGIN}\n{model}Episodes: seeds {a.seed0}..{a.seed0 + a.episodes - 1} (held out), "
+    begin, end = _markers(a.env)
+    block = (f"{begin}\n{model}Episodes: seeds {a.seed0}..{a.seed0 + a.episodes - 1} (held out), "
              f"max {a.max_steps} steps; measured {time.strftime('%Y-%m-%d')} in {seconds / 60:.1f} min.\n"
-             + (f"Command: `worldserve {argv}`\n" if argv else "") + f"\n{table}\n{RESULTS_END}")
+             + (f"Command: `worldserve {argv}`\n" if argv else "") + f"\n{table}\n{end}")
     old = path.read_text() if path.exists() else ""
-    if RESULTS_BEGIN in old and RESULTS_END in old:
-        new = old[: old.index(RESULTS_BEGIN)] + block + old[old.index(RESULTS_END) + len(RESULTS_END) :]
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
     else:
         new = old + ("\n" if old else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,31 @@ class RandomLayoutEnv(MiniGridEnv):
         return self.get_frame(highlight=False, tile_size=TILE)
 
 
+# ---- reading a frame back: what a policy (or a check) sees in a real or a predicted frame ----------------------
+EMPTY, WALL, LAVA, GOAL, AGENT, BALL = range(6)  # cell kinds, by the colour of the cell's centre pixel
+
+
+def read_cells(frame: np.ndarray) -> np.ndarray:
+    """uint8 [64, 64, 3] -> int64 [8, 8] cell kinds indexed [y, x] (the centre pixel's nearest colour)."""
+    c = frame[TILE // 2 :: TILE, TILE // 2 :: TILE].astype(np.int64)  # [8, 8, 3]
+    colours = np.array([(0, 0, 0), (100, 100, 100), (113, 56, 0), (0, 255, 0), (255, 0, 0), (0, 0, 255)])
+    return ((c[:, :, None, :] - colours[None, None]) ** 2).sum(-1).argmin(-1)
+
+
+def read_agent(frame: np.ndarray) -> tuple[int, int, int] | None:
+    """uint8 [64, 64, 3] -> (x, y, dir) of the agent, or None if no cell shows it. The triangle's base is the
+    heavier side of its tile: its red centroid sits opposite the direction it points to."""
+    ys, xs = np.nonzero(read_cells(frame) == AGENT)
+    if len(xs) != 1:
+        return None
+    x, y = int(xs[0]), int(ys[0])
+    t = frame[y * TILE : (y + 1) * TILE, x * TILE : (x + 1) * TILE].astype(np.int64)
+    ry, rx = np.nonzero((t[..., 0] > 160) & (t[..., 1] < 100) & (t[..., 2] < 100))
+    dx, dy = (TILE - 1) / 2 - rx.mean(), (TILE - 1) / 2 - ry.mean()  # points away from the centroid
+    d = (0 if dx > 0 else 2) if abs(dx) >= abs(dy) else (1 if dy > 0 else 3)
+    return x, y, d
+
+
 def expert_action(env: RandomLayoutEnv) -> int | None:
     """Shortest-path action to the goal avoiding walls and lava (BFS over x, y, dir); None if unreachable."""
     start = (*env.agent_pos, env.agent_dir)
