@@ -104,19 +104,15 @@ def warmup(engine) -> None:
     """Run every bucket size once so the first real request does not pay for it."""
     import numpy as np
 
+    from .engine.engine import complete
     from .messages import RolloutRequest
     from .runtime.batch import buckets
 
     s = engine.spec
-    events = []
-    engine.emit = events.extend
     ctx = np.zeros((1, s.height, s.width, 3), np.uint8)
-    for b in buckets(engine.cfg.max_slots):
+    for b in buckets(engine.cfg.max_slots):  # one bucket at a time: each batch shape runs once
         acts = (np.zeros((b, 2, s.action_dim), np.float32) if s.action_dim else np.zeros((b, 2), np.int64))
-        engine.submit(RolloutRequest(id=f"warmup-{b}", model=s.name, context=ctx, actions=acts))
-        while not any(ev.final and ev.request_id == f"warmup-{b}" for ev in events):
-            engine.step()
-    events.clear()
+        complete(engine, [RolloutRequest(id=f"warmup-{b}", model=s.name, context=ctx, actions=acts)])
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -152,16 +152,13 @@ def wait_ready(s: Stack, timeout: float) -> None:
 def inprocess_frames(context: np.ndarray, actions: list[int], seed: int, temperature: float) -> np.ndarray:
     """What the engine gives for the same request in this process, from the repository's model files."""
     from worldserve.engine.engine import Engine as ModelEngine
-    from worldserve.engine.engine import EngineConfig
+    from worldserve.engine.engine import EngineConfig, complete
     from worldserve.messages import RolloutRequest
     from worldserve.model.io import load_model_dir
 
-    events = []
-    eng = ModelEngine(load_model_dir(ROOT / "models" / MODEL), EngineConfig(max_slots=16), emit=events.extend)
-    eng.submit(RolloutRequest("r", MODEL, np.asarray(context), np.asarray([actions], np.int64), seed=seed,
-                              temperature=temperature))
-    while not any(e.final for e in events):
-        eng.step()
+    eng = ModelEngine(load_model_dir(ROOT / "models" / MODEL), EngineConfig(max_slots=16), emit=lambda evs: None)
+    events = complete(eng, [RolloutRequest("r", MODEL, np.asarray(context), np.asarray([actions], np.int64),
+                                           seed=seed, temperature=temperature)])
     return np.stack([e.frame for e in sorted((e for e in events if not e.final), key=lambda e: e.step)])
 
 

@@ -19,16 +19,13 @@ MODEL = "tiny"
 def inprocess_frames(context, actions, seed, temperature, candidates=1):
     """The engine's own result, no server: frames uint8 [K, T, H, W, 3]."""
     from tests.conftest import MODEL_DIR
-    from worldserve.engine.engine import Engine, EngineConfig
+    from worldserve.engine.engine import Engine, EngineConfig, complete
     from worldserve.messages import RolloutRequest
     from worldserve.model.io import load_model_dir
 
-    events = []
-    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=64), emit=events.extend)
+    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=64), emit=lambda evs: None)
     acts = np.asarray(actions, np.int64)
-    eng.submit(RolloutRequest("r", MODEL, np.asarray(context), acts, seed=seed, temperature=temperature))
-    while not any(e.final for e in events):
-        eng.step()
+    events = complete(eng, [RolloutRequest("r", MODEL, np.asarray(context), acts, seed=seed, temperature=temperature)])
     out = np.zeros((acts.shape[0], acts.shape[1], 64, 64, 3), np.uint8)
     for e in events:
         if not e.final:

@@ -18,16 +18,13 @@ MODEL = "tiny"
 
 def inprocess(context, requests):
     """Expected frames from the engine in this process: {(seed, candidate, step): frame}."""
-    from worldserve.engine.engine import Engine, EngineConfig
+    from worldserve.engine.engine import Engine, EngineConfig, complete
     from worldserve.messages import RolloutRequest
     from worldserve.model.io import load_model_dir
 
-    events = []
-    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=128, max_queue=64), emit=events.extend)
-    for i, (seed, cands) in enumerate(requests):
-        eng.submit(RolloutRequest(f"r{i}:{seed}", MODEL, context, np.asarray(cands), seed=seed, temperature=1.0))
-    while sum(e.final for e in events) < len(requests):
-        eng.step()
+    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=128, max_queue=64), emit=lambda evs: None)
+    events = complete(eng, [RolloutRequest(f"r{i}:{seed}", MODEL, context, np.asarray(cands), seed=seed,
+                                           temperature=1.0) for i, (seed, cands) in enumerate(requests)])
     return {(int(e.request_id.split(":")[1]), e.candidate, e.step): e.frame for e in events if not e.final}
 
 
