@@ -14,6 +14,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from .model.spec import ModelSpec
+
 
 class FrameMode(IntEnum):
     ALL = 0  # a frame every step
@@ -38,25 +40,21 @@ class ErrorCode(IntEnum):
     INTERNAL = 7
 
 
-@dataclass
-class ModelInfo:
-    name: str
-    height: int
-    width: int
-    tokens_per_frame: int
-    vocab_size: int
-    n_actions: int
-    action_dim: int
-    action_names: list[str]
-    context_window: int
-    max_horizon: int
-    max_candidates: int
+@dataclass(frozen=True)
+class ModelInfo(ModelSpec):
+    """A served model: its spec (model/spec.py) and how this server serves it."""
+
+    max_candidates: int = 64
     backend: str = "eager"
     precision: str = "fp32"
 
-    @property
-    def continuous(self) -> bool:
-        return self.action_dim > 0
+    def to_json(self) -> str:  # how workers announce their models in Redis
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ModelInfo:
+        d = json.loads(raw)
+        return cls(**{**d, "action_names": tuple(d["action_names"])})
 
 
 @dataclass

@@ -11,8 +11,6 @@ Mixed into Worker (service/worker.py), whose attributes it uses.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import logging
 import time
 
@@ -36,7 +34,7 @@ class Liveness:
     # ---- heartbeat --------------------------------------------------------------------------------
     async def _heartbeat(self) -> None:
         backoff = rc.Backoff()
-        info = json.dumps(dataclasses.asdict(self.info))
+        info = self.info.to_json()
         while True:
             try:
                 t0 = time.time()

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ import torch
 from .. import metrics
 from ..errors import InvalidArgument, QueueFull, Unavailable
 from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
-from ..model.protocol import Noise, WorldModelProtocol, check_model
+from ..model.protocol import ModelSpec, Noise, WorldModelProtocol, check_model
 from ..runtime.batch import bucket, pad_to, run_fixed_chunks
 from .host import to_host
 from .sampler import Sampler
@@ -107,10 +107,9 @@ class Engine:
 
     # ---- thread-safe entry points -----------------------------------------------------------
     def info(self, backend: str = "eager", precision: str = "fp32") -> ModelInfo:
-        s = self.spec
-        return ModelInfo(s.name, s.height, s.width, s.tokens_per_frame, s.vocab_size, s.n_actions, s.action_dim,
-                         list(s.action_names), s.context_window, s.max_horizon,
-                         min(self.cfg.max_candidates, self.cfg.max_slots), backend, precision)
+        spec = {f.name: getattr(self.spec, f.name) for f in fields(ModelSpec)}
+        return ModelInfo(**spec, max_candidates=min(self.cfg.max_candidates, self.cfg.max_slots), backend=backend,
+                         precision=precision)
 
     def submit(self, req: RolloutRequest) -> None:
         with self._lock:

@@ -31,29 +31,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from .sampling import counter_normal
+from .spec import OUTPUTS, ModelSpec
 
-OUTPUTS = ("logits", "latent")
+__all__ = ["OUTPUTS", "ModelSpec", "Noise", "WorldModelProtocol", "check_model"]
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    height: int
-    width: int
-    tokens_per_frame: int  # latent positions per frame (tokens, or cells of a latent grid)
-    vocab_size: int  # token models: entries per token; latent models: 0
-    n_actions: int  # > 0: discrete
-    action_dim: int  # > 0: continuous
-    action_names: tuple[str, ...]
-    context_window: int
-    max_horizon: int
-    output: str = "logits"  # "logits" (the engine samples) | "latent" (the model returns the next latent)
-
-    def __post_init__(self) -> None:
-        if self.output not in OUTPUTS:
-            raise ValueError(f"spec.output must be one of {OUTPUTS}, got {self.output!r}")
-        if (self.n_actions > 0) == (self.action_dim > 0):
-            raise ValueError("exactly one of n_actions (discrete) or action_dim (continuous) must be > 0")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ look-ups fail with UNAVAILABLE naming the reason, never "model not found".
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -240,7 +239,7 @@ class RedisQueue:
                 live = set()
                 for name, info in raw.items():
                     name = name.decode()
-                    self._models[name] = ModelInfo(**json.loads(info))
+                    self._models[name] = ModelInfo.from_json(info)
                     n = await self.r.zcount(rc.workers_key(name), now - 3 * self.q.heartbeat_s, "+inf")
                     if n:
                         live.add(name)

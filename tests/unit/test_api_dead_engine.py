@@ -29,7 +29,7 @@ CFG = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4)
 def test_dead_engine_is_reported_by_healthz():
     model = build(CFG, seed=3)
     s = model.spec
-    info = ModelInfo("tiny", s.height, s.width, 64, 64, 3, 0, ["l", "r", "f"], 8, 16, 4)
+    info = ModelInfo("tiny", s.height, s.width, 64, 64, 3, 0, ("l", "r", "f"), 8, 16, max_candidates=4)
     buf = io.BytesIO()
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, format="PNG")
     body = {"context": [{"encoding": "png", "data": base64.b64encode(buf.getvalue()).decode()}], "actions": [2, 2]}
