@@ -172,14 +172,23 @@ def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, vari
     text = table(ref)
     ok = True
     if variant != "fp32":
-        from .runtime.quantize import quantize_model
+        from .fidelity import rare_events, rare_gate, rare_table
+        from .fidelity import variant as variant_model
 
-        qres = evaluate(quantize_model(model, variant), eps)
+        vmodel = variant_model(model, variant)
+        qres = evaluate(vmodel, eps)
         loss8 = ref.model_psnr[8] - qres.model_psnr[8]
         ok = loss8 <= 0.5
         text += "\n\n" + table(qres, variant) + (
             f"\n\n{variant} vs fp32 at step 8: {-loss8:+.2f} dB (gate: lose at most 0.5 dB) -> "
             f"{'PASS' if ok else 'FAIL'}")
+        if env == "dynamic":  # a stochastic world: rare futures must survive the variant too
+            r = rare_events({"fp32": model, variant: vmodel}, n_states=8, k=256)
+            rare_ok = rare_gate(r, variant)
+            ok = ok and rare_ok
+            text += "\n\n" + rare_table(r) + (
+                f"\n\nrare collisions, {variant} vs fp32: {r.rates[variant]:.4f} vs {r.rates['fp32']:.4f} (gate: "
+                f"inside fp32's 95 % interval widened by 20 %) -> {'PASS' if rare_ok else 'FAIL'}")
     print(text)
     if write_card and variant == "fp32":
         write_card_table(model_dir, text)

@@ -212,6 +212,12 @@ def rare_events(variants: dict, n_states: int, k: int = 256, horizon: int = 4, p
     return RareEvents(true_hits / max(k * len(kept), 1), rates, ci, len(kept), k)
 
 
+def rare_gate(r: RareEvents, name: str, rel: float = 0.2) -> bool:
+    """A variant keeps the rare futures when its frequency lies inside fp32's 95 % interval widened by `rel`."""
+    lo, hi = r.ci["fp32"]
+    return (1 - rel) * lo <= r.rates[name] <= (1 + rel) * hi
+
+
 def rare_table(r: RareEvents) -> str:
     rows = [f"| collision within the horizon, {r.n_states} states with true p <= 5 % x {r.k} futures | frequency | "
             "95 % interval | vs fp32 |", "|---|---|---|---|",
@@ -224,18 +230,10 @@ def rare_table(r: RareEvents) -> str:
 
 
 def variant(model, name: str):
-    """The model under a precision variant, for the rare-event gate (fp32 is the model itself)."""
-    import torch
+    """The model under a precision variant, as the server applies it (fp32 is the model itself)."""
+    from .runtime.loader import with_precision
 
-    if name == "fp32":
-        return model
-    if name == "bf16":
-        import copy
-
-        return copy.deepcopy(model).to(torch.bfloat16)
-    from .runtime.quantize import quantize_model
-
-    return quantize_model(model, name)
+    return with_precision(model, name)
 
 
 def fidelity_dir(model_dir, n_states: int, k: int, variants: list[str], rare_states: int, write_card: bool) -> str:

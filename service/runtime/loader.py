@@ -28,6 +28,21 @@ def load_model(ms: ModelSettings) -> WorldModel:
     return model.to(ms.device).eval()
 
 
+def with_precision(model: WorldModel, precision: str, use_triton: bool = False, copy: bool = True) -> WorldModel:
+    """The model at `precision`: fp32 is the model itself; fp16 / bf16 convert weights and cache (a copy unless
+    copy=False); int8 / fp8 quantize the dynamics' linears (always a new model)."""
+    if precision in ("int8", "fp8"):
+        from .quantize import quantize_model
+
+        return quantize_model(model, precision, use_triton=use_triton)
+    if precision in ("fp16", "bf16"):
+        import copy as copy_
+
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return (copy_.deepcopy(model) if copy else model).to(dtype)
+    return model
+
+
 def prepare(ms: ModelSettings) -> WorldModel:
     """The serving model: weights loaded, then the backend and precision applied to it.
 
@@ -36,17 +51,7 @@ def prepare(ms: ModelSettings) -> WorldModel:
     from .support import check_supported
 
     check_supported(ms)
-    model = load_model(ms)
-    if ms.precision == "int8":
-        from .quantize import quantize_model
-
-        model = quantize_model(model, "int8", use_triton=ms.triton_kernels)
-    elif ms.precision in ("fp16", "bf16"):
-        model = model.to(torch.float16 if ms.precision == "fp16" else torch.bfloat16)
-    elif ms.precision == "fp8":
-        from .quantize import quantize_model
-
-        model = quantize_model(model, "fp8", use_triton=ms.triton_kernels)
+    model = with_precision(load_model(ms), ms.precision, ms.triton_kernels, copy=False)
     if ms.backend == "compile":
         from .compiled import compile_model
 
