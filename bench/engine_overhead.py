@@ -151,7 +151,9 @@ def main() -> None:
     torch.set_num_threads(1)
     lines = ["# Engine overhead (one run, one thread)", "",
              f"Command: `python -m bench.engine_overhead --rows {a.rows} --presets {' '.join(a.presets)} "
-             f"--batches {' '.join(map(str, a.batches))}" + (f" --before {a.before}" if a.before else "") + "`", "",
+             f"--batches {' '.join(map(str, a.batches))} --reps {a.reps}"
+             + (f" --before {a.before}" if a.before else "")
+             + f"` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
              "## Host overhead per engine step, model compute removed", "",
              "Temperature 0: greedy rows (argmax of a 16-entry vocabulary). Temperature 1: the sampler draws for",
              "rows x 64 tokens, its own cost at a tiny vocabulary.", "",
