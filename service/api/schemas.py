@@ -19,6 +19,7 @@ from .images import encode_frame
 FRAME_MODES = {"all": FrameMode.ALL, "last": FrameMode.LAST, "none": FrameMode.NONE}
 PRIORITIES = {"interactive": Priority.INTERACTIVE, "normal": Priority.NORMAL, "bulk": Priority.BULK}
 STRICT = ConfigDict(extra="forbid")
+DEFAULT = Options()  # the option defaults are the data plane's (one place for REST, WS and gRPC)
 
 
 class FrameIn(BaseModel):
@@ -31,15 +32,16 @@ class FrameIn(BaseModel):
 
 class OptionsIn(BaseModel):
     model_config = STRICT
-    frames: Literal["all", "last", "none"] = "all"
-    seed: int = Field(0, description="in [0, 2^63-1]")
-    temperature: float = Field(0.0, description="in [0, 10]; 0 = greedy")
-    deadline_ms: int = Field(0, ge=0, le=MAX_DEADLINE_MS, description="0 = none")
-    priority: Literal["interactive", "normal", "bulk"] = "normal"
-    return_tokens: bool = False
-    frame_encoding: Literal["raw", "png", "jpeg"] = "png"
-    stop_on_done: bool = Field(False, description="stop stepping a candidate once the model says done (the world is "
-                                                  "absorbing after done); the final line names each stop")
+    frames: Literal["all", "last", "none"] = next(k for k, v in FRAME_MODES.items() if v == DEFAULT.frames)
+    seed: int = Field(DEFAULT.seed, description="in [0, 2^63-1]")
+    temperature: float = Field(DEFAULT.temperature, description="in [0, 10]; 0 = greedy")
+    deadline_ms: int = Field(DEFAULT.deadline_ms, ge=0, le=MAX_DEADLINE_MS, description="0 = none")
+    priority: Literal["interactive", "normal", "bulk"] = next(k for k, v in PRIORITIES.items()
+                                                              if v == DEFAULT.priority)
+    return_tokens: bool = DEFAULT.return_tokens
+    frame_encoding: Literal["raw", "png", "jpeg"] = DEFAULT.frame_encoding
+    stop_on_done: bool = Field(DEFAULT.stop_on_done, description="stop stepping a candidate once the model says done "
+                               "(the world is absorbing after done); the final line names each stop")
 
 
 class LoadModelIn(BaseModel):
