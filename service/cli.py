@@ -101,7 +101,8 @@ def cmd_eval(a) -> None:
     from .evaluate import evaluate_dir
 
     torch.set_num_threads(a.threads)
-    ok = evaluate_dir(Path(a.model_dir), a.episodes, write_card=not a.no_card, variant=a.variant, env=a.env)
+    ok = evaluate_dir(Path(a.model_dir), a.episodes, write_card=not a.no_card, variant=a.variant, env=a.env,
+                      drift_horizon=a.drift)
     sys.exit(0 if ok else 1)
 
 
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--variant", default="fp32", help="fp32 | int8 (quantized variant, compared to fp32)")
     e.add_argument("--no-card", action="store_true", help="do not write the table into the model card")
     e.add_argument("--env", choices=("minigrid", "dynamic"), default="minigrid", help="the world of the episodes")
+    e.add_argument("--drift", type=int, default=0, metavar="H",
+                   help="also the open-loop drift curve to H steps (e.g. 64 = 8x the window), into the card")
     e.set_defaults(fn=cmd_eval)
 
     f = sub.add_parser("fidelity", help="sampled futures vs the simulator's (stochastic world): TV, calibration, "

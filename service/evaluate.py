@@ -143,7 +143,8 @@ def table(r: EvalResult, title: str = "fp32") -> str:
 def write_card_table(model_dir: Path, text: str, section: str = "eval") -> None:
     card = model_dir / "MODEL_CARD.md"
     body = card.read_text()
-    title = {"eval": "Evaluation", "fidelity": "Distribution fidelity"}.get(section, section)
+    title = {"eval": "Evaluation", "fidelity": "Distribution fidelity",
+             "drift": "Long rollouts (drift)"}.get(section, section)
     block = f"<!-- {section}:start -->\n## {title}\n\n{text}\n<!-- {section}:end -->"
     if f"<!-- {section}:start -->" in body:
         body = re.sub(rf"<!-- {section}:start -->.*<!-- {section}:end -->", lambda _: block, body, flags=re.S)
@@ -153,17 +154,38 @@ def write_card_table(model_dir: Path, text: str, section: str = "eval") -> None:
     card.write_text(body)
 
 
-def drift(model: WorldModelProtocol, eps, horizon: int = 64) -> dict[int, tuple[float, float]]:
-    """Open-loop PSNR and copy-last PSNR by step up to `horizon` (8x the window): step -> (model dB, copy-last dB)."""
+@torch.no_grad()
+def drift(model: WorldModelProtocol, eps, horizon: int = 64) -> dict[int, tuple[float, float, float | None]]:
+    """Greedy open loop far past the window: step -> (model PSNR dB, copy-last PSNR dB, token agreement with the
+    truth's tokens, or None for a latent model), for steps 1 .. `horizon` (64 = 8x tiny's window)."""
     pred, _, _ = open_loop(model, eps, horizon)
-    truth = np.stack([f[CONTEXT : CONTEXT + horizon] for f, *_ in eps]).astype(np.float32)
-    last = np.stack([f[CONTEXT - 1] for f, *_ in eps]).astype(np.float32)
+    truth_u8 = np.stack([f[CONTEXT : CONTEXT + horizon] for f, *_ in eps])  # uint8 [E, H, h, w, 3]
+    truth, last = truth_u8.astype(np.float32), np.stack([f[CONTEXT - 1] for f, *_ in eps]).astype(np.float32)
+    agree = None
+    if model.spec.output == "logits":
+        def tok(x):  # uint8 [E, H, h, w, 3] -> int64 [E, H, N]
+            flat = torch.from_numpy(x.reshape(-1, *x.shape[2:]))
+            return torch.cat([model.encode(flat[i : i + 512]) for i in range(0, len(flat), 512)]).view(*x.shape[:2], -1)
+
+        agree = (tok(pred) == tok(truth_u8)).float().mean((0, 2)).numpy()  # [H]
     return {s: (psnr(float(((pred[:, s - 1] - truth[:, s - 1]) ** 2).mean())),
-                psnr(float(((last - truth[:, s - 1]) ** 2).mean()))) for s in range(1, horizon + 1)}
+                psnr(float(((last - truth[:, s - 1]) ** 2).mean())),
+                None if agree is None else float(agree[s - 1])) for s in range(1, horizon + 1)}
+
+
+def drift_table(d: dict, name: str = "fp32", n: int = 0) -> str:
+    rows = [f"| step ({name}, {n} held-out episodes, greedy open loop) | model PSNR | copy-last PSNR | tokens equal to "
+            "the truth's |", "|---|---|---|---|"]
+    for s in (1, 2, 4, 8, 16, 32, 64):
+        if s in d:
+            m, c, a = d[s]
+            rows.append(f"| {s} | {'exact' if m >= EXACT else f'{m:.2f} dB'} | {c:.2f} dB | "
+                        f"{'-' if a is None else f'{100 * a:.2f}%'} |")
+    return "\n".join(rows)
 
 
 def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, variant: str = "fp32",
-                 env: str = "minigrid") -> bool:
+                 env: str = "minigrid", drift_horizon: int = 0) -> bool:
     from .model.io import load_model_dir
 
     eps = heldout_episodes(n_episodes, env=env)
@@ -192,4 +214,12 @@ def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, vari
     print(text)
     if write_card and variant == "fp32":
         write_card_table(model_dir, text)
+    if drift_horizon:  # long rollouts: the drift curve of fp32 (and the variant) to drift_horizon steps
+        long_eps = heldout_episodes(n_episodes, env=env, horizon=drift_horizon)
+        dtext = drift_table(drift(model, long_eps, drift_horizon), "fp32", len(long_eps))
+        if variant != "fp32":
+            dtext += "\n\n" + drift_table(drift(vmodel, long_eps, drift_horizon), variant, len(long_eps))
+        print("\n" + dtext)
+        if write_card:
+            write_card_table(model_dir, dtext, "drift")
     return ok
