@@ -32,8 +32,16 @@ def cmd_train(a) -> None:
     data = load(data_path)
     t0 = time.time()
     cfg = PRESETS["tiny"] if a.env == "minigrid" else dataclasses.replace(PRESETS["tiny"], name=a.env)
+    # a stochastic world needs a proper scoring rule (train.CHANGED_WEIGHT distorts the odds)
+    weight = a.changed_weight if a.changed_weight is not None else (10.0 if a.env == "minigrid" else 1.0)
+    init = None
+    if a.init:
+        from .model.io import load_model_dir
+
+        init = load_model_dir(a.init)
+        init.train()
     model = run(data, Path(a.ckpt), cfg, a.tok_steps, a.dyn_steps, a.batch, a.seed,
-                a.time_budget_min * 60 if a.time_budget_min else None)
+                a.time_budget_min * 60 if a.time_budget_min else None, weight, init, a.lr)
     minutes = (time.time() - t0) / 60
     n_eps = len(data["frame_offsets"]) - 1
     env_line = "" if a.env == "minigrid" else (
@@ -142,6 +150,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="tiny: token model; denoiser: continuous-latent denoising model (then --out models/denoiser)")
     t.add_argument("--ae-steps", type=int, default=3000, help="denoiser: autoencoder steps")
     t.add_argument("--time-budget-min", type=float, default=0, help="stop the dynamics stage after this (minutes)")
+    t.add_argument("--changed-weight", type=float, default=None,
+                   help="loss weight of tokens that change (default 10 for minigrid, 1 for a stochastic world)")
+    t.add_argument("--init", help="start from this model directory (its tokenizer and weights): a fine-tune")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the dynamics stage")
     t.set_defaults(fn=lambda a: (cmd_train_denoiser if a.arch == "denoiser" else cmd_train)(a))
 
     e = sub.add_parser("eval", help="evaluate a model directory on held-out episodes")

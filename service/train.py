@@ -159,17 +159,22 @@ class Windows:
                 torch.from_numpy(self.data["rewards"][a0]), torch.from_numpy(self.data["dones"][a0].astype(np.float32)))
 
 
-CHANGED_WEIGHT = 10.0  # tokens that differ from the previous frame carry the dynamics: weight them up
+# tokens that differ from the previous frame carry the dynamics: weight them up. Only for a deterministic world: the
+# weighted loss's optimum multiplies the odds of every change by the weight (a cell next to a ball that moves there
+# with p = 0.2 is predicted at 10 * 0.2 / (10 * 0.2 + 0.8) = 0.71), so a stochastic world trains with weight 1, a
+# proper scoring rule whose optimum is the world's own odds.
+CHANGED_WEIGHT = 10.0
 REWARD_EVENT_WEIGHT = 20.0  # rewards are rare: weight their squared error up
 
 
-def dynamics_loss(model: WorldModel, cfg: ModelConfig, batch, gen: torch.Generator, action_dropout: float = 0.1):
+def dynamics_loss(model: WorldModel, cfg: ModelConfig, batch, gen: torch.Generator, action_dropout: float = 0.1,
+                  changed_weight: float = CHANGED_WEIGHT):
     toks, acts, nxt, rew, done = batch  # [B,T,N] [B,T] [B,T,N] [B,T] [B,T]
     drop = torch.rand(acts.shape, generator=gen) < action_dropout
     acts = torch.where(drop, torch.full_like(acts, cfg.n_actions), acts)
     logits, r, d = model.dynamics(toks, acts)
     ce_tok = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), nxt.reshape(-1), reduction="none")
-    w = 1.0 + (CHANGED_WEIGHT - 1.0) * (nxt != toks).reshape(-1).float()
+    w = 1.0 + (changed_weight - 1.0) * (nxt != toks).reshape(-1).float()
     ce = (ce_tok * w).sum() / w.sum()
     rw = 1.0 + (REWARD_EVENT_WEIGHT - 1.0) * (rew > 0).float()
     r_loss = (rw * (r - rew) ** 2).mean()
@@ -210,24 +215,33 @@ def fit(module: torch.nn.Module, batch_loss, steps: int, seed: int, ckpt: Path, 
 
 
 def train_dynamics(model: WorldModel, windows: Windows, steps: int, batch: int, seed: int, ckpt: Path,
-                   lr: float = 1e-3, time_budget_s: float | None = None) -> list[float]:
-    return fit(model.dynamics, lambda g, tg: dynamics_loss(model, model.cfg, windows.batch(g, batch), tg), steps,
-               seed, ckpt, lr, "dynamics", 0.05, (0.9, 0.95), 100, time_budget_s)
+                   lr: float = 1e-3, time_budget_s: float | None = None,
+                   changed_weight: float = CHANGED_WEIGHT) -> list[float]:
+    def batch_loss(g, tg):
+        return dynamics_loss(model, model.cfg, windows.batch(g, batch), tg, changed_weight=changed_weight)
+
+    return fit(model.dynamics, batch_loss, steps, seed, ckpt, lr, "dynamics", 0.05, (0.9, 0.95), 100, time_budget_s)
 
 
 def run(data: dict, out_ckpt_dir: Path, cfg: ModelConfig, tok_steps: int, dyn_steps: int, batch: int,
-        seed: int = 0, time_budget_s: float | None = None) -> WorldModel:
+        seed: int = 0, time_budget_s: float | None = None, changed_weight: float = CHANGED_WEIGHT,
+        init: WorldModel | None = None, lr: float = 1e-3) -> WorldModel:
+    """Tokenizer, then dynamics; or, from `init` (a trained model), its tokenizer and a further dynamics stage
+    (a fine-tune, e.g. with another changed_weight)."""
     torch.manual_seed(seed)
-    model = WorldModel(cfg)
+    model = init if init is not None else WorldModel(cfg)
     out_ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.tokenizer == "vq":
+    if init is not None:
+        pass  # the tokenizer comes with the model
+    elif cfg.tokenizer == "vq":
         train_patch_vq(model, data["frames"], seed, out_ckpt_dir / "tokenizer.pt")
     else:
         train_tokenizer(model, data["frames"], tok_steps, 64, seed, out_ckpt_dir / "tokenizer.pt")
     tokens = tokenize(model, data["frames"])
     windows = Windows(data, tokens, cfg.window)
     print(f"{len(windows.starts)} training windows, {len(data['frames'])} frames")
-    train_dynamics(model, windows, dyn_steps, batch, seed, out_ckpt_dir / "dynamics.pt", time_budget_s=time_budget_s)
+    train_dynamics(model, windows, dyn_steps, batch, seed, out_ckpt_dir / "dynamics.pt", lr, time_budget_s,
+                   changed_weight)
     return model.eval()
 
 
