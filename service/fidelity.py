@@ -110,6 +110,7 @@ class Fidelity:
     tv: dict[int, float]  # step -> mean TV of occupancy maps
     floor: dict[int, float]  # step -> the same TV between two independent sets of simulator futures (K samples)
     count_ok: dict[int, float]  # step -> fraction of model futures with the right number of balls
+    count_ratio: dict[int, float]  # step -> mean number of balls in model futures / the world's number
     ece: float  # collision calibration error at step 1
     bins: list = field(default_factory=list)  # (predicted mean, true mean, states) per bin
     n_states: int = 0
@@ -124,6 +125,7 @@ def fidelity(model, n_states: int, k: int = 256, steps=(1, 4, 8), seed: int = 0)
     tvs: dict[int, list[float]] = {s: [] for s in steps}
     floors: dict[int, list[float]] = {s: [] for s in steps}
     counts: dict[int, list[float]] = {s: [] for s in steps}
+    ratios: dict[int, list[float]] = {s: [] for s in steps}
     pred, true = [], []
     for j, st in enumerate(heldout_states(n_states, h)):
         mf, md = sample_model(engine, st, k, seed + j * k)
@@ -138,6 +140,7 @@ def fidelity(model, n_states: int, k: int = 256, steps=(1, 4, 8), seed: int = 0)
             so2 = balls(sf2[:, s - 1][alive2]) if alive2.any() else balls(sf2[:, s - 1])
             floors[s].append(tv(so2.mean(0), so.mean(0)))
             counts[s].append(float((mo.sum((1, 2)) == n_balls).mean()))
+            ratios[s].append(float(mo.sum((1, 2)).mean()) / max(n_balls, 1))
         pred.append(float(md[:, 0].mean()))
         true.append(float(shit[:, 0].mean()))
     pred_a, true_a = np.asarray(pred), np.asarray(true)
@@ -148,15 +151,18 @@ def fidelity(model, n_states: int, k: int = 256, steps=(1, 4, 8), seed: int = 0)
         if m.any():
             bins.append((float(pred_a[m].mean()), float(true_a[m].mean()), int(m.sum())))
             ece += m.mean() * abs(pred_a[m].mean() - true_a[m].mean())
-    return Fidelity({s: float(np.mean(v)) for s, v in tvs.items()}, {s: float(np.mean(v)) for s, v in floors.items()},
-                    {s: float(np.mean(v)) for s, v in counts.items()}, float(ece), bins, n_states, k)
+    def mean(d: dict) -> dict[int, float]:
+        return {s: float(np.mean(v)) for s, v in d.items()}
+
+    return Fidelity(mean(tvs), mean(floors), mean(counts), mean(ratios), float(ece), bins, n_states, k)
 
 
 def table(f: Fidelity) -> str:
     rows = [f"| fidelity ({f.n_states} held-out states x {f.k} sampled futures, temperature 1) | value |", "|---|---|"]
     rows += [f"| occupancy TV at step {s}, model vs simulator (simulator vs itself: the floor at K) | {v:.3f} "
              f"({f.floor[s]:.3f}) |" for s, v in f.tv.items()]
-    rows += [f"| futures with the right ball count, step {s} | {100 * v:.1f}% |" for s, v in f.count_ok.items()]
+    rows += [f"| futures with the right ball count, step {s} (mean count, model / world) | {100 * v:.1f}% "
+             f"({f.count_ratio[s]:.2f}) |" for s, v in f.count_ok.items()]
     rows.append(f"| collision calibration error, step 1 (ECE over states) | {f.ece:.3f} |")
     rows += [f"| calibration bin: predicted {p:.3f} vs true {t:.3f} ({n} states) |  |" for p, t, n in f.bins]
     return "\n".join(rows)
