@@ -1,7 +1,8 @@
 """The model as pure graphs for compiled / exported backends, and the wrapper they share.
 
 Dynamics.step writes into the KV cache while it runs; a graph that ONNX Runtime, TensorRT or a CUDA
-graph replays must not. StepGraph is the same computation as a pure function:
+graph replays must not. StepGraph runs the same `Dynamics.step_with` as a pure function (its window is selected,
+not written):
 
     tokens   int64 [B, N]            the slots' last_tokens (input frame)
     frames   int64 [B]               frame index being written (ring position = frames % W)
