@@ -23,7 +23,7 @@ def cmd_train(a) -> None:
     from .data.collect import collect, load, save
     from .model.config import PRESETS
     from .model.io import save_model_dir
-    from .train import run
+    from .train import CHANGED_WEIGHT, run
 
     torch.set_num_threads(a.threads)
     data_path = Path(a.data) / ("train.npz" if a.env == "minigrid" else f"{a.env}-train.npz")
@@ -33,13 +33,12 @@ def cmd_train(a) -> None:
     t0 = time.time()
     cfg = PRESETS["tiny"] if a.env == "minigrid" else dataclasses.replace(PRESETS["tiny"], name=a.env)
     # a stochastic world needs a proper scoring rule (train.CHANGED_WEIGHT distorts the odds)
-    weight = a.changed_weight if a.changed_weight is not None else (10.0 if a.env == "minigrid" else 1.0)
+    weight = a.changed_weight if a.changed_weight is not None else (CHANGED_WEIGHT if a.env == "minigrid" else 1.0)
     init = None
     if a.init:
         from .model.io import load_model_dir
 
-        init = load_model_dir(a.init)
-        init.train()
+        init = load_model_dir(a.init)  # fit() puts the dynamics in training mode
     model = run(data, Path(a.ckpt), cfg, a.tok_steps, a.dyn_steps, a.batch, a.seed,
                 a.time_budget_min * 60 if a.time_budget_min else None, weight, init, a.lr)
     minutes = (time.time() - t0) / 60

@@ -85,6 +85,14 @@ def open_loop(model: WorldModelProtocol, eps, horizon: int = HORIZON, seed: int 
 
 
 @torch.no_grad()
+def frame_tokens(model: WorldModelProtocol, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:
+    """uint8 [E, H, h, w, 3] -> the model's tokens int64 [E, H, N], encoded `chunk` frames at a time."""
+    flat = torch.from_numpy(np.ascontiguousarray(frames).reshape(-1, *frames.shape[2:]))
+    tokens = torch.cat([model.encode(flat[i : i + chunk]) for i in range(0, len(flat), chunk)])
+    return tokens.view(*frames.shape[:2], -1)
+
+
+@torch.no_grad()
 def evaluate(model: WorldModelProtocol, eps) -> EvalResult:
     # 1. tokenizer reconstruction over every held-out frame
     allf = torch.from_numpy(np.concatenate([f for f, *_ in eps]))
@@ -98,8 +106,7 @@ def evaluate(model: WorldModelProtocol, eps) -> EvalResult:
     true_d = np.stack([d[CONTEXT - 1 : CONTEXT - 1 + HORIZON] for *_, d in eps])
     tokens = model.spec.output == "logits"
     if tokens:
-        true_tok = model.encode(torch.from_numpy(truth.astype(np.uint8)).flatten(0, 1)).view(len(eps), HORIZON, -1)
-        pred_tok = model.encode(torch.from_numpy(pred).flatten(0, 1)).view(len(eps), HORIZON, -1)
+        true_tok, pred_tok = frame_tokens(model, truth.astype(np.uint8)), frame_tokens(model, pred)
     mp, bp, ta = {}, {}, {}
     for s in REPORT_STEPS:
         mp[s] = psnr(float(((pred[:, s - 1].astype(np.float32) - truth[:, s - 1]) ** 2).mean()))
@@ -163,11 +170,7 @@ def drift(model: WorldModelProtocol, eps, horizon: int = 64) -> dict[int, tuple[
     truth, last = truth_u8.astype(np.float32), np.stack([f[CONTEXT - 1] for f, *_ in eps]).astype(np.float32)
     agree = None
     if model.spec.output == "logits":
-        def tok(x):  # uint8 [E, H, h, w, 3] -> int64 [E, H, N]
-            flat = torch.from_numpy(x.reshape(-1, *x.shape[2:]))
-            return torch.cat([model.encode(flat[i : i + 512]) for i in range(0, len(flat), 512)]).view(*x.shape[:2], -1)
-
-        agree = (tok(pred) == tok(truth_u8)).float().mean((0, 2)).numpy()  # [H]
+        agree = (frame_tokens(model, pred) == frame_tokens(model, truth_u8)).float().mean((0, 2)).numpy()  # [H]
     return {s: (psnr(float(((pred[:, s - 1] - truth[:, s - 1]) ** 2).mean())),
                 psnr(float(((last - truth[:, s - 1]) ** 2).mean())),
                 None if agree is None else float(agree[s - 1])) for s in range(1, horizon + 1)}

@@ -231,12 +231,11 @@ def run(data: dict, out_ckpt_dir: Path, cfg: ModelConfig, tok_steps: int, dyn_st
     torch.manual_seed(seed)
     model = init if init is not None else WorldModel(cfg)
     out_ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if init is not None:
-        pass  # the tokenizer comes with the model
-    elif cfg.tokenizer == "vq":
-        train_patch_vq(model, data["frames"], seed, out_ckpt_dir / "tokenizer.pt")
-    else:
-        train_tokenizer(model, data["frames"], tok_steps, 64, seed, out_ckpt_dir / "tokenizer.pt")
+    if init is None:  # a fine-tune keeps the model's tokenizer
+        if cfg.tokenizer == "vq":
+            train_patch_vq(model, data["frames"], seed, out_ckpt_dir / "tokenizer.pt")
+        else:
+            train_tokenizer(model, data["frames"], tok_steps, 64, seed, out_ckpt_dir / "tokenizer.pt")
     tokens = tokenize(model, data["frames"])
     windows = Windows(data, tokens, cfg.window)
     print(f"{len(windows.starts)} training windows, {len(data['frames'])} frames")

@@ -9,8 +9,6 @@ token per cell), so the tiny token architecture models it unchanged; what the mo
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 from minigrid.core.world_object import Ball
 
@@ -63,12 +61,6 @@ class DynamicObstaclesEnv(RandomLayoutEnv):
         if self.move_obstacles(self.np_random):
             return self.gen_obs(), COLLISION_REWARD, True, truncated, {"collision": True}
         return self.gen_obs(), reward, terminated, truncated, info
-
-    def clone(self, seed: int) -> DynamicObstaclesEnv:
-        """A copy of this state whose future randomness comes from `seed` (Monte-Carlo futures)."""
-        env = copy.deepcopy(self)
-        env.np_random = np.random.default_rng(seed)
-        return env
 
     def obstacle_cells(self) -> list[tuple[int, int]]:
         return [tuple(int(v) for v in b.cur_pos) for b in self.obstacles]

@@ -51,6 +51,13 @@ class RandomLayoutEnv(MiniGridEnv):
         # uint8 [64, 64, 3]
         return self.get_frame(highlight=False, tile_size=TILE)
 
+    def clone(self, seed: int):
+        """A copy of this state whose future randomness comes from `seed` (a stochastic world's sampled future;
+        a deterministic world's copy is the same future whatever the seed)."""
+        env = copy.deepcopy(self)
+        env.np_random = np.random.default_rng(seed)
+        return env
+
 
 # ---- reading a frame back: what a policy (or a check) sees in a real or a predicted frame ----------------------
 EMPTY, WALL, LAVA, GOAL, AGENT, BALL = range(6)  # cell kinds, by the colour of the cell's centre pixel
@@ -152,10 +159,9 @@ class Simulator:
         self.done = False
 
     def clone(self, seed: int) -> Simulator:
-        """A copy of this state whose future randomness comes from `seed` (a stochastic world's sampled future;
-        a deterministic world's copy is the same future whatever the seed)."""
-        other = copy.deepcopy(self)
-        other.env.np_random = np.random.default_rng(seed)
+        """This state with its own future randomness (RandomLayoutEnv.clone)."""
+        other = copy.copy(self)
+        other.env = self.env.clone(seed)
         return other
 
     def frame(self) -> np.ndarray:
