@@ -50,7 +50,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/venv/bin/python tools/gen_proto.py \
  && /opt/venv/bin/pip install --no-deps . \
  && /opt/venv/bin/pip uninstall -y grpcio-tools \
- && /opt/venv/bin/python -c "import worldserve.api.gen.worldserve_pb2_grpc, worldserve.cli, worldserve.server"
+ && /opt/venv/bin/python -c "import worldserve.api.gen.worldserve_pb2_grpc, worldserve.cli.main, worldserve.cli.wiring"
 # the shipped model, readable by the unprivileged user whatever the file modes of the checkout
 COPY models/tiny/ /opt/model/
 RUN chmod -R u=rwX,go=rX /opt/model
@@ -120,7 +120,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     /opt/venv/bin/python tools/gen_proto.py \
  && /opt/venv/bin/pip install --no-deps . \
  && /opt/venv/bin/pip uninstall -y grpcio-tools \
- && /opt/venv/bin/python -c "import worldserve.api.gen.worldserve_pb2_grpc, worldserve.cli, worldserve.server"
+ && /opt/venv/bin/python -c "import worldserve.api.gen.worldserve_pb2_grpc, worldserve.cli.main, worldserve.cli.wiring"
 # the shipped model, readable by the unprivileged user whatever the file modes of the checkout
 COPY models/tiny/ /opt/model/
 RUN chmod -R u=rwX,go=rX /opt/model

@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worldserve.engine.engine import Engine, EngineConfig
+from worldserve.engine.engine import Engine
 from worldserve.engine.sampler import Sampler
 from worldserve.messages import FrameMode, RolloutRequest
 from worldserve.model.config import PRESETS
 from worldserve.model.world_model import build, spec_from_config
+from worldserve.settings import EngineSettings
 
 REPORT = Path(__file__).resolve().parent / "reports" / "engine_overhead.md"
 
@@ -76,7 +77,7 @@ class NullModel:
 def host_overhead(rows: int, frames: FrameMode, temperature: float, steps: int = 200) -> float:
     """ms per engine step at `rows` active rows, model compute removed."""
     model = NullModel(rows + 1)
-    eng = Engine(model, EngineConfig(max_slots=rows, max_queue=4), emit=lambda evs: None)
+    eng = Engine(model, EngineSettings(max_slots=rows, max_queue=4))
     ctx = np.zeros((1, 64, 64, 3), np.uint8)
     eng.submit(RolloutRequest("r", "tiny", ctx, np.zeros((rows, steps + 20), np.int64), frames=frames,
                               temperature=temperature))

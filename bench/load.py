@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import MODEL_DIR, start_redis, start_server, start_stack  # noqa: E402
-from worldserve.client import GrpcClient, RestClient  # noqa: E402
+from worldserve.client.client import GrpcClient, RestClient  # noqa: E402
 
 
 def pct(xs, q):
@@ -37,7 +37,7 @@ def pct(xs, q):
 
 
 def context_frames(n: int = 2):
-    from worldserve.data.minigrid_env import Simulator
+    from worldserve.lab.data.minigrid_env import Simulator
 
     sim = Simulator(seed=77)
     frames = [sim.frame()]
@@ -89,17 +89,18 @@ def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frame
     """Same model, same batch composition, no server: the ceiling."""
     import torch
 
-    from worldserve.engine.engine import Engine, EngineConfig
+    from worldserve.engine.engine import Engine
     from worldserve.messages import FrameMode, RolloutRequest
     from worldserve.model.config import PRESETS
     from worldserve.model.io import load_model_dir
     from worldserve.model.world_model import build
+    from worldserve.settings import EngineSettings
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)  # as the server (OMP_NUM_THREADS=1): 2 threads thrash on a shared 2-core box
     model = build(PRESETS[preset]) if preset else load_model_dir(model_dir)
     events = []
-    eng = Engine(model, EngineConfig(max_slots=max_slots, max_queue=4 * n), emit=events.extend)
+    eng = Engine(model, EngineSettings(max_slots=max_slots, max_queue=4 * n))
     ctx = context_frames()
     mode = {"all": FrameMode.ALL, "last": FrameMode.LAST, "none": FrameMode.NONE}[frames]
     # warm-up, untimed (the server warmed its buckets at start-up): one admission of n requests + 2 steps
@@ -107,7 +108,7 @@ def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frame
         eng.submit(RolloutRequest(f"warm-{i}", model.cfg.name, ctx,
                                   np.asarray([actions(i, j) for j in range(k)])[:, :2], frames=mode, seed=i))
     while sum(e.final for e in events) < n:
-        eng.step()
+        events.extend(eng.step())
     events.clear()
     step_times, done_frames = [], 0
     t_end = time.time() + duration
@@ -122,7 +123,7 @@ def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frame
         while finals < n:
             events.clear()
             s0 = time.perf_counter()
-            eng.step()
+            events.extend(eng.step())
             step_times.append(time.perf_counter() - s0)
             finals += sum(e.final for e in events)
             done_frames += sum(not e.final for e in events)

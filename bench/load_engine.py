@@ -14,9 +14,10 @@ import time
 import numpy as np
 import torch
 
-from worldserve.engine.engine import Engine, EngineConfig
+from worldserve.engine.engine import Engine
 from worldserve.messages import FrameMode, RolloutRequest
 from worldserve.model.dynamics import advance
+from worldserve.settings import EngineSettings
 
 
 def legacy_sampler(rev: str):
@@ -38,11 +39,7 @@ def engine_vs_step(model, ctx: np.ndarray, batch: int, steps: int, frames: str =
     """ctx: uint8 [C, H, W, 3] context of every row. Returns median ms of engine step and bare step."""
     cfg = model.cfg
     emitted = []
-
-    def emit(evs):  # one step's events as a list (a single event still accepted)
-        emitted.extend(evs if isinstance(evs, list) else [evs])
-
-    eng = Engine(model, EngineConfig(max_slots=batch, max_queue=4 * batch), emit=emit,
+    eng = Engine(model, EngineSettings(max_slots=batch, max_queue=4 * batch),
                  **({"sampler": sampler} if sampler is not None else {}))
     rng = np.random.default_rng(0)
     h = steps + 2
@@ -59,11 +56,11 @@ def engine_vs_step(model, ctx: np.ndarray, batch: int, steps: int, frames: str =
     tokens = model.encode(torch.from_numpy(ctx)).unsqueeze(0).expand(batch, -1, -1)
     a0, known = model.unknown_actions(batch, ctx.shape[0] - 1)
     model.prefill(cache, slots, tokens, a0, known)
-    eng.step()  # admission (encode + prefill) and the first step: not measured
+    emitted.extend(eng.step())  # admission (encode + prefill) and the first step: not measured
     eng_t, bare_t = [], []
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        eng.step()
+        emitted.extend(eng.step())
         t1 = time.perf_counter()
         a = torch.rand(batch, cfg.action_dim) * 2 - 1 if cfg.continuous else torch.randint(0, cfg.n_actions, (batch,))
         t2 = time.perf_counter()

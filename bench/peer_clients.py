@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 
 from bench.peer_litserve import from_png_b64, png_b64
-from worldserve.client import GrpcClient, RestClient
+from worldserve.client.client import GrpcClient, RestClient
 
 SYSTEMS = ("ours-grpc", "ours-rest", "peer-http")  # + "peer-b1": the peer without LitServe batching
 

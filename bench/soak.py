@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import MODEL_DIR, metric_value, start_server  # noqa: E402
-from worldserve.client import GrpcClient, RestClient  # noqa: E402
+from worldserve.client.client import GrpcClient, RestClient  # noqa: E402
 
 REPORTS = Path(__file__).resolve().parent / "reports"
 
@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--max-slots", type=int, default=32)
     p.add_argument("--probe-s", type=float, default=30)
     a = p.parse_args()
-    from worldserve.data.minigrid_env import Simulator
+    from worldserve.lab.data.minigrid_env import Simulator
 
     sim = Simulator(seed=5)
     frames = np.stack([sim.frame(), sim.step(2)[0]])

@@ -15,9 +15,9 @@ import argparse
 import time
 from functools import partial
 
-from worldserve.client import GrpcClient
-from worldserve.data.minigrid_env import ACTION_NAMES, Simulator
-from worldserve.plan import HELDOUT_PLAN_SEED0, CEMPlanner, PlanConfig, RemoteWorld
+from worldserve.client.client import GrpcClient
+from worldserve.lab.data.minigrid_env import ACTION_NAMES, Simulator
+from worldserve.lab.plan import HELDOUT_PLAN_SEED0, CEMPlanner, PlanConfig, RemoteWorld
 
 
 def main() -> None:

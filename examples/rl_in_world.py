@@ -4,7 +4,7 @@
     python examples/rl_in_world.py --model tiny --episodes 300  # or --model dynamic --env dynamic
 
 The agent never touches the real environment while it learns: every episode is a session with the served world
-model through `worldserve.gym.RemoteWorldEnv` (reset from a real start frame, then predicted frames, rewards
+model through `worldserve.client.gym.RemoteWorldEnv` (reset from a real start frame, then predicted frames, rewards
 and done). The policy is linear-softmax over features read off the frame (where the goal lies relative to the
 agent, what is in front and to the sides), trained with REINFORCE. It is then run on held-out layouts of the real
 environment (the simulator, never seen in training) next to a random policy.
@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from worldserve.data.collect import ENVS
-from worldserve.data.minigrid_env import DIR_VEC, EMPTY, GOAL, Simulator, read_agent, read_cells
-from worldserve.gym import RemoteWorldEnv, minigrid_context
+from worldserve.client.gym import RemoteWorldEnv, minigrid_context
+from worldserve.lab.data.collect import ENVS
+from worldserve.lab.data.minigrid_env import DIR_VEC, EMPTY, GOAL, Simulator, read_agent, read_cells
 
 N_FEATURES, N_ACTIONS = 10, 3
 

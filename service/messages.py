@@ -15,19 +15,10 @@ from enum import IntEnum
 import numpy as np
 
 from .model.spec import ModelSpec
+from .wire import FrameMode, Priority
 
-
-class FrameMode(IntEnum):
-    ALL = 0  # a frame every step
-    LAST = 1  # a frame at the last step only
-    NONE = 2  # latent only: reward and done per step
-
-
-class Priority(IntEnum):
-    INTERACTIVE = 0  # sessions: scheduled first
-    NORMAL = 1
-    BULK = 2
-
+__all__ = ["Cancel", "ErrorCode", "FrameMode", "ModelInfo", "Priority", "RolloutEvent", "RolloutRequest",
+           "SessionAction", "check_request", "pack", "unpack"]
 
 class ErrorCode(IntEnum):
     OK = 0

@@ -7,10 +7,12 @@ WORLDSERVE_QUEUE__URL=redis://:password@host:6379/0. Nothing else in the code re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .wire import BackendName, PrecisionName, PriorityName
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tiny"
 
@@ -21,18 +23,22 @@ class ModelSettings(BaseModel):
                               "config.json, side by side (each with its own engine, slots and queue); overrides dir")
     preset: str | None = Field(None, description="serve a random-weight preset (tiny/base/large) instead of dir")
     device: str = "cpu"
-    backend: Literal["eager", "compile", "onnxruntime", "tensorrt"] = "eager"
-    precision: Literal["fp32", "fp16", "bf16", "int8", "fp8"] = "fp32"
+    backend: BackendName = "eager"
+    precision: PrecisionName = "fp32"
     artifact_dir: Path = Path("artifacts")
     triton_kernels: bool = False
     warmup: bool = True
 
 
 class EngineSettings(BaseModel):
+    """The engine's configuration (engine.Engine takes it as is)."""
+
     max_slots: int = Field(64, ge=1, le=4096)
-    max_queue: int = Field(256, ge=1)
+    max_queue: int = Field(256, ge=1, description="waiting requests; beyond this, submit raises QueueFull")
     max_candidates: int = Field(64, ge=1)
     session_idle_s: float = 300.0
+    max_consecutive_failures: int = Field(3, ge=1, description="failing steps in a row before the engine gives "
+                                          "up (fatal)")
 
 
 class ServerSettings(BaseModel):
@@ -82,7 +88,7 @@ class KeyLimits(BaseModel):
     max_slots: int = Field(0, ge=0, description="engine slots held at once: candidates of requests in flight, "
                            "1 per session")
     max_sessions: int = Field(0, ge=0, description="open sessions")
-    max_priority: Literal["interactive", "normal", "bulk"] = "interactive"
+    max_priority: PriorityName = "interactive"
 
 
 class AuthSettings(BaseModel):

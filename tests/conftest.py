@@ -59,22 +59,22 @@ class Clients:
 
     @property
     def headers(self) -> dict:
-        from worldserve.client import auth_headers
+        from worldserve.client.client import auth_headers
 
         return auth_headers(self.key)
 
     def rest(self, **kw):
-        from worldserve.client import RestClient
+        from worldserve.client.client import RestClient
 
         return RestClient(self.http, api_key=self.key, **kw)
 
     def grpc_client(self, **kw):
-        from worldserve.client import GrpcClient
+        from worldserve.client.client import GrpcClient
 
         return GrpcClient(self.grpc, api_key=self.key, **kw)
 
     def channel(self, options=()):
-        from worldserve.client import channel
+        from worldserve.client.client import channel
 
         return channel(self.grpc, self.key, options=options)
 
@@ -101,7 +101,7 @@ class Server(Clients):
 
 def start_process(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.Popen([sys.executable, "-m", "worldserve.cli", *args], stdout=open(log, "w"),
+    return subprocess.Popen([sys.executable, "-m", "worldserve.cli.main", *args], stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, env=e, cwd=ROOT)
 
 
@@ -135,7 +135,7 @@ def start_server(tmp: Path, *extra: str, cmd: str = "serve", env: dict | None = 
 @pytest.fixture(scope="session")
 def real_frames() -> np.ndarray:
     """Real observations of the environment: uint8 [16, 64, 64, 3] from a held-out-style episode."""
-    from worldserve.data.minigrid_env import Simulator
+    from worldserve.lab.data.minigrid_env import Simulator
 
     sim = Simulator(seed=4242)
     frames = [sim.frame()]

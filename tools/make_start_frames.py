@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from worldserve.data.minigrid_env import Simulator, expert_action
+from worldserve.lab.data.minigrid_env import Simulator, expert_action
 
 OUT = Path(__file__).resolve().parent.parent / "service" / "api" / "static" / "starts"
 

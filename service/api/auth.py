@@ -15,19 +15,27 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import math
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import grpc
 
-from ..messages import Priority
 from ..settings import AuthSettings, KeyLimits
-from .errors import RateLimited, Unauthenticated, grpc_status
+from ..wire import PRIORITIES, Priority
+from .errors import (
+    RateLimited,
+    Unauthenticated,
+    code_name,
+    error_json,
+    grpc_status,
+    grpc_trailers,
+    http_status,
+    retry_after_header,
+)
+from .limits import send_json_error
 
 log = logging.getLogger("worldserve.api.auth")
-PRIORITY_CAP = {"interactive": Priority.INTERACTIVE, "normal": Priority.NORMAL, "bulk": Priority.BULK}
 
 
 class TokenBucket:
@@ -62,7 +70,7 @@ class Principal:
 
     @property
     def max_priority(self) -> Priority:
-        return PRIORITY_CAP[self.limits.max_priority]
+        return PRIORITIES[self.limits.max_priority]
 
 
 PRINCIPAL: ContextVar[Principal | None] = ContextVar("worldserve_principal", default=None)
@@ -205,9 +213,7 @@ class GrpcGate(grpc.aio.ServerInterceptor):
                 gate.enter(who, session, concurrent)
                 return who
             except (Unauthenticated, RateLimited) as e:
-                ra = getattr(e, "retry_after", None)
-                md = (("retry-after", str(max(1, math.ceil(ra)))),) if ra else ()
-                await context.abort(grpc_status(e.code), e.message, trailing_metadata=md)
+                await context.abort(grpc_status(e.code), e.message, trailing_metadata=grpc_trailers(e))
 
         if handler.unary_unary:
             inner_uu = handler.unary_unary
@@ -288,20 +294,17 @@ class HttpGate:
 
 
 async def _refuse(scope, receive, send, e) -> None:
-    from .errors import code_name, http_status
-    from .limits import send_json_error
-
     status = http_status(e.code)
     headers = [(b"www-authenticate", b'Bearer realm="worldserve"')] if status == 401 else []
-    ra = getattr(e, "retry_after", None)
-    if ra:
-        headers.append((b"retry-after", str(max(1, math.ceil(ra))).encode()))
+    ra = retry_after_header(e)
+    if ra is not None:
+        headers.append((b"retry-after", ra.encode()))
     if scope["type"] == "http":
         return await send_json_error(send, status, code_name(e.code), e.message, e.field, headers)
     # WebSocket handshake: an HTTP answer where the server supports it, else a close before accept (403)
     await receive()  # websocket.connect
     if "websocket.http.response" in scope.get("extensions", {}):
-        body = json.dumps({"error": {"code": code_name(e.code), "message": e.message, "field": e.field}}).encode()
+        body = error_json(e)
         await send({"type": "websocket.http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), *headers]})
         await send({"type": "websocket.http.response.body", "body": body})

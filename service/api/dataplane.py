@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InvalidArgument, NotFound, Unavailable, from_code
 from ..messages import ErrorCode, FrameMode, ModelInfo, Priority, RolloutEvent, RolloutRequest, SessionAction
 from ..settings import ServerSettings
+from ..wire import ENCODINGS
 from .auth import capped_priority, take_slots
 from .drain import SHUTDOWN, Drainer
 from .images import decode_frame
@@ -200,7 +201,7 @@ class DataPlane:
         if isinstance(dl, bool) or not isinstance(dl, int) or not 0 <= dl <= MAX_DEADLINE_MS:
             raise InvalidArgument(f"options.deadline_ms must be an integer in [0, {MAX_DEADLINE_MS}] (24 h), got "
                                   f"{_short(o.deadline_ms)}", "options.deadline_ms")
-        if o.frame_encoding not in ("raw", "png", "jpeg"):
+        if o.frame_encoding not in ENCODINGS:
             raise InvalidArgument("options.frame_encoding must be raw, png or jpeg", "options.frame_encoding")
         deadline = inp.deadline
         if o.deadline_ms:

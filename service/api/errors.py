@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import grpc
 
 from ..errors import ServiceError
@@ -88,3 +91,23 @@ def ws_close_code(code) -> int:
 
 def retry_after(e: ServiceError) -> float | None:
     return getattr(e, "retry_after", None)
+
+
+def retry_after_header(e: Exception) -> str | None:
+    """The Retry-After value (HTTP header and gRPC metadata alike): whole seconds, at least 1; None if none."""
+    ra = getattr(e, "retry_after", None)
+    return None if ra is None else str(max(1, math.ceil(ra)))
+
+
+def grpc_trailers(e: Exception) -> tuple:
+    ra = retry_after_header(e)
+    return (("retry-after", ra),) if ra is not None else ()
+
+
+def error_body(code, message: str, field: str | None = None) -> dict:
+    """The one REST / WebSocket-handshake error body."""
+    return {"error": {"code": code_name(code), "message": message, "field": field}}
+
+
+def error_json(e: ServiceError) -> bytes:
+    return json.dumps(error_body(e.code, e.message, e.field)).encode()

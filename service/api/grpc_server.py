@@ -6,7 +6,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import math
 import time
 
 import grpc
@@ -14,28 +13,29 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..errors import InvalidArgument, ServiceError
-from ..messages import FrameMode, ModelInfo, Priority, RolloutEvent
+from ..messages import ModelInfo, RolloutEvent
 from ..settings import ServerSettings
+from ..wire import ENCODINGS, FRAME_MODES, PRIORITIES, PROTO_ENCODING, proto_map
 from .conn import grpc_credentials, grpc_options
 from .dataplane import DataPlane, Options, RolloutInput, WireFrame, raise_for
-from .errors import grpc_status, retry_after
+from .errors import grpc_status, grpc_trailers
 from .gen import worldserve_pb2 as pb
 from .gen import worldserve_pb2_grpc as pbg
 from .images import encode_frame
+from .session import session_events
 from .wire import check, guarded
 
-ENC_NAME = {pb.Frame.RAW_RGB8: "raw", pb.Frame.PNG: "png", pb.Frame.JPEG: "jpeg"}
-ENC_PB = {v: k for k, v in ENC_NAME.items()}
-PRIORITY = {pb.PRIORITY_NORMAL: Priority.NORMAL, pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
-            pb.PRIORITY_BULK: Priority.BULK}
+ENC_PB = proto_map(pb.Frame.Encoding, "", ENCODINGS, PROTO_ENCODING)
+ENC_NAME = {v: k for k, v in ENC_PB.items()}
+PRIORITY = {v: PRIORITIES[k] for k, v in proto_map(pb.Priority, "PRIORITY_", PRIORITIES).items()}
+FRAMES = {v: FRAME_MODES[k] for k, v in proto_map(pb.FrameMode, "FRAMES_", FRAME_MODES).items()}
+DEFAULT = Options()  # unset proto fields take the data plane's defaults, as REST's do
 SERVICE = pb.DESCRIPTOR.services_by_name["WorldModelService"].full_name
 log = logging.getLogger("worldserve.api.grpc")
 
 
 async def _abort(context, e: ServiceError):
-    ra = retry_after(e)
-    md = (("retry-after", str(max(1, math.ceil(ra)))),) if ra is not None else ()
-    await context.abort(grpc_status(e.code), e.message, trailing_metadata=md)
+    await context.abort(grpc_status(e.code), e.message, trailing_metadata=grpc_trailers(e))
 
 
 async def _abort_internal(context, fn_name: str):
@@ -87,14 +87,15 @@ def _seq(s: pb.ActionSequence, where: str) -> list:
 
 
 def _options(o: pb.RolloutOptions) -> Options:
-    if o.frames not in (0, 1, 2):
+    if o.frames not in FRAMES:
         raise InvalidArgument(f"options.frames: unknown frame mode {o.frames}", "options.frames")
     if o.priority not in PRIORITY:
         raise InvalidArgument(f"options.priority: unknown priority {o.priority}", "options.priority")
     if o.frame_encoding not in ENC_NAME:
         raise InvalidArgument(f"options.frame_encoding: unknown encoding {o.frame_encoding}", "options.frame_encoding")
-    return Options(FrameMode(o.frames), int(o.seed), float(o.temperature), int(o.deadline_ms),
-                   PRIORITY[o.priority], bool(o.return_tokens), ENC_NAME[o.frame_encoding], bool(o.stop_on_done))
+    enc = ENC_NAME[o.frame_encoding] if o.HasField("frame_encoding") else DEFAULT.frame_encoding
+    return Options(FRAMES[o.frames], int(o.seed), float(o.temperature), int(o.deadline_ms),
+                   PRIORITY[o.priority], bool(o.return_tokens), enc, bool(o.stop_on_done))
 
 
 def _frames(frames) -> list[WireFrame]:
@@ -147,7 +148,7 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
                            _seq(request.context_actions, "context_actions") or None, _options(request.options),
                            deadline=_deadline(context))
         rid, events = await self.dp.predict(inp)
-        enc = ENC_NAME[request.options.frame_encoding]
+        enc = inp.options.frame_encoding
         steps = []
         for ev in events:
             e = _event(ev, enc)
@@ -165,7 +166,7 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
                            _seq(request.context_actions, "context_actions") or None, _options(request.options),
                            deadline=_deadline(context))
         _, events = await self.dp.rollout(inp)
-        enc = ENC_NAME[request.options.frame_encoding]
+        enc = inp.options.frame_encoding
         async for ev in events:  # a cancelled RPC closes this iterator, which cancels the request
             if ev.final:
                 raise_for(ev)
@@ -187,50 +188,24 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
             raise InvalidArgument("the first Session message must be `open`", "open")
         o = first.open
         self.dp.precheck(o.model, len(o.context), None, len(o.context_actions.actions))
+        opts = _options(o.options)
         req, events = await self.dp.open_session(RolloutInput(
             o.model, _frames(o.context), [], _seq(o.context_actions, "context_actions") or None,
-            _options(o.options), deadline=_deadline(context)))
-        enc = ENC_NAME[o.options.frame_encoding]
-        failed: asyncio.Future = asyncio.get_running_loop().create_future()
+            opts, deadline=_deadline(context)))
+        enc = opts.frame_encoding
 
-        async def feed():
-            try:
-                async for msg in it:
-                    check(msg)
-                    kind = msg.WhichOneof("kind")
-                    if kind == "open":
-                        raise InvalidArgument("a second `open`: a Session takes one `open`, then actions", "open")
-                    if kind != "action":
-                        raise InvalidArgument("a Session message must be `open` or `action`", "kind")
-                    await self.dp.act(req, _action(msg.action, "action"))
-            except InvalidArgument as e:
-                failed.set_result(e)
-            finally:
-                await self.dp.close_session(req)
+        async def inbox():
+            async for msg in it:
+                check(msg)
+                kind = msg.WhichOneof("kind")
+                if kind == "open":
+                    raise InvalidArgument("a second `open`: a Session takes one `open`, then actions", "open")
+                if kind != "action":
+                    raise InvalidArgument("a Session message must be `open` or `action`", "kind")
+                yield _action(msg.action, "action")
 
-        feeder = asyncio.create_task(feed())
-        stream = events.__aiter__()
-        try:
-            while True:
-                nxt = asyncio.ensure_future(stream.__anext__())
-                done, _ = await asyncio.wait({nxt, failed}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:  # a bad message: end the stream (cancelling nxt closes the events)
-                    nxt.cancel()
-                    await asyncio.gather(nxt, return_exceptions=True)
-                    raise failed.result()
-                try:
-                    ev = nxt.result()
-                except StopAsyncIteration:
-                    return
-                if ev.final:
-                    if failed.done():
-                        raise failed.result()
-                    raise_for(ev)
-                    return
-                yield _event(ev, enc)
-        finally:
-            feeder.cancel()
-            await asyncio.gather(feeder, return_exceptions=True)
+        async for ev in session_events(self.dp, req, events, inbox()):
+            yield _event(ev, enc)
 
 
 def _handlers(servicer: WorldModelServicer, max_items: int) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from pathlib import Path
 
 from fastapi import FastAPI, Request, WebSocket
@@ -18,7 +17,7 @@ from ..errors import ServiceError
 from ..settings import ServerSettings
 from .auth import WS_PROTOCOL, Gate, HttpGate
 from .dataplane import DataPlane, RolloutInput
-from .errors import code_name, http_status, retry_after
+from .errors import error_body, http_status, retry_after_header
 from .limits import BodyLimit
 from .schemas import LoadModelIn, PredictIn, RolloutIn, describe, event_json, frames_in, options_in
 from .ws import run_ws_session
@@ -26,16 +25,10 @@ from .ws import run_ws_session
 STATIC = Path(__file__).parent / "static"
 
 
-def error_body(e: ServiceError) -> dict:
-    return {"error": {"code": code_name(e.code), "message": e.message, "field": e.field}}
-
-
 def error_response(e: ServiceError) -> JSONResponse:
-    headers = {}
-    ra = retry_after(e)
-    if ra is not None:
-        headers["retry-after"] = str(max(1, math.ceil(ra)))
-    return JSONResponse(error_body(e), status_code=http_status(e.code), headers=headers)
+    ra = retry_after_header(e)
+    return JSONResponse(error_body(e.code, e.message, e.field), status_code=http_status(e.code),
+                        headers={"retry-after": ra} if ra is not None else {})
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -60,7 +53,7 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, e: RequestValidationError):
         where, msg = describe(e.errors(), skip=1)
-        return JSONResponse({"error": {"code": "INVALID_ARGUMENT", "message": msg, "field": where}}, status_code=422)
+        return JSONResponse(error_body("INVALID_ARGUMENT", msg, where), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException):
@@ -68,7 +61,7 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
                                                                                       "INVALID_ARGUMENT")
         if e.status_code >= 500:
             code = "INTERNAL"
-        return JSONResponse({"error": {"code": code, "message": str(e.detail), "field": None}},
+        return JSONResponse(error_body(code, str(e.detail)),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.get("/healthz")

@@ -13,8 +13,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InvalidArgument
+from ..wire import ENCODINGS, IMAGE_ENCODINGS
 
-ENCODINGS = ("raw", "png", "jpeg")
 PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG"}
 
 
@@ -32,7 +32,7 @@ def decode_frame(encoding: str, data: bytes, height: int, width: int, expect_hw:
                 f"{field}: raw RGB8 frame needs {eh * ew * 3} bytes ({eh}x{ew}x3), got {len(data)}"
                 + (" (wrong channel count?)" if len(data) % (eh * ew) == 0 else ""), field)
         return np.frombuffer(data, np.uint8).reshape(eh, ew, 3).copy()
-    if encoding not in ("png", "jpeg"):
+    if encoding not in IMAGE_ENCODINGS:
         raise InvalidArgument(f"{field}: unknown encoding {encoding!r} (use one of {ENCODINGS})", field)
     try:
         with warnings.catch_warnings():

@@ -14,13 +14,15 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import error_body
+
 
 class BodyTooLarge(Exception):
     pass
 
 
 def _json_error(status: int, code: str, message: str, field: str | None) -> tuple[dict, dict]:
-    body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
+    body = json.dumps(error_body(code, message, field)).encode()
     start = {"type": "http.response.start", "status": status,
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                          (b"connection", b"close")]}

@@ -12,19 +12,18 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InvalidArgument
-from ..messages import ErrorCode, FrameMode, Priority, RolloutEvent
+from ..messages import ErrorCode, RolloutEvent
+from ..wire import FRAME_MODES, PRIORITIES, EncodingName, FrameModeName, PriorityName, name_of
 from .dataplane import MAX_DEADLINE_MS, Options, WireFrame
 from .images import encode_frame
 
-FRAME_MODES = {"all": FrameMode.ALL, "last": FrameMode.LAST, "none": FrameMode.NONE}
-PRIORITIES = {"interactive": Priority.INTERACTIVE, "normal": Priority.NORMAL, "bulk": Priority.BULK}
 STRICT = ConfigDict(extra="forbid")
 DEFAULT = Options()  # the option defaults are the data plane's (one place for REST, WS and gRPC)
 
 
 class FrameIn(BaseModel):
     model_config = STRICT
-    encoding: Literal["raw", "png", "jpeg"] = "png"
+    encoding: EncodingName = "png"
     data: str = Field(description="base64 of the PNG/JPEG file or of raw RGB8 bytes")
     height: int = Field(0, ge=0, le=1 << 20, description="required for raw")
     width: int = Field(0, ge=0, le=1 << 20, description="required for raw")
@@ -32,14 +31,13 @@ class FrameIn(BaseModel):
 
 class OptionsIn(BaseModel):
     model_config = STRICT
-    frames: Literal["all", "last", "none"] = next(k for k, v in FRAME_MODES.items() if v == DEFAULT.frames)
+    frames: FrameModeName = name_of(DEFAULT.frames)
     seed: int = Field(DEFAULT.seed, description="in [0, 2^63-1]")
     temperature: float = Field(DEFAULT.temperature, description="in [0, 10]; 0 = greedy")
     deadline_ms: int = Field(DEFAULT.deadline_ms, ge=0, le=MAX_DEADLINE_MS, description="0 = none")
-    priority: Literal["interactive", "normal", "bulk"] = next(k for k, v in PRIORITIES.items()
-                                                              if v == DEFAULT.priority)
+    priority: PriorityName = name_of(DEFAULT.priority)
     return_tokens: bool = DEFAULT.return_tokens
-    frame_encoding: Literal["raw", "png", "jpeg"] = DEFAULT.frame_encoding
+    frame_encoding: EncodingName = DEFAULT.frame_encoding
     stop_on_done: bool = Field(DEFAULT.stop_on_done, description="stop stepping a candidate once the model says done "
                                "(the world is absorbing after done); the final line names each stop")
 

@@ -10,7 +10,6 @@ not JSON, not a JSON object) or a bad open ends it with an error message and a c
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -20,9 +19,10 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from ..errors import InvalidArgument, ServiceError
-from .dataplane import DataPlane, RolloutInput, raise_for
+from .dataplane import DataPlane, RolloutInput
 from .errors import WS_UNSUPPORTED_DATA, code_name, ws_close_code
 from .schemas import SessionOpenIn, event_json, frames_in, options_in, validation_error
+from .session import CLOSE, session_events
 
 log = logging.getLogger("worldserve.api.ws")
 
@@ -65,8 +65,23 @@ async def _close(ws: WebSocket, e: ServiceError | None, code: int) -> None:
         pass
 
 
+async def _inbox(ws: WebSocket):
+    """Client messages -> actions (or CLOSE); an unknown type is reported and the session goes on."""
+    while True:
+        msg = await receive_object(ws)
+        kind = msg.get("type")
+        if kind == "close":
+            yield CLOSE
+            return
+        if kind == "action":
+            yield msg.get("action")
+        else:
+            await ws.send_json(error_message(InvalidArgument(
+                f'unknown message type {str(kind)[:40]!r} (use "action" or "close")', "type")))
+
+
 async def run_ws_session(ws: WebSocket, dp: DataPlane, name: str) -> None:
-    req, pump_task, recv_task = None, None, None
+    req = None
     try:
         first = await receive_object(ws)
         if first.get("type") != "open":
@@ -80,34 +95,11 @@ async def run_ws_session(ws: WebSocket, dp: DataPlane, name: str) -> None:
                                                          options_in(body.options)))
         await ws.send_json({"type": "opened", "session_id": req.id})
 
-        async def pump():
-            async for ev in events:
-                if ev.final:
-                    raise_for(ev)
-                    return
-                await ws.send_json({"type": "frame", "t": time.time(), **event_json(ev, enc)})
+        async def rejected(e: InvalidArgument) -> None:  # a bad action: say so, the session goes on
+            await ws.send_json(error_message(e))
 
-        pump_task = asyncio.create_task(pump())
-        while True:
-            recv_task = asyncio.create_task(receive_object(ws))
-            done, _ = await asyncio.wait({pump_task, recv_task}, return_when=asyncio.FIRST_COMPLETED)
-            if pump_task in done:
-                recv_task.cancel()
-                pump_task.result()
-                break
-            msg = recv_task.result()
-            kind = msg.get("type")
-            if kind == "close":
-                await dp.close_session(req)
-                await pump_task
-                break
-            try:
-                if kind != "action":
-                    raise InvalidArgument(f'unknown message type {str(kind)[:40]!r} (use "action" or "close")',
-                                          "type")
-                await dp.act(req, msg.get("action"))
-            except InvalidArgument as e:  # a bad action: say so, the session goes on
-                await ws.send_json(error_message(e))
+        async for ev in session_events(dp, req, events, _inbox(ws), rejected):
+            await ws.send_json({"type": "frame", "t": time.time(), **event_json(ev, enc)})
         await _close(ws, None, 1000)
     except WebSocketDisconnect:
         pass
@@ -119,9 +111,6 @@ async def run_ws_session(ws: WebSocket, dp: DataPlane, name: str) -> None:
         log.exception("websocket session failed")
         await _close(ws, ServiceError("internal error in the session"), 1011)
     finally:
-        for t in (pump_task, recv_task):
-            if t is not None and not t.done():
-                t.cancel()  # closes the event stream: the engine frees the slot
         if req is not None:
             try:
                 await dp.close_session(req)

@@ -6,9 +6,10 @@ One `step()` = schedule -> execute -> update:
   3. admit waiting requests into free slots: encode + prefill batched, fork K candidates
   4. one dynamics step for every slot that has an action (bucketed batch), sample, decode where asked,
      then ONE device->host copy of everything the step produced
-  5. emit the step's events in one batch, free finished requests
-The engine knows no transport: requests in, `emit(list[RolloutEvent])` out, once per step. Thread-safe entry
-points: `submit`, `act`, `cancel`; the loop runs in one thread (`run`).
+  5. the step's events, handed over in one batch; free finished requests
+The engine knows no transport: requests in, each step's `list[RolloutEvent]` out (`step()` returns it;
+`run(emit)` hands it to `emit`; engine/host.py runs that loop in a thread for the queue and the worker).
+Thread-safe entry points: `submit`, `act`, `cancel`.
 
 Failures: an exception while admitting or stepping ends the requests it touched with INTERNAL and the engine
 goes on (their slots are freed; a later prefill overwrites whatever the failed step left in them). After
@@ -35,19 +36,11 @@ from ..errors import InvalidArgument, QueueFull, Unavailable
 from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 from ..model.protocol import ModelSpec, Noise, WorldModelProtocol, check_model
 from ..runtime.batch import bucket, pad_to, run_fixed_chunks
-from .host import to_host
+from ..settings import EngineSettings
 from .sampler import Sampler
+from .transfer import to_host
 
 log = logging.getLogger("worldserve.engine")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_slots: int = 64
-    max_queue: int = 256  # waiting requests; beyond this, submit raises QueueFull
-    max_candidates: int = 64
-    session_idle_s: float = 300.0
-    max_consecutive_failures: int = 3  # failing steps in a row before the engine gives up (fatal)
 
 
 @dataclass
@@ -82,10 +75,9 @@ class Row:
 
 
 class Engine:
-    def __init__(self, model: WorldModelProtocol, cfg: EngineConfig, emit: Callable[[list[RolloutEvent]], None],
-                 sampler: Sampler | None = None):
+    def __init__(self, model: WorldModelProtocol, cfg: EngineSettings, sampler: Sampler | None = None):
         check_model(model)
-        self.model, self.cfg, self.emit = model, cfg, emit
+        self.model, self.cfg = model, cfg
         self.spec = model.spec
         self.latent_out = self.spec.output == "latent"  # the model returns the next latent; else logits to sample
         self.sampler = sampler or Sampler()
@@ -97,7 +89,8 @@ class Engine:
         self._seq = itertools.count()
         self._inbox: deque = deque()
         self._early: dict[str, list[SessionAction]] = {}  # actions that arrived before their session's admission
-        self._out: list[RolloutEvent] = []  # this step's events, emitted together at its end
+        self._out: list[RolloutEvent] = []  # this step's events, handed over together at its end
+        self._busy = False  # the last step did work (or work is waiting)
         self._failures = 0  # failing steps in a row
         self.fatal: BaseException | None = None
         self._wake = threading.Event()
@@ -143,40 +136,46 @@ class Engine:
     def alive(self) -> bool:
         return self.fatal is None
 
-    def run(self) -> None:
+    def run(self, emit: Callable[[list[RolloutEvent]], None]) -> None:
+        """Step until stop(), handing each step's events to `emit`; a fatal error ends every request first."""
         try:
             while not self._stop.is_set():
-                if not self.step():
+                events = self.step()
+                if events:
+                    emit(events)
+                if not self._busy:
                     self._wake.wait(0.01)
                     self._wake.clear()
         except BaseException as e:  # noqa: BLE001 - whatever it is, every request gets its status
             self._die(e)
+            try:
+                emit(self._take())
+            except Exception:  # the consumer of events failed too: nothing more can be told
+                log.exception("could not hand over the final events")
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
 
     # ---- the step ------------------------------------------------------------------------------
-    def step(self) -> bool:
+    def step(self) -> list[RolloutEvent]:
+        """One iteration; returns its events (on an exception they stay for `_die` to hand over)."""
         t0 = time.perf_counter()
-        try:
-            self._drain_inbox()  # 1
-            self._retire(time.time())  # 2
-            self._admit()  # 3
-            rows = self._schedule()
-            if rows:
-                self._guarded(rows)  # 4 + 5
-                metrics.STEP_SECONDS.labels(self.spec.name).observe(time.perf_counter() - t0)
-            metrics.QUEUE_DEPTH.labels(self.spec.name).set(len(self.waiting))
-            metrics.ACTIVE_SLOTS.labels(self.spec.name).set(self.cfg.max_slots - len(self.free))
-            return bool(rows) or bool(self._inbox)
-        finally:
-            self._flush()
+        self._drain_inbox()  # 1
+        self._retire(time.time())  # 2
+        self._admit()  # 3
+        rows = self._schedule()
+        if rows:
+            self._guarded(rows)  # 4 + 5
+            metrics.STEP_SECONDS.labels(self.spec.name).observe(time.perf_counter() - t0)
+        metrics.QUEUE_DEPTH.labels(self.spec.name).set(len(self.waiting))
+        metrics.ACTIVE_SLOTS.labels(self.spec.name).set(self.cfg.max_slots - len(self.free))
+        self._busy = bool(rows) or bool(self._inbox)
+        return self._take()
 
-    def _flush(self) -> None:
-        if self._out:
-            out, self._out = self._out, []
-            self.emit(out)
+    def _take(self) -> list[RolloutEvent]:
+        out, self._out = self._out, []
+        return out
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -413,10 +412,6 @@ class Engine:
             ids |= {obj.id for kind, obj, _ in self._inbox if kind == "submit"}
             self._inbox.clear()
             self._drop_waiting(ids, ErrorCode.INTERNAL, msg)
-        try:
-            self._flush()
-        except Exception:  # the consumer of events failed too: nothing more can be told
-            log.exception("could not hand over the final events")
 
 
 class EngineFailed(RuntimeError):
@@ -425,16 +420,13 @@ class EngineFailed(RuntimeError):
 
 def complete(engine: Engine, requests: list[RolloutRequest]) -> list[RolloutEvent]:
     """Offline use (warm-up, benchmarks, tools): submit, step this engine in the calling thread until every request
-    has its final event; returns the events in order. The engine's own `emit` is restored afterwards."""
+    has its final event; returns the events in order."""
     events: list[RolloutEvent] = []
-    own, engine.emit = engine.emit, events.extend
-    try:
-        for r in requests:
-            engine.submit(r)
-        todo = {r.id for r in requests}
-        while todo:
-            engine.step()
-            todo -= {e.request_id for e in events if e.final}
-    finally:
-        engine.emit = own
+    for r in requests:
+        engine.submit(r)
+    todo = {r.id for r in requests}
+    while todo:
+        evs = engine.step()
+        events.extend(evs)
+        todo -= {e.request_id for e in evs if e.final}
     return events

@@ -1,44 +1,74 @@
-"""A step's outputs to host memory: one device -> host copy per engine step."""
+"""One engine host: runs an engine's loop in its own thread and hands each step's events to an asyncio loop.
+
+Used by the local queue (embedded `serve`) and the Redis worker alike, so the thread, the hand-over and the
+death report are written once. No torch here: the engine is passed in.
+
+    host = EngineHost(engine, name="tiny")
+    host.start(loop, on_events=route)      # route(events, fatal) runs in `loop`, once per engine step
+    ...
+    await host.close()                     # stop the loop, join the thread
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
 
-import numpy as np
-import torch
-
-
-@dataclass
-class HostOutputs:
-    reward: np.ndarray  # float32 [b]
-    done: np.ndarray  # float32 [b]
-    tokens: np.ndarray | None  # int32 [b, N], only when a row asked for its tokens
-    frames: np.ndarray | None  # uint8 [F, H, W, 3]
+log = logging.getLogger("worldserve.engine")
 
 
-def to_host(reward: torch.Tensor, done: torch.Tensor, tokens: torch.Tensor | None,
-            frames: torch.Tensor | None) -> HostOutputs:
-    """reward, done [b]; tokens int [b, N] | None; frames uint8 [F, H, W, 3] | None -> host arrays.
+class EngineHost:
+    def __init__(self, engine, name: str = "engine"):
+        self.engine, self.name = engine, name
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None  # the thread's own crash (the engine ends requests itself)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_events: Callable | None = None
+        self._on_exit: Callable | None = None
 
-    On a GPU everything is packed into one byte buffer on the device and moved in ONE copy (one synchronisation
-    per step); on the CPU the arrays are views, no copy at all.
-    """
-    b = reward.shape[0]
-    parts = [reward.float().reshape(b), done.float().reshape(b)]
-    tok = None if tokens is None else tokens.to(torch.int32).reshape(b, -1)
-    if not reward.is_cuda:
-        return HostOutputs(parts[0].numpy(), parts[1].numpy(), None if tok is None else tok.numpy(),
-                           None if frames is None else frames.numpy())
-    chunks = [torch.cat(parts).view(torch.uint8)]
-    if tok is not None:
-        chunks.append(tok.reshape(-1).view(torch.uint8))
-    if frames is not None:
-        chunks.append(frames.reshape(-1))
-    buf = torch.cat(chunks).cpu().numpy()  # the one device -> host transfer of a step
-    f32, off = buf[: 8 * b].view(np.float32), 8 * b
-    tok_h = None
-    if tok is not None:
-        tok_h = buf[off : off + tok.numel() * 4].view(np.int32).reshape(tok.shape)
-        off += tok.numel() * 4
-    fr = None if frames is None else buf[off:].reshape(frames.shape)
-    return HostOutputs(f32[:b], f32[b:], tok_h, fr)
+    def start(self, loop: asyncio.AbstractEventLoop, on_events: Callable[[list, bool], None],
+              on_exit: Callable[[], None] | None = None) -> None:
+        """Run the engine in a thread; `on_events(events, fatal)` and `on_exit()` are called in `loop`."""
+        self._loop, self._on_events, self._on_exit = loop, on_events, on_exit
+        self.thread = threading.Thread(target=self._main, name=f"engine-{self.name}", daemon=True)
+        self.thread.start()
+
+    def _deliver(self, events: list) -> None:  # engine thread, once per step
+        if events:
+            self._loop.call_soon_threadsafe(self._on_events, list(events), self.engine.fatal is not None)
+
+    def _main(self) -> None:  # engine thread
+        try:
+            self.engine.run(self._deliver)
+        except BaseException as e:  # noqa: BLE001 - reported by dead(); the owner ends the requests
+            self.error = e
+            log.exception("engine thread %s crashed", self.name)
+        finally:
+            if self._on_exit is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._on_exit)
+
+    def started(self) -> bool:
+        return self.thread is not None
+
+    def alive(self) -> bool:
+        """Not started yet, or running with a live engine."""
+        return self.thread is None or (self.thread.is_alive() and self.engine.alive())
+
+    def dead(self) -> str | None:
+        """Why the engine cannot serve any more, or None."""
+        err = self.engine.fatal or self.error
+        if err is not None:
+            return f"{type(err).__name__}: {err}"
+        if self.thread is not None and not self.thread.is_alive():
+            return "engine thread ended"
+        return None
+
+    def stop(self) -> None:
+        self.engine.stop()
+
+    async def close(self, timeout: float = 10) -> None:
+        self.engine.stop()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join, timeout)

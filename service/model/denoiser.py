@@ -19,7 +19,6 @@ latent grid: its receptive field covers the whole 8 x 8 grid.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .protocol import ModelSpec, Noise
+from .quality import psnr
 
 ARCHITECTURE = "denoiser"
 CHUNK = 8  # rows per denoiser call: CPU conv kernels pick their algorithm by batch size (batch invariance)
@@ -269,4 +269,5 @@ def edm_loss(model: DenoisingWorldModel, ctx, nxt, actions, reward, done, gen: t
 
 
 def psnr_unit(mse: float) -> float:
-    return 100.0 if mse <= 1e-10 else 10 * math.log10(4.0 / mse)
+    """PSNR of an MSE on [-1, 1] values (peak-to-peak 2)."""
+    return psnr(mse, peak=2.0)

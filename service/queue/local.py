@@ -11,11 +11,11 @@ gets DEADLINE_EXCEEDED from the queue, so a wedged engine never hangs a client. 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from ..engine.host import EngineHost
 from ..errors import NotFound, Unavailable
 from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 
@@ -24,15 +24,18 @@ DEADLINE_GRACE_S = 1.0  # the engine retires expired requests itself; this is th
 
 @dataclass
 class Served:
-    """One model in this process: its engine (worldserve.engine.Engine, passed in: no torch here) and thread."""
+    """One model in this process: its engine (worldserve.engine.Engine, passed in: no torch here) and its host."""
 
     engine: object
     info: ModelInfo
-    thread: threading.Thread | None = None
+    host: EngineHost = field(init=False)
     requests: set[str] = field(default_factory=set)  # open request ids
 
+    def __post_init__(self):
+        self.host = EngineHost(self.engine, self.info.name)
+
     def alive(self) -> bool:
-        return self.thread is None or (self.thread.is_alive() and self.engine.alive())
+        return self.host.alive()
 
 
 class LocalQueue:
@@ -59,14 +62,11 @@ class LocalQueue:
         self._ready = True
 
     def _start(self, s: Served) -> None:
-        s.engine.emit = self._emit
-        s.thread = threading.Thread(target=self._run, args=(s,), name=f"engine-{s.info.name}", daemon=True)
-        s.thread.start()
+        s.host.start(self._loop, self._route, on_exit=lambda: self._exited(s))
 
-    def _run(self, s: Served) -> None:  # engine thread
-        s.engine.run()
-        if s.engine.fatal is not None and self._loop is not None:  # ends whatever the engine could not
-            self._loop.call_soon_threadsafe(self._end_all, s, ErrorCode.INTERNAL, f"engine failed: {s.engine.fatal}")
+    def _exited(self, s: Served) -> None:  # event loop: the engine thread ended
+        if s.engine.fatal is not None or s.host.error is not None:  # end whatever the engine could not
+            self._end_all(s, ErrorCode.INTERNAL, f"engine failed: {s.host.dead()}")
 
     def _end_all(self, s: Served, code: ErrorCode, message: str) -> None:  # event loop
         for rid in list(s.requests):
@@ -97,17 +97,14 @@ class LocalQueue:
         if s is None:
             raise NotFound(f"model {name!r} is not served", "model")
         self._end_all(s, ErrorCode.UNAVAILABLE, f"model {name!r} was unloaded")
-        s.engine.stop()
-        if s.thread:
-            await asyncio.to_thread(s.thread.join, 10)
+        await s.host.close()
 
     async def close(self) -> None:
         self._ready = False
         for s in self.served.values():
-            s.engine.stop()
+            s.host.stop()
         for s in self.served.values():
-            if s.thread:
-                await asyncio.to_thread(s.thread.join, 10)
+            await s.host.close()
 
     def models(self) -> list[ModelInfo]:
         return [s.info for s in self.served.values()]
@@ -116,13 +113,10 @@ class LocalQueue:
         return all(s.alive() for s in self.served.values())
 
     def ready(self) -> bool:
-        return self._ready and bool(self.served) and all(s.thread is not None and s.alive()
+        return self._ready and bool(self.served) and all(s.host.started() and s.alive()
                                                          for s in self.served.values())
 
-    def _emit(self, events: list[RolloutEvent]) -> None:  # an engine thread, once per step
-        self._loop.call_soon_threadsafe(self._route, events)
-
-    def _route(self, events: list[RolloutEvent]) -> None:  # event loop
+    def _route(self, events: list[RolloutEvent], fatal: bool = False) -> None:  # event loop, once per step
         by_request: dict[str, list[RolloutEvent]] = {}
         for ev in events:
             by_request.setdefault(ev.request_id, []).append(ev)

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
 from ..model.dynamics import advance
+from ..model.quality import psnr
+
+
+def lockstep(ref, model, c_ref, c_mod, slots: torch.Tensor, actions) -> Iterator[tuple[tuple, tuple]]:
+    """Step `ref` and `model` side by side from their prefilled caches, both fed ref's greedy tokens.
+
+    actions: an iterable of step arguments, each an action tensor ([B] int | [B, A] float) or a tuple
+    (action, known [B] bool). Yields ((logits, reward, done) of ref, the same of model) per step, before
+    the caches advance, so a caller can compare outputs and caches at each step. The one lockstep loop of
+    the backend parity checks (export, tests, benches).
+    """
+    for a in actions:
+        args = a if isinstance(a, tuple) else (a,)
+        out_ref = ref.step(c_ref, slots, *args)
+        out_mod = model.step(c_mod, slots, *args)
+        yield out_ref, out_mod
+        nxt = out_ref[0].argmax(-1)
+        advance(c_ref, slots, nxt)
+        advance(c_mod, slots, nxt)
 
 
 def parity(ref, model, steps: int = 8, batch: int = 4, seed: int = 0) -> dict[str, float]:
@@ -24,19 +45,14 @@ def parity(ref, model, steps: int = 8, batch: int = 4, seed: int = 0) -> dict[st
     ref.prefill(c_ref, slots, tokens, acts, known)
     model.prefill(c_mod, slots, tokens, acts, known)
     agree, diff, mse = [], 0.0, []
-    for _ in range(steps):
-        if cfg.continuous:
-            a = torch.rand(batch, cfg.action_dim, generator=g).to(dev) * 2 - 1
-        else:
-            a = torch.randint(0, cfg.n_actions, (batch,), generator=g).to(dev)
-        l_ref, _, _ = ref.step(c_ref, slots, a)
-        l_mod, _, _ = model.step(c_mod, slots, a)
+    if cfg.continuous:
+        acts = [torch.rand(batch, cfg.action_dim, generator=g).to(dev) * 2 - 1 for _ in range(steps)]
+    else:
+        acts = [torch.randint(0, cfg.n_actions, (batch,), generator=g).to(dev) for _ in range(steps)]
+    for (l_ref, _, _), (l_mod, _, _) in lockstep(ref, model, c_ref, c_mod, slots, acts):
         nxt = l_ref.argmax(-1)
         agree.append(float((l_mod.argmax(-1).to(dev) == nxt).float().mean()))
         diff = max(diff, float((l_mod.float().to(dev) - l_ref.float()).abs().max()))
         mse.append(float(((model.decode(nxt).float().cpu() - ref.decode(nxt).float().cpu()) ** 2).mean()))
-        advance(c_ref, slots, nxt)
-        advance(c_mod, slots, nxt)
     m = float(np.mean(mse))
-    return {"token_agreement": float(np.mean(agree)), "max_logit_diff": diff,
-            "frame_psnr": 100.0 if m <= 1e-10 else 10 * float(np.log10(255.0**2 / m))}
+    return {"token_agreement": float(np.mean(agree)), "max_logit_diff": diff, "frame_psnr": psnr(m)}

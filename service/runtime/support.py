@@ -16,9 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..model.config import ConfigurationError
-
-BACKENDS = ("eager", "compile", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+from ..wire import BACKENDS, PRECISIONS
 
 
 class Unsupported(ConfigurationError):

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.conftest import metric_value
-from worldserve.client import GrpcClient, RestClient
+from worldserve.client.client import GrpcClient, RestClient
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(900)]
 
@@ -152,11 +152,12 @@ def wait_ready(s: Stack, timeout: float) -> None:
 def inprocess_frames(context: np.ndarray, actions: list[int], seed: int, temperature: float) -> np.ndarray:
     """What the engine gives for the same request in this process, from the repository's model files."""
     from worldserve.engine.engine import Engine as ModelEngine
-    from worldserve.engine.engine import EngineConfig, complete
+    from worldserve.engine.engine import complete
     from worldserve.messages import RolloutRequest
     from worldserve.model.io import load_model_dir
+    from worldserve.settings import EngineSettings
 
-    eng = ModelEngine(load_model_dir(ROOT / "models" / MODEL), EngineConfig(max_slots=16), emit=lambda evs: None)
+    eng = ModelEngine(load_model_dir(ROOT / "models" / MODEL), EngineSettings(max_slots=16))
     events = complete(eng, [RolloutRequest("r", MODEL, np.asarray(context), np.asarray([actions], np.int64),
                                            seed=seed, temperature=temperature)])
     return np.stack([e.frame for e in sorted((e for e in events if not e.final), key=lambda e: e.step)])

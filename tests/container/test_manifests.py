@@ -141,7 +141,7 @@ def test_worldserve_pods_run_the_image_as_built() -> None:
 
 def test_cli_commands_used_by_the_deployments_exist() -> None:
     for cmd in ("api", "worker", "serve"):
-        p = subprocess.run([sys.executable, "-m", "worldserve.cli", cmd, "--help"], capture_output=True, text=True,
+        p = subprocess.run([sys.executable, "-m", "worldserve.cli.main", cmd, "--help"], capture_output=True, text=True,
                            timeout=120)
         assert p.returncode == 0, p.stderr
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import metric_value, start_server
-from worldserve.client import GrpcClient, RestClient, ServerError
+from worldserve.client.client import GrpcClient, RestClient, ServerError
 
 pytestmark = pytest.mark.e2e
 

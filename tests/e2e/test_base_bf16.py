@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import start_server
-from worldserve.client import GrpcClient, RestClient
+from worldserve.client.client import GrpcClient, RestClient
 
 pytestmark = pytest.mark.e2e
 

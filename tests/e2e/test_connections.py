@@ -15,7 +15,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.conftest import metric_value, start_server
-from worldserve.client import GrpcClient
+from worldserve.client.client import GrpcClient
 
 pytestmark = pytest.mark.e2e
 

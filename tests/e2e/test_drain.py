@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import start_server
-from worldserve.client import GrpcClient
+from worldserve.client.client import GrpcClient
 
 pytestmark = pytest.mark.e2e
 

@@ -7,7 +7,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 from tests.conftest import MODEL_DIR, start_server
-from worldserve.gym import RemoteWorldEnv
+from worldserve.client.gym import RemoteWorldEnv
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worldserve.plan import (
+from worldserve.lab.plan import (
     CEMPlanner,
     MPCPolicy,
     PlanConfig,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import metric_value
-from worldserve.client import ServerError
+from worldserve.client.client import ServerError
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny"
@@ -19,11 +19,12 @@ MODEL = "tiny"
 def inprocess_frames(context, actions, seed, temperature, candidates=1):
     """The engine's own result, no server: frames uint8 [K, T, H, W, 3]."""
     from tests.conftest import MODEL_DIR
-    from worldserve.engine.engine import Engine, EngineConfig, complete
+    from worldserve.engine.engine import Engine, complete
     from worldserve.messages import RolloutRequest
     from worldserve.model.io import load_model_dir
+    from worldserve.settings import EngineSettings
 
-    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=64), emit=lambda evs: None)
+    eng = Engine(load_model_dir(MODEL_DIR), EngineSettings(max_slots=64))
     acts = np.asarray(actions, np.int64)
     events = complete(eng, [RolloutRequest("r", MODEL, np.asarray(context), acts, seed=seed, temperature=temperature)])
     out = np.zeros((acts.shape[0], acts.shape[1], 64, 64, 3), np.uint8)
@@ -177,7 +178,7 @@ def test_health_ready_metrics_docs(server):
 
 def test_stop_on_done_over_rest_and_grpc(server, real_frames):
     """A candidate that walks into the goal stops there (its last step says done); the other runs to the horizon."""
-    from worldserve.evaluate import CONTEXT, heldout_episodes
+    from worldserve.lab.evaluate import CONTEXT, heldout_episodes
 
     ep = next(e for e in heldout_episodes(80)
               if not e[3][: CONTEXT - 1].any() and e[3][CONTEXT - 1 : CONTEXT + 5].any())

@@ -27,10 +27,11 @@ class WorkerThread:
 
     def __init__(self, model, redis, poisoned: bool = False, always: bool = False, fatal_after: int = 3,
                  name: str | None = None):
-        from worldserve.engine.engine import Engine, EngineConfig
+        from worldserve.engine.engine import Engine
+        from worldserve.settings import EngineSettings
 
         m = PoisonedModel(model, always=always) if poisoned else model
-        self.engine = Engine(m, EngineConfig(max_slots=8, max_consecutive_failures=fatal_after), emit=lambda e: None)
+        self.engine = Engine(m, EngineSettings(max_slots=8, max_consecutive_failures=fatal_after))
         self.q, self.code, self.worker = settings(redis), None, None
         self.q.worker_name = name
         self.started = threading.Event()
@@ -39,7 +40,7 @@ class WorkerThread:
         assert self.started.wait(10)
 
     def _main(self) -> None:
-        from worldserve.worker import Worker
+        from worldserve.worker.worker import Worker
 
         async def main():
             self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
@@ -89,9 +90,10 @@ def collect(redis, reqs: list[RolloutRequest], timeout: float = 60) -> list[list
 
 
 def reference(model, reqs):
-    from worldserve.engine.engine import Engine, EngineConfig, complete
+    from worldserve.engine.engine import Engine, complete
+    from worldserve.settings import EngineSettings
 
-    evs = complete(Engine(model, EngineConfig(max_slots=16), emit=lambda e: None), reqs)
+    evs = complete(Engine(model, EngineSettings(max_slots=16)), reqs)
     return {(e.request_id, e.candidate, e.step): e.frame for e in evs if not e.final}
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import FAST_FAILOVER, MODEL_DIR, RedisServer, free_port, start_process, start_redis, wait_ready
 from tests.integration.inproc import GROUP, KEY, MODEL, WorkerThread, collect, request, settings
-from worldserve.client import GrpcClient, ServerError
+from worldserve.client.client import GrpcClient, ServerError
 from worldserve.messages import ErrorCode, RolloutRequest, SessionAction, pack, unpack
 from worldserve.queue import redis_common as rc
 

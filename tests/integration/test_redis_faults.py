@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import MODEL_DIR, metric_value, start_redis, start_stack, wait_ready
-from worldserve.client import GrpcClient, ServerError
+from worldserve.client.client import GrpcClient, ServerError
 
 pytestmark = pytest.mark.integration
 MODEL = "tiny"
@@ -18,11 +18,12 @@ MODEL = "tiny"
 
 def inprocess(context, requests):
     """Expected frames from the engine in this process: {(seed, candidate, step): frame}."""
-    from worldserve.engine.engine import Engine, EngineConfig, complete
+    from worldserve.engine.engine import Engine, complete
     from worldserve.messages import RolloutRequest
     from worldserve.model.io import load_model_dir
+    from worldserve.settings import EngineSettings
 
-    eng = Engine(load_model_dir(MODEL_DIR), EngineConfig(max_slots=128, max_queue=64), emit=lambda evs: None)
+    eng = Engine(load_model_dir(MODEL_DIR), EngineSettings(max_slots=128, max_queue=64))
     events = complete(eng, [RolloutRequest(f"r{i}:{seed}", MODEL, context, np.asarray(cands), seed=seed,
                                            temperature=1.0) for i, (seed, cands) in enumerate(requests)])
     return {(int(e.request_id.split(":")[1]), e.candidate, e.step): e.frame for e in events if not e.final}

@@ -16,12 +16,12 @@ from PIL import Image
 from tests.faults import PoisonedModel
 from worldserve.api.dataplane import DataPlane
 from worldserve.api.http import create_app
-from worldserve.engine.engine import Engine, EngineConfig
+from worldserve.engine.engine import Engine
 from worldserve.messages import ModelInfo
 from worldserve.model.config import PRESETS
 from worldserve.model.world_model import build
 from worldserve.queue.local import LocalQueue
-from worldserve.settings import ServerSettings
+from worldserve.settings import EngineSettings, ServerSettings
 
 CFG = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4)
 
@@ -35,7 +35,7 @@ def test_dead_engine_is_reported_by_healthz():
     body = {"context": [{"encoding": "png", "data": base64.b64encode(buf.getvalue()).decode()}], "actions": [2, 2]}
 
     async def main():
-        q = LocalQueue(Engine(PoisonedModel(model, always=True), EngineConfig(max_slots=4), emit=None), info)
+        q = LocalQueue(Engine(PoisonedModel(model, always=True), EngineSettings(max_slots=4)), info)
         await q.start()
         app = create_app(DataPlane(q, ServerSettings()), ServerSettings())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:

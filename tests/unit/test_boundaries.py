@@ -10,7 +10,7 @@ from worldserve.messages import ErrorCode, FrameMode, RolloutEvent, RolloutReque
 
 def test_api_package_never_imports_torch():
     code = ("import sys, worldserve.api.http, worldserve.api.grpc_server, worldserve.queue.redis_queue, "
-            "worldserve.client; assert 'torch' not in sys.modules, 'torch was imported'")
+            "worldserve.client.client; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

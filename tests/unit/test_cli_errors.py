@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import MODEL_DIR
-from worldserve.cli import main
+from worldserve.cli.main import main
 
 
 @pytest.mark.parametrize("argv, says", [

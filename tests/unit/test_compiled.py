@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from worldserve.model.config import PRESETS
-from worldserve.model.dynamics import advance
 from worldserve.model.world_model import build
 from worldserve.runtime.compiled import compile_model
+from worldserve.runtime.parity import lockstep
 from worldserve.runtime.quantize import Int8Linear, quantize_model
 
 
@@ -30,10 +30,8 @@ def test_compiled_matches_eager(precision):
     acts, _ = m.unknown_actions(3, 1)
     for cache, mod in ((ce, m), (cc, c)):
         mod.prefill(cache, slots[:3], tokens, acts)
-    for s in range(6):  # past the window of 4: the ring buffer wraps
-        a = torch.tensor([s % 3, 1, 2, 0])
-        le, re, de = m.step(ce, slots, a)
-        lc, rc, dc = c.step(cc, slots, a)
+    acts = [torch.tensor([s % 3, 1, 2, 0]) for s in range(6)]  # past the window of 4: the ring buffer wraps
+    for (le, re, de), (lc, rc, dc) in lockstep(m, c, ce, cc, slots, acts):
         # int8: inductor's fp32 ops round differently by ~1e-6, which can move an activation across an int8
         # step (a per-row scale is 1/127 of the row's absmax): a looser, still small bound
         tol = 1e-4 if precision == "fp32" else 2e-2
@@ -42,6 +40,4 @@ def test_compiled_matches_eager(precision):
         torch.testing.assert_close(dc, de, atol=tol, rtol=tol)
         torch.testing.assert_close(cc.k, ce.k, atol=tol, rtol=tol)
         nxt = le.argmax(-1)
-        advance(ce, slots, nxt)
-        advance(cc, slots, nxt)
     assert torch.equal(c.decode(nxt[:3]), m.decode(nxt[:3]))

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from worldserve.engine.engine import Engine, EngineConfig, complete
-from worldserve.evaluate import CONTEXT, evaluate, heldout_episodes
+from worldserve.engine.engine import Engine, complete
+from worldserve.lab.evaluate import CONTEXT, evaluate, heldout_episodes
 from worldserve.messages import RolloutRequest
 from worldserve.model.denoiser import DenoisingWorldModel
 from worldserve.model.io import load_model_dir
+from worldserve.settings import EngineSettings
 
 DENOISER = ROOT / "models" / "denoiser"
 
@@ -41,7 +42,7 @@ def test_seeded_fork_and_batch_invariance(model):
     acts = np.stack([a[CONTEXT - 1 : CONTEXT + 3], np.zeros(4, np.int64), np.full(4, 2)])  # [3, 4]
 
     def eng():
-        return Engine(model, EngineConfig(max_slots=16), emit=lambda evs: None)
+        return Engine(model, EngineSettings(max_slots=16))
 
     fork = frames(complete(eng(), [RolloutRequest("f", "denoiser", f[:CONTEXT], acts, seed=21)]), "f")
     noisy = [RolloutRequest(f"n{i}", "denoiser", e[0][:2], acts[:2, :3], seed=i) for i, e in enumerate(ep[1:])]

@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT
-from worldserve.data.minigrid_env import AGENT, BALL, read_cells
-from worldserve.engine.engine import Engine, EngineConfig, complete
-from worldserve.fidelity import fidelity, rare_events, rare_gate, variant
+from worldserve.engine.engine import Engine, complete
+from worldserve.lab.data.minigrid_env import AGENT, BALL, read_cells
+from worldserve.lab.fidelity import fidelity, rare_events, rare_gate, variant
 from worldserve.messages import ErrorCode, Priority, RolloutRequest, SessionAction
 from worldserve.model.io import load_model_dir
+from worldserve.settings import EngineSettings
 
 DYNAMIC = ROOT / "models" / "dynamic"
 
@@ -43,7 +44,7 @@ def test_rare_collisions_are_sampled_as_often_by_int8_and_bf16_as_by_fp32(model)
 
 
 def test_seeded_futures_replay_alone_and_in_a_batch(model):
-    eng = Engine(model, EngineConfig(max_slots=16), emit=lambda evs: None)
+    eng = Engine(model, EngineSettings(max_slots=16))
     ctx = np.stack([np.asarray(f) for f in _start(5)])
     acts = np.random.default_rng(0).integers(0, 3, (8, 6))
 
@@ -66,7 +67,7 @@ def test_long_session_stays_well_formed(model):
     — see the card; a joint within-frame sampler is the open work.)"""
     steps = 400
     events = []
-    eng = Engine(model, EngineConfig(max_slots=2), emit=events.extend)
+    eng = Engine(model, EngineSettings(max_slots=2))
     acts = np.random.default_rng(5).integers(0, 2, steps)  # turns only: the agent never walks into anything
     eng.submit(RolloutRequest("long", "dynamic", _start(1)[0][None], np.zeros((1, 0), np.int64), session=True,
                               priority=Priority.INTERACTIVE, seed=1, temperature=1.0))
@@ -74,7 +75,7 @@ def test_long_session_stays_well_formed(model):
         eng.act(SessionAction("long", np.asarray(x)))
     eng.act(SessionAction("long", np.zeros(0), close=True))
     while not any(e.final for e in events):  # a session: its actions were queued up front
-        eng.step()
+        events.extend(eng.step())
     got = [e for e in events if not e.final]
     assert events[-1].error == ErrorCode.OK and [e.step for e in got] == list(range(steps))
     assert np.isfinite([e.reward for e in got]).all() and np.isfinite([e.done for e in got]).all()
@@ -94,8 +95,8 @@ def test_long_session_stays_well_formed(model):
 
 def _start(n: int) -> list[np.ndarray]:
     """The first n real frames of a held-out episode of the stochastic world (turning on the spot)."""
-    from worldserve.data.dynamic_env import DynamicObstaclesEnv
-    from worldserve.data.minigrid_env import Simulator
+    from worldserve.lab.data.dynamic_env import DynamicObstaclesEnv
+    from worldserve.lab.data.minigrid_env import Simulator
 
     sim = Simulator(1_000_123, env_cls=DynamicObstaclesEnv, max_steps=10**6)
     frames = [sim.frame()]

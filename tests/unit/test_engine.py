@@ -8,11 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from worldserve.engine.engine import Engine, EngineConfig
+from worldserve.engine.engine import Engine
 from worldserve.errors import QueueFull
 from worldserve.messages import ErrorCode, FrameMode, Priority, RolloutRequest, SessionAction
 from worldserve.model.config import PRESETS
 from worldserve.model.world_model import build
+from worldserve.settings import EngineSettings
 
 CFG = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4)
 
@@ -24,7 +25,7 @@ def model():
 
 def make(model, slots=16, queue=64):
     events = []
-    return Engine(model, EngineConfig(max_slots=slots, max_queue=queue), emit=events.extend), events
+    return Engine(model, EngineSettings(max_slots=slots, max_queue=queue)), events
 
 
 def ctx(n=2, seed=0):
@@ -35,7 +36,7 @@ def run(eng, events, until_final: int, max_steps=10_000):
     for _ in range(max_steps):
         if sum(e.final for e in events) >= until_final:
             return
-        eng.step()
+        events.extend(eng.step())
     raise AssertionError("engine did not finish")
 
 
@@ -87,15 +88,15 @@ def test_cancel_frees_slots_within_one_step(model):
     eng, ev = make(model, slots=8)
     eng.submit(RolloutRequest("long", "tiny", ctx(), np.zeros((8, 64), np.int64), frames=FrameMode.NONE))
     for _ in range(3):
-        eng.step()
+        ev.extend(eng.step())
     assert eng.free_slots() == 0
     eng.cancel("long")
-    eng.step()
+    ev.extend(eng.step())
     assert eng.free_slots() == 8
     final = [e for e in ev if e.final]
     assert len(final) == 1 and final[0].error == ErrorCode.CANCELLED
     n_before = len(ev)
-    eng.step()
+    ev.extend(eng.step())
     assert len(ev) == n_before
 
 
@@ -113,7 +114,7 @@ def test_deadline_finishes_with_error(model):
 def test_priorities_and_bounded_queue(model):
     eng, ev = make(model, slots=2, queue=3)
     eng.submit(RolloutRequest("running", "tiny", ctx(), np.zeros((2, 3), np.int64)))
-    eng.step()  # occupies both slots
+    ev.extend(eng.step())  # occupies both slots
     eng.submit(RolloutRequest("bulk", "tiny", ctx(), np.zeros((2, 3), np.int64), priority=Priority.BULK))
     eng.submit(RolloutRequest("normal", "tiny", ctx(), np.zeros((2, 3), np.int64)))
     eng.submit(RolloutRequest("inter", "tiny", ctx(), np.zeros((2, 3), np.int64), priority=Priority.INTERACTIVE))
@@ -129,15 +130,15 @@ def test_session_steps_only_when_actions_arrive(model):
     eng.submit(RolloutRequest("s", "tiny", ctx(1), np.zeros((1, 0), np.int64), session=True,
                               priority=Priority.INTERACTIVE))
     for _ in range(3):
-        eng.step()
+        ev.extend(eng.step())
     assert not ev  # no action, no step
     for a in (2, 1, 2):
         eng.act(SessionAction("s", np.asarray(a)))
     for _ in range(5):
-        eng.step()
+        ev.extend(eng.step())
     assert [e.step for e in ev] == [0, 1, 2] and all(e.frame is not None for e in ev)
     eng.act(SessionAction("s", np.zeros(0), close=True))
-    eng.step()
+    ev.extend(eng.step())
     assert ev[-1].final and ev[-1].error == ErrorCode.OK and eng.free_slots() == 2
 
 
@@ -146,20 +147,20 @@ def test_session_action_sent_with_the_open_is_not_lost(model):
     eng.submit(RolloutRequest("s2", "tiny", ctx(1), np.zeros((1, 0), np.int64), session=True))
     eng.act(SessionAction("s2", np.asarray(2)))  # same engine step as the submit
     for _ in range(3):
-        eng.step()
+        ev.extend(eng.step())
     assert [e.step for e in ev if not e.final] == [0]
 
 
 def test_sessions_waiting_for_a_slot_time_out(model):
     events = []
-    eng = Engine(model, EngineConfig(max_slots=1, session_idle_s=0.2), emit=events.extend)
+    eng = Engine(model, EngineSettings(max_slots=1, session_idle_s=0.2))
     eng.submit(RolloutRequest("long", "tiny", ctx(), np.zeros((1, 64), np.int64), frames=FrameMode.NONE))
-    eng.step()  # the only slot is taken
+    events.extend(eng.step())  # the only slot is taken
     eng.submit(RolloutRequest("s", "tiny", ctx(1), np.zeros((1, 0), np.int64), session=True))
-    eng.step()  # still waiting: the rollout holds the slot for 64 steps
+    events.extend(eng.step())  # still waiting: the rollout holds the slot for 64 steps
     assert not any(e.final and e.request_id == "s" for e in events)
     time.sleep(0.3)  # past session_idle_s, however fast the machine steps (64 quick steps could free the slot)
-    eng.step()
+    events.extend(eng.step())
     (f,) = [e for e in events if e.final and e.request_id == "s"]
     assert f.error == ErrorCode.DEADLINE_EXCEEDED and "waiting" in f.message
     assert not any(e.final and e.request_id == "long" for e in events)  # the rollout goes on
@@ -172,7 +173,7 @@ def test_a_duplicate_request_id_is_refused_and_leaks_nothing(model):
     eng.submit(RolloutRequest("dup", "tiny", ctx(), np.zeros((2, 3), np.int64)))
     with pytest.raises(InvalidArgument):
         eng.submit(RolloutRequest("dup", "tiny", ctx(), np.zeros((2, 3), np.int64)))
-    eng.step()
+    ev.extend(eng.step())
     with pytest.raises(InvalidArgument):  # admitted: still refused
         eng.submit(RolloutRequest("dup", "tiny", ctx(), np.zeros((2, 3), np.int64)))
     run(eng, ev, 1)

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 from tests.faults import PoisonedModel, poison_frame
-from worldserve.engine.engine import Engine, EngineConfig, complete
+from worldserve.engine.engine import Engine, complete
 from worldserve.errors import Unavailable
 from worldserve.messages import ErrorCode, ModelInfo, RolloutRequest
 from worldserve.model.config import PRESETS
 from worldserve.model.world_model import build
 from worldserve.queue.local import LocalQueue
+from worldserve.settings import EngineSettings
 
 CFG = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4)
 
@@ -47,7 +48,7 @@ def final(events, rid):
 
 def test_poisoned_request_ends_internal_and_the_batch_is_served(model):
     pm = PoisonedModel(model)
-    eng = Engine(pm, EngineConfig(max_slots=16), emit=lambda evs: None)
+    eng = Engine(pm, EngineSettings(max_slots=16))
     bad = np.concatenate([ctx(1, 1), poison_frame()[None]])
     ev = complete(eng, [req("good1", ctx(2, 2)), req("bad", bad), req("good2", ctx(2, 3), k=2)])
     f = final(ev, "bad")
@@ -56,7 +57,7 @@ def test_poisoned_request_ends_internal_and_the_batch_is_served(model):
     for rid in ("good1", "good2"):
         assert final(ev, rid).error == ErrorCode.OK
     # the good requests came out exactly as they do alone (the failed step left nothing behind)
-    alone = complete(Engine(model, EngineConfig(max_slots=16), emit=lambda evs: None), [req("good1", ctx(2, 2))])
+    alone = complete(Engine(model, EngineSettings(max_slots=16)), [req("good1", ctx(2, 2))])
     a, b = frames(alone, "good1"), frames(ev, "good1")
     assert a.keys() == b.keys() and len(a) == 12
     for key in a:
@@ -67,13 +68,11 @@ def test_poisoned_request_ends_internal_and_the_batch_is_served(model):
 
 
 def test_an_engine_that_cannot_go_on_ends_everything_and_stops(model):
-    eng = Engine(PoisonedModel(model, always=True), EngineConfig(max_slots=4, max_consecutive_failures=3),
-                 emit=lambda evs: None)
+    eng = Engine(PoisonedModel(model, always=True), EngineSettings(max_slots=4, max_consecutive_failures=3))
     got = []
-    eng.emit = got.extend
     for i in range(4):  # two admitted (2 slots each), two waiting
         eng.submit(req(f"r{i}", ctx(1, i), k=2))
-    t = threading.Thread(target=eng.run)
+    t = threading.Thread(target=eng.run, args=(got.extend,))
     t.start()
     t.join(10)
     assert not t.is_alive(), "run() must return once the engine is fatal"
@@ -85,7 +84,7 @@ def test_an_engine_that_cannot_go_on_ends_everything_and_stops(model):
 
 
 def _info(model) -> ModelInfo:
-    return Engine(model, EngineConfig(max_slots=1), emit=lambda evs: None).info()
+    return Engine(model, EngineSettings(max_slots=1)).info()
 
 
 async def _collect(q, r):
@@ -97,7 +96,7 @@ async def _collect(q, r):
 
 def test_local_queue_reports_engine_death(model):
     async def main():
-        q = LocalQueue(Engine(PoisonedModel(model, always=True), EngineConfig(max_slots=4), emit=None), _info(model))
+        q = LocalQueue(Engine(PoisonedModel(model, always=True), EngineSettings(max_slots=4)), _info(model))
         await q.start()
         evs = await asyncio.wait_for(asyncio.gather(*[_collect(q, req(f"r{i}", ctx(1, i), k=1)) for i in range(3)]),
                                      10)
@@ -131,7 +130,7 @@ class Wedged:
 def test_local_queue_enforces_deadlines_when_the_engine_is_stuck(model):
     async def main():
         wm = Wedged(model)
-        q = LocalQueue(Engine(wm, EngineConfig(max_slots=4), emit=None), _info(model))
+        q = LocalQueue(Engine(wm, EngineSettings(max_slots=4)), _info(model))
         await q.start()
         t0 = time.monotonic()
         evs = await asyncio.wait_for(_collect(q, req("d", ctx(1), k=1, deadline=time.time() + 0.3)), 10)
@@ -145,7 +144,7 @@ def test_local_queue_enforces_deadlines_when_the_engine_is_stuck(model):
 
 def test_stop_on_done_ends_a_candidate_at_the_done_step():
     from tests.conftest import MODEL_DIR
-    from worldserve.evaluate import CONTEXT, heldout_episodes
+    from worldserve.lab.evaluate import CONTEXT, heldout_episodes
     from worldserve.model.io import load_model_dir
 
     model = load_model_dir(MODEL_DIR)
@@ -158,7 +157,7 @@ def test_stop_on_done_ends_a_candidate_at_the_done_step():
     spin = np.zeros(h, np.int64)  # turning left on the spot never ends it
     req = RolloutRequest("s", "tiny", f[:CONTEXT], np.stack([true, spin]), context_actions=a[: CONTEXT - 1],
                          stop_on_done=True)
-    eng = Engine(model, EngineConfig(max_slots=4), emit=lambda evs: None)
+    eng = Engine(model, EngineSettings(max_slots=4))
     ev = complete(eng, [req])
     c0 = [e for e in ev if e.candidate == 0 and not e.final]
     c1 = [e for e in ev if e.candidate == 1 and not e.final]

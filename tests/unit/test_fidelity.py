@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from worldserve.data.dynamic_env import COLLISION_REWARD, DynamicObstaclesEnv
-from worldserve.fidelity import balls, heldout_states, simulate, tv, wilson
+from worldserve.lab.data.dynamic_env import COLLISION_REWARD, DynamicObstaclesEnv
+from worldserve.lab.fidelity import balls, heldout_states, simulate, tv, wilson
 
 
 def test_balls_are_drawn_and_read_back():

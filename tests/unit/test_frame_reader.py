@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from worldserve.data.dynamic_env import DynamicObstaclesEnv
-from worldserve.data.minigrid_env import AGENT, BALL, GOAL, WALL, RandomLayoutEnv, Simulator, read_agent, read_cells
+from worldserve.lab.data.dynamic_env import DynamicObstaclesEnv
+from worldserve.lab.data.minigrid_env import AGENT, BALL, GOAL, WALL, RandomLayoutEnv, Simulator, read_agent, read_cells
 
 
 def test_agent_pose_and_cells_are_read_back_exactly():

@@ -8,17 +8,18 @@ import dataclasses
 import numpy as np
 import pytest
 
-from worldserve.engine.engine import Engine, EngineConfig
+from worldserve.engine.engine import Engine
 from worldserve.errors import NotFound
 from worldserve.messages import ErrorCode, RolloutRequest, SessionAction
 from worldserve.model.config import PRESETS
 from worldserve.model.world_model import build
 from worldserve.queue.local import LocalQueue
+from worldserve.settings import EngineSettings
 
 
 def engine(name: str, seed: int):
     model = build(dataclasses.replace(PRESETS["tiny"], name=name, d_model=32, n_layers=1, n_heads=2), seed=seed)
-    eng = Engine(model, EngineConfig(max_slots=4), emit=lambda evs: None)
+    eng = Engine(model, EngineSettings(max_slots=4))
     return eng, eng.info()
 
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 from tests.conftest import MODEL_DIR
-from worldserve.data.minigrid_env import Simulator
-from worldserve.engine.engine import Engine, EngineConfig
+from worldserve.engine.engine import Engine
+from worldserve.lab.data.minigrid_env import Simulator
 from worldserve.messages import ErrorCode, Priority, RolloutRequest, SessionAction
 from worldserve.model.io import load_model_dir
+from worldserve.settings import EngineSettings
 
 STEPS = 1000
 AGENT_RED = np.array([255, 0, 0], np.uint8)
@@ -23,14 +24,14 @@ def test_thousand_step_session_stays_well_formed():
     acts = rng.integers(0, 2, STEPS)
     truth = [sim.frame()] + [sim.step(int(x))[0] for x in acts]
     events = []
-    eng = Engine(model, EngineConfig(max_slots=2), emit=events.extend)
+    eng = Engine(model, EngineSettings(max_slots=2))
     eng.submit(RolloutRequest("long", "tiny", truth[0][None], np.zeros((1, 0), np.int64), session=True,
                               priority=Priority.INTERACTIVE, seed=1, temperature=1.0))
     for x in acts:
         eng.act(SessionAction("long", np.asarray(x)))
     eng.act(SessionAction("long", np.zeros(0), close=True))
     while not any(e.final for e in events):
-        eng.step()
+        events.extend(eng.step())
     assert events[-1].error == ErrorCode.OK
     got = [e for e in events if not e.final]
     assert [e.step for e in got] == list(range(STEPS))

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import MODEL_DIR
-from worldserve.engine.engine import Engine, EngineConfig
+from worldserve.engine.engine import Engine
 from worldserve.messages import FrameMode, RolloutRequest
 from worldserve.model.io import load_model_dir
+from worldserve.settings import EngineSettings
 
 pytest.importorskip("litserve", reason="the peer baseline needs litserve (the bench extra)")
 
@@ -21,7 +22,7 @@ def model():
 
 
 def context(n: int, seed: int) -> np.ndarray:
-    from worldserve.data.minigrid_env import Simulator
+    from worldserve.lab.data.minigrid_env import Simulator
 
     sim = Simulator(seed=seed)
     frames = [sim.frame()]
@@ -32,10 +33,10 @@ def context(n: int, seed: int) -> np.ndarray:
 
 def engine_rollout(model, req: RolloutRequest):
     events = []
-    eng = Engine(model, EngineConfig(max_slots=8), emit=events.extend)
+    eng = Engine(model, EngineSettings(max_slots=8))
     eng.submit(req)
     while not any(e.final for e in events):
-        eng.step()
+        events.extend(eng.step())
     steps = [e for e in events if not e.final]
     k, h = req.candidates, req.horizon
     frames = np.zeros((k, h, *req.context.shape[1:]), np.uint8)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from worldserve.data.dynamic_env import DynamicObstaclesEnv
-from worldserve.data.minigrid_env import Simulator
-from worldserve.plan import CEMPlanner, MPCPolicy, PlanConfig, RandomPolicy, SimWorld, eval_seeds, evaluate
+from worldserve.lab.data.dynamic_env import DynamicObstaclesEnv
+from worldserve.lab.data.minigrid_env import Simulator
+from worldserve.lab.plan import CEMPlanner, MPCPolicy, PlanConfig, RandomPolicy, SimWorld, eval_seeds, evaluate
 
 
 def test_each_candidate_is_scored_by_the_mean_of_its_futures():

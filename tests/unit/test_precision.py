@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from tests.conftest import MODEL_DIR
-from worldserve.evaluate import CONTEXT, evaluate, heldout_episodes, open_loop
+from worldserve.lab.evaluate import CONTEXT, evaluate, heldout_episodes, open_loop
 from worldserve.model.config import PRESETS
 from worldserve.model.io import load_model_dir
+from worldserve.model.quality import GATE_DB, gate_loss
 from worldserve.model.world_model import build
 from worldserve.runtime.quantize import quantize_model
 from worldserve.runtime.support import Unsupported, check_supported
@@ -67,7 +68,7 @@ def agreement_and_loss(ref_model, model, eps):
     enc = lambda f: ref_model.encode(torch.from_numpy(f.reshape(-1, *f.shape[2:])))  # noqa: E731
     agree = float((enc(got) == enc(want)).float().mean())
     r_ref, r = evaluate(ref_model, eps), evaluate(model, eps)
-    return agree, r_ref.model_psnr[8] - r.model_psnr[8]
+    return agree, gate_loss(r_ref.model_psnr, r.model_psnr)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
@@ -80,7 +81,7 @@ def test_tiny_quality_gate(precision):
     ref = load_model_dir(MODEL_DIR)  # .to() above converted in place
     agree, loss = agreement_and_loss(ref, model, eps)
     assert agree >= 0.99, agree
-    assert loss <= 0.5, loss
+    assert loss <= GATE_DB, loss
 
 
 @torch.no_grad()

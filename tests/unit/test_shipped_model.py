@@ -1,7 +1,7 @@
 """The shipped weights beat the copy-last-frame baseline on held-out episodes generated on the fly."""
 
 from tests.conftest import MODEL_DIR
-from worldserve.evaluate import evaluate, heldout_episodes
+from worldserve.lab.evaluate import evaluate, heldout_episodes
 from worldserve.model.io import load_model_dir
 
 
@@ -18,7 +18,7 @@ def test_shipped_model_beats_copy_last_frame():
 def test_long_open_loop_rollouts_hold_past_the_window():
     """32 steps (4x the window) of greedy open loop: the deterministic world is still predicted token for token,
     and the drift table says so (the card's curve goes to 64 steps: `worldserve eval --drift 64`)."""
-    from worldserve.evaluate import drift, drift_table
+    from worldserve.lab.evaluate import drift, drift_table
 
     d = drift(load_model_dir(MODEL_DIR), heldout_episodes(4, horizon=32), 32)
     assert sorted(d) == list(range(1, 33))

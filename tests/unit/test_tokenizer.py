@@ -3,10 +3,10 @@
 import numpy as np
 import torch
 
-from worldserve.data.minigrid_env import run_episode
+from worldserve.lab.data.minigrid_env import run_episode
+from worldserve.lab.train import fit_codebook, unique_patches
 from worldserve.model.config import PRESETS
 from worldserve.model.world_model import build
-from worldserve.train import fit_codebook, unique_patches
 
 
 def _frames(seeds) -> np.ndarray:

@@ -24,12 +24,13 @@ def real_rollout(seed: int, n_actions: int, actions: list[int] | None, epsilon: 
 
 def predict_inprocess(model_dir: str, context, context_actions, actions, seed: int, temperature: float):
     """The engine in this process (no server): predicted frames uint8 [T, H, W, 3]."""
-    from .engine.engine import Engine, EngineConfig, complete
-    from .messages import RolloutRequest
-    from .model.io import load_model_dir
+    from ..engine.engine import Engine, complete
+    from ..messages import RolloutRequest
+    from ..model.io import load_model_dir
+    from ..settings import EngineSettings
 
     model = load_model_dir(model_dir)
-    eng = Engine(model, EngineConfig(max_slots=4), emit=lambda evs: None)
+    eng = Engine(model, EngineSettings(max_slots=4))
     ca = np.asarray(context_actions, np.int64) if context_actions else None
     events = complete(eng, [RolloutRequest("rollout", model.spec.name, np.asarray(context),
                                            np.asarray([actions], np.int64), context_actions=ca, seed=seed,

@@ -16,7 +16,7 @@ CLI_FIELDS = [  # flag -> (settings section, field)
 
 def _settings(a):
     """Settings from the environment, then the flags given on the command line, validated like the rest."""
-    from .settings import Settings
+    from ..settings import Settings
 
     s = Settings()
     over: dict[str, dict] = {}
@@ -52,7 +52,7 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def cmd_serve(a) -> None:
-    from .server import build_local_queue, serve_frontends
+    from .wiring import build_local_queue, serve_frontends
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = _settings(a)
@@ -62,8 +62,8 @@ def cmd_serve(a) -> None:
 
 
 def cmd_api(a) -> None:
-    from .queue.redis_queue import RedisQueue
-    from .server import serve_frontends
+    from ..queue.redis_queue import RedisQueue
+    from .wiring import serve_frontends
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = _settings(a)
@@ -73,7 +73,7 @@ def cmd_api(a) -> None:
 
 
 def cmd_worker(a) -> None:
-    from .server import run_worker
+    from .wiring import run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = _settings(a)

@@ -8,7 +8,6 @@ world-model protocol is evaluated the same way; token agreement is reported for 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..engine.engine import Engine, complete
+from ..messages import RolloutRequest
+from ..model.protocol import WorldModelProtocol
+from ..model.quality import EXACT, gate_verdict, passes_gate, psnr
+from ..settings import EngineSettings
 from .data.collect import HELDOUT_SEED0
 from .data.minigrid_env import episode_epsilon, run_episode
-from .engine.engine import Engine, EngineConfig, complete
-from .messages import RolloutRequest
-from .model.protocol import WorldModelProtocol
 
 CONTEXT, HORIZON, REPORT_STEPS = 4, 8, (1, 4, 8)
 
@@ -39,11 +40,8 @@ def heldout_episodes(n: int, seed0: int = HELDOUT_SEED0, env: str = "minigrid", 
     return out
 
 
-EXACT = 100.0  # the PSNR reported for identical frames (MSE 0)
 
 
-def psnr(mse: float) -> float:
-    return EXACT if mse <= 1e-10 else 10 * math.log10(255.0**2 / mse)
 
 
 @dataclass
@@ -67,7 +65,7 @@ def open_loop(model: WorldModelProtocol, eps, horizon: int = HORIZON, seed: int 
     Returns frames uint8 [E, horizon, H, W, 3], reward float32 [E, horizon], done probability [E, horizon].
     """
     e = len(eps)
-    eng = Engine(model, EngineConfig(max_slots=e, max_queue=e, max_candidates=1), emit=lambda evs: None)
+    eng = Engine(model, EngineSettings(max_slots=e, max_queue=e, max_candidates=1))
     reqs = [RolloutRequest(f"ep{i}", model.spec.name, f[:CONTEXT], a[None, CONTEXT - 1 : CONTEXT - 1 + horizon],
                            context_actions=a[: CONTEXT - 1], seed=seed + i, temperature=temperature)
             for i, (f, a, *_) in enumerate(eps)]
@@ -189,7 +187,7 @@ def drift_table(d: dict, name: str = "fp32", n: int = 0) -> str:
 
 def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, variant: str = "fp32",
                  env: str = "minigrid", drift_horizon: int = 0) -> bool:
-    from .model.io import load_model_dir
+    from ..model.io import load_model_dir
 
     eps = heldout_episodes(n_episodes, env=env)
     model = load_model_dir(model_dir)
@@ -202,11 +200,8 @@ def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, vari
 
         vmodel = variant_model(model, variant)
         qres = evaluate(vmodel, eps)
-        loss8 = ref.model_psnr[8] - qres.model_psnr[8]
-        ok = loss8 <= 0.5
-        text += "\n\n" + table(qres, variant) + (
-            f"\n\n{variant} vs fp32 at step 8: {-loss8:+.2f} dB (gate: lose at most 0.5 dB) -> "
-            f"{'PASS' if ok else 'FAIL'}")
+        ok = passes_gate(ref.model_psnr, qres.model_psnr)
+        text += "\n\n" + table(qres, variant) + "\n\n" + gate_verdict(ref.model_psnr, qres.model_psnr, variant)
         if env == "dynamic":  # a stochastic world: rare futures must survive the variant too
             r = rare_events({"fp32": model, variant: vmodel}, n_states=8, k=256)
             rare_ok = rare_gate(r, variant)

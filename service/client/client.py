@@ -19,14 +19,15 @@ import grpc
 import httpx
 import numpy as np
 
-from .api.gen import worldserve_pb2 as pb
-from .api.gen import worldserve_pb2_grpc as pbg
-from .api.images import decode_any, encode_frame
+from ..api.gen import worldserve_pb2 as pb
+from ..api.gen import worldserve_pb2_grpc as pbg
+from ..api.images import decode_any, encode_frame
+from ..wire import ENCODINGS, FRAME_MODES, PRIORITIES, PROTO_ENCODING, proto_map
 
-_ENC = {"raw": pb.Frame.RAW_RGB8, "png": pb.Frame.PNG, "jpeg": pb.Frame.JPEG}
+_ENC = proto_map(pb.Frame.Encoding, "", ENCODINGS, PROTO_ENCODING)
 _ENC_NAME = {v: k for k, v in _ENC.items()}
-_MODES = {"all": pb.FRAMES_ALL, "last": pb.FRAMES_LAST, "none": pb.FRAMES_NONE}
-_PRIO = {"normal": pb.PRIORITY_NORMAL, "interactive": pb.PRIORITY_INTERACTIVE, "bulk": pb.PRIORITY_BULK}
+_MODES = proto_map(pb.FrameMode, "FRAMES_", FRAME_MODES)
+_PRIO = proto_map(pb.Priority, "PRIORITY_", PRIORITIES)
 
 
 @dataclass

@@ -12,7 +12,7 @@ turn once, run to the horizon: every goal an L-shaped free path reaches within H
 samples from a per-step categorical distribution that CEM refits to the elite candidates each tick and
 warm-starts across ticks. Ties (no candidate sees a reward) are broken at random, so the agent explores.
 
-This module talks to the world model only through `worldserve.client` (no torch, no model import). The
+This module talks to the world model only through `worldserve.client.client` (no torch, no model import). The
 same planner runs on the true simulator (deep copies of the environment as the "world model"), which
 bounds what a perfect world model would achieve with this search.
 """

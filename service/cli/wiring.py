@@ -10,26 +10,24 @@ import signal
 
 import uvicorn
 
-from .api.auth import Gate, GrpcGate
-from .api.conn import uvicorn_options
-from .api.dataplane import DataPlane
-from .api.grpc_server import set_serving, start_grpc
-from .api.http import create_app
-from .settings import Settings
+from ..api.auth import Gate, GrpcGate
+from ..api.conn import uvicorn_options
+from ..api.dataplane import DataPlane
+from ..api.grpc_server import set_serving, start_grpc
+from ..api.http import create_app
+from ..settings import Settings
 
 log = logging.getLogger("worldserve.server")
 
 
 def build_engine(settings: Settings):
     """Model + engine in this process (imports torch)."""
-    from .engine.engine import Engine, EngineConfig
-    from .engine.sampler import Sampler
-    from .runtime.loader import prepare
+    from ..engine.engine import Engine
+    from ..engine.sampler import Sampler
+    from ..runtime.loader import prepare
 
     model = prepare(settings.model)
-    e = settings.engine
-    engine = Engine(model, EngineConfig(e.max_slots, e.max_queue, e.max_candidates, e.session_idle_s),
-                    emit=lambda evs: None, sampler=Sampler(settings.model.triton_kernels))
+    engine = Engine(model, settings.engine, sampler=Sampler(settings.model.triton_kernels))
     if settings.model.warmup:
         warmup(engine)
     return engine, engine.info(settings.model.backend, settings.model.precision)
@@ -44,7 +42,7 @@ def repo_dirs(repo) -> list:
 
 
 def build_local_queue(settings: Settings):
-    from .queue.local import LocalQueue
+    from ..queue.local import LocalQueue
 
     def load(model_dir):  # a model directory -> (engine, info): used at start-up and by the admin API
         ms = type(settings.model).model_validate({**settings.model.model_dump(), "dir": model_dir, "repo": None})
@@ -63,7 +61,7 @@ async def run_worker(settings: Settings) -> None:
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from .worker import Worker
+    from ..worker.worker import Worker
 
     engine, info = build_engine(settings)
     worker = Worker(engine, info, settings.queue)
@@ -104,9 +102,9 @@ def warmup(engine) -> None:
     """Run every bucket size once so the first real request does not pay for it."""
     import numpy as np
 
-    from .engine.engine import complete
-    from .messages import RolloutRequest
-    from .runtime.batch import buckets
+    from ..engine.engine import complete
+    from ..messages import RolloutRequest
+    from ..runtime.batch import buckets
 
     s = engine.spec
     ctx = np.zeros((1, s.height, s.width, 3), np.uint8)

@@ -8,14 +8,14 @@ Seeded, checkpointed every 200 steps and resumable; `time_budget_s` stops early 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .model.denoiser import DenoiserConfig, DenoisingWorldModel, edm_loss
+from ..model.denoiser import DenoiserConfig, DenoisingWorldModel, edm_loss
+from ..model.quality import psnr
 from .train import _ckpt, _resume, fit, lr_at, unique_patches
 
 
@@ -96,7 +96,7 @@ def run(data: dict, ckpt_dir: Path, cfg: DenoiserConfig, ae_steps: int, steps: i
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     stats = train_autoencoder(model, data["frames"], ae_steps, seed, ckpt_dir / "autoencoder.pt")
     print(f"autoencoder: {stats['distinct_patches']} distinct patches, {100 * stats['exact_patches']:.1f}% exact, "
-          f"recon {10 * math.log10(4.0 / max(stats['loss'], 1e-10)):.1f} dB")
+          f"recon {psnr(stats['loss'], peak=2.0):.1f} dB")
     tr = Transitions(data, encode_all(model, data["frames"]), cfg.context)
     print(f"{len(tr.nxt)} transitions, {len(data['frames'])} frames")
     losses = train_denoiser(model, tr, steps, batch, seed, ckpt_dir / "denoiser.pt", time_budget_s=time_budget_s)

@@ -83,8 +83,8 @@ def simulate(st: State, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def sample_model(engine, st: State, k: int, seed: int):
     """K model futures through the engine (one fork): frames uint8 [K, H, ...], done probability [K, H]."""
-    from .engine.engine import complete
-    from .messages import RolloutRequest
+    from ..engine.engine import complete
+    from ..messages import RolloutRequest
 
     req = RolloutRequest("fid", engine.spec.name, st.context, np.repeat(st.actions[None], k, 0),
                          context_actions=st.context_actions, seed=seed, temperature=1.0)
@@ -118,10 +118,11 @@ class Fidelity:
 
 
 def fidelity(model, n_states: int, k: int = 256, steps=(1, 4, 8), seed: int = 0) -> Fidelity:
-    from .engine.engine import Engine, EngineConfig
+    from ..engine.engine import Engine
+    from ..settings import EngineSettings
 
     h = max(steps)
-    engine = Engine(model, EngineConfig(max_slots=k, max_queue=4, max_candidates=k), emit=lambda evs: None)
+    engine = Engine(model, EngineSettings(max_slots=k, max_queue=4, max_candidates=k))
     tvs: dict[int, list[float]] = {s: [] for s in steps}
     floors: dict[int, list[float]] = {s: [] for s in steps}
     counts: dict[int, list[float]] = {s: [] for s in steps}
@@ -194,7 +195,8 @@ def rare_events(variants: dict, n_states: int, k: int = 256, horizon: int = 4, p
     """Each variant (name -> model) samples K futures per state; a future 'collides' when the model's done
     probability passes 0.5 within `horizon` steps. States are kept where the simulator's collision frequency over
     K clones is in (0, p_max]: the rare futures that quantization could wash out."""
-    from .engine.engine import Engine, EngineConfig
+    from ..engine.engine import Engine
+    from ..settings import EngineSettings
 
     pool = heldout_states(candidates or 8 * n_states, horizon, seed0=HELDOUT_SEED0 + 50_000)
     kept, true_hits = [], 0
@@ -208,7 +210,7 @@ def rare_events(variants: dict, n_states: int, k: int = 256, horizon: int = 4, p
             break
     rates, ci = {}, {}
     for name, model in variants.items():
-        eng = Engine(model, EngineConfig(max_slots=k, max_queue=4, max_candidates=k), emit=lambda evs: None)
+        eng = Engine(model, EngineSettings(max_slots=k, max_queue=4, max_candidates=k))
         hits = 0
         for j, st in enumerate(kept):
             _, done = sample_model(eng, st, k, seed + j * k)
@@ -237,15 +239,15 @@ def rare_table(r: RareEvents) -> str:
 
 def variant(model, name: str):
     """The model under a precision variant, as the server applies it (fp32 is the model itself)."""
-    from .runtime.loader import with_precision
+    from ..runtime.loader import with_precision
 
     return with_precision(model, name)
 
 
 def fidelity_dir(model_dir, n_states: int, k: int, variants: list[str], rare_states: int, write_card: bool) -> str:
     """`worldserve fidelity`: fidelity and rare-event tables of a model of the stochastic world (its card)."""
+    from ..model.io import load_model_dir
     from .evaluate import write_card_table
-    from .model.io import load_model_dir
 
     model = load_model_dir(model_dir)
     text = table(fidelity(model, n_states, k))

@@ -18,8 +18,8 @@ def _say(t0: float):
 def cmd_export(a) -> None:
     import torch
 
-    from .runtime.loader import load_model
-    from .settings import ModelSettings
+    from ..runtime.loader import load_model
+    from ..settings import ModelSettings
 
     torch.set_num_threads(a.threads)
     say = _say(time.perf_counter())
@@ -29,14 +29,14 @@ def cmd_export(a) -> None:
     ref = load_model(ms)
     model = ref
     if a.precision in ("int8", "fp8"):
-        from .runtime.quantize import quantize_model
+        from ..runtime.quantize import quantize_model
 
         say(f"quantizing to {a.precision}")
         model = quantize_model(ref, a.precision)
     elif a.precision in ("fp16", "bf16"):
         model = ref.to(torch.float16 if a.precision == "fp16" else torch.bfloat16)
     if a.backend == "onnxruntime":
-        from .runtime.onnx_backend import OnnxWorldModel
+        from ..runtime.onnx_backend import OnnxWorldModel
 
         built = OnnxWorldModel.build(model, ms, say=say)
     else:
@@ -45,12 +45,12 @@ def cmd_export(a) -> None:
         except ImportError as e:
             raise SystemExit("backend 'tensorrt' needs the tensorrt package and an NVIDIA GPU "
                              "(pip install 'worldserve[tensorrt]'); it is not importable here") from e
-        from .runtime.trt_backend import TrtWorldModel
+        from ..runtime.trt_backend import TrtWorldModel
 
         built = TrtWorldModel.build(model, ms, say=say)
     say(f"artifacts: {built.path}")
     if a.check_steps:
-        from .runtime.parity import parity
+        from ..runtime.parity import parity
 
         say(f"checking against eager {a.precision} ({a.check_steps} greedy steps, batch 4)")
         r = parity(model, built, a.check_steps)
@@ -62,8 +62,8 @@ def cmd_export(a) -> None:
 def cmd_quantize(a) -> None:
     import torch
 
-    from .model.io import load_model_dir, model_hash, sha256_file
-    from .runtime.quantize import quantize_model, save_quantized
+    from ..model.io import load_model_dir, model_hash, sha256_file
+    from ..runtime.quantize import quantize_model, save_quantized
 
     torch.set_num_threads(a.threads)
     say = _say(time.perf_counter())
@@ -77,16 +77,15 @@ def cmd_quantize(a) -> None:
     say(f"dynamics weights {fp_bytes / 1e6:.2f} MB -> {q_bytes / 1e6:.2f} MB")
     verdict = "not checked (--episodes 0)"
     if a.episodes:
-        from .evaluate import evaluate, heldout_episodes, table
+        from ..lab.evaluate import evaluate, heldout_episodes, table
+        from ..model.quality import gate_verdict, passes_gate
 
         say(f"quality gate: {a.episodes} held-out episodes, fp32 vs {a.precision}")
         eps = heldout_episodes(a.episodes)
         ref, res = evaluate(model, eps), evaluate(q, eps)
-        loss8 = ref.model_psnr[8] - res.model_psnr[8]
-        ok = loss8 <= 0.5
+        ok = passes_gate(ref.model_psnr, res.model_psnr)
         print(table(ref) + "\n\n" + table(res, a.precision), flush=True)
-        verdict = f"{-loss8:+.2f} dB open-loop PSNR at step 8 vs fp32 (gate: lose at most 0.5 dB): " + (
-            "PASS" if ok else "FAIL")
+        verdict = gate_verdict(ref.model_psnr, res.model_psnr, a.precision)
         say(verdict)
         if not ok and not a.force:
             say(f"not writing {out} (use --force to write it anyway)")

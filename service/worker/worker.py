@@ -25,16 +25,16 @@ import asyncio
 import logging
 import os
 import socket
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 
-from . import metrics
-from .messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, check_request, pack, unpack
-from .queue import redis_common as rc
-from .settings import QueueSettings
-from .worker_liveness import Liveness
+from .. import metrics
+from ..engine.host import EngineHost
+from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, check_request, pack, unpack
+from ..queue import redis_common as rc
+from ..settings import QueueSettings
+from .liveness import Liveness
 
 log = logging.getLogger("worldserve.worker")
 EXIT_ENGINE_DEAD = 70  # the process exits with this when its engine died (the orchestrator restarts it)
@@ -63,32 +63,18 @@ class Worker(Liveness):
         self.connected = False
         self.joined = False  # consumer group exists and we have read from it
         self.dead: str | None = None  # why the engine died
-        self._thread: threading.Thread | None = None
-        self._thread_error: BaseException | None = None
+        self.host = EngineHost(engine, info.name)
         self._loop: asyncio.AbstractEventLoop | None = None
         Liveness.__init__(self)
 
     # ---- engine thread -> loop ----------------------------------------------------------------
-    def _emit(self, events: list[RolloutEvent] | RolloutEvent) -> None:
+    def _on_events(self, events: list[RolloutEvent], fatal: bool) -> None:
         """All events of one engine step (one call per step); published together in one pipeline."""
-        if isinstance(events, RolloutEvent):  # an engine that still emits event by event
-            events = [events]
-        if events:
-            fatal = getattr(self.engine, "fatal", None) is not None
-            self._loop.call_soon_threadsafe(self.out.put_nowait, (list(events), fatal))
-
-    def _run_engine(self) -> None:
-        try:
-            self.engine.run()
-        except BaseException as e:  # noqa: BLE001 - the watchdog reports it and ends the process
-            self._thread_error = e
-            log.exception("engine thread crashed")
+        self.out.put_nowait((events, fatal))
 
     def engine_dead(self) -> str | None:
-        fatal = getattr(self.engine, "fatal", None)
-        if self.dead is None and (fatal is not None or (self._thread is not None and not self._thread.is_alive())):
-            err = fatal or self._thread_error
-            self.dead = f"{type(err).__name__}: {err}" if err is not None else "engine thread ended"
+        if self.dead is None:
+            self.dead = self.host.dead()
         return self.dead
 
     def ready(self) -> bool:
@@ -97,9 +83,7 @@ class Worker(Liveness):
     async def run(self, stop: asyncio.Event, grace_s: float) -> None:
         """Serve until `stop` (drain, return) or engine death (flush, raise SystemExit(EXIT_ENGINE_DEAD))."""
         self._loop = asyncio.get_running_loop()
-        self.engine.emit = self._emit
-        self._thread = threading.Thread(target=self._run_engine, name="engine", daemon=True)
-        self._thread.start()
+        self.host.start(self._loop, self._on_events)
         log.warning("worker %s serving %s from %s", self.id, self.model, rc.redacted(self.q.url))
         loops = dict(reader=self._reader(), publisher=self._publisher(), heartbeat=self._heartbeat(),
                      reclaimer=self._reclaimer(), cancels=self._cancels(), sessions=self._sessions())
@@ -119,8 +103,7 @@ class Worker(Liveness):
             await asyncio.sleep(0.05)
         await self._cancel_all(tasks.values())
         await self._leave()
-        self.engine.stop()
-        self._thread.join(10)
+        await self.host.close()
         await self._close_client()
 
     async def _watchdog(self) -> None:

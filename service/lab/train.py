@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..model.config import ModelConfig
+from ..model.quality import psnr
+from ..model.tokenizer import nearest_code, patchify, recon_loss, to_unit
+from ..model.world_model import WorldModel
 from .data.collect import episodes
-from .model.config import ModelConfig
-from .model.tokenizer import nearest_code, patchify, recon_loss, to_unit
-from .model.world_model import WorldModel
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -61,8 +62,8 @@ def train_tokenizer(model: WorldModel, frames: np.ndarray, steps: int, batch: in
         opt.step()
         losses.append(float(loss))
         if step % 50 == 0:
-            psnr = 10 * math.log10(4.0 / max(np.mean(losses[-50:]), 1e-10))  # range [-1, 1] -> peak^2 = 4
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}", psnr=f"{psnr:.1f}")
+            psnr_db = psnr(float(np.mean(losses[-50:])), peak=2.0)  # range [-1, 1]
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.5f}", psnr=f"{psnr_db:.1f}")
         if (step + 1) % 250 == 0 or step + 1 == steps:
             _ckpt(ckpt, model=tok.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
     tok.eval()
@@ -115,9 +116,9 @@ def train_patch_vq(model: WorldModel, frames: np.ndarray, seed: int, ckpt: Path)
         model.tokenizer.load_state_dict(torch.load(ckpt, weights_only=False)["model"])
         return
     codebook, stats = fit_codebook(frames, model.cfg.codebook_size, model.cfg.patch, seed)
-    psnr = 10 * math.log10(4.0 / max(stats["patch_mse"], 1e-10))
+    psnr_db = psnr(stats["patch_mse"], peak=2.0)
     print(f"tokenizer: {stats['distinct_patches']} distinct patches -> {stats['codes_used']} codes, "
-          f"recon {psnr:.1f} dB on training patches")
+          f"recon {psnr_db:.1f} dB on training patches")
     with torch.no_grad():
         model.tokenizer.codebook.copy_(codebook)
     _ckpt(ckpt, model=model.tokenizer.state_dict(), stats=stats)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.quality import psnr
+
 
 def _markers(env: str) -> tuple[str, str]:
     """The results block of one environment in a markdown file (--write replaces only that block)."""
@@ -18,7 +20,7 @@ def _markers(env: str) -> tuple[str, str]:
 
 
 def _client(a):
-    from .client import GrpcClient, RestClient
+    from ..client.client import GrpcClient, RestClient
 
     if a.grpc:
         return GrpcClient(a.grpc)
@@ -33,7 +35,7 @@ def _target(p) -> None:
 
 # ---------------------------------------------------------------------------------------------- plan
 def cmd_plan(a) -> None:
-    from .plan import (
+    from ..lab.plan import (
         TABLE_HEADER,
         ExpertPolicy,
         MPCPolicy,
@@ -99,7 +101,7 @@ def _write_results(path: Path, table: str, a, seconds: float) -> None:
 
 # ---------------------------------------------------------------------------------------------- rollout
 def cmd_rollout(a) -> None:
-    from .rollout_view import predict_inprocess, real_rollout, strip_image, write_gif
+    from ..lab.rollout_view import predict_inprocess, real_rollout, strip_image, write_gif
 
     if a.context < 1:
         raise SystemExit("--context must be at least 1")
@@ -121,9 +123,8 @@ def cmd_rollout(a) -> None:
     else:
         strip_image(real, full, a.context, actions, a.scale).save(out)
     mse = ((real[a.context :].astype(np.float64) - pred) ** 2).mean(axis=(1, 2, 3))
-    psnr = [100.0 if m < 1e-10 else 10 * np.log10(255.0**2 / m) for m in mse]
     print(f"wrote {out}: seed {a.seed}, {a.context} context frames, {len(future)} predicted; "
-          f"PSNR per step vs the real frames (dB): {' '.join(f'{p:.1f}' for p in psnr)}")
+          f"PSNR per step vs the real frames (dB): {' '.join(f'{psnr(m):.1f}' for m in mse)}")
 
 
 # ---------------------------------------------------------------------------------------------- argparse

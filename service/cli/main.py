@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def cmd_collect(a) -> None:
-    from .data.collect import HELDOUT_SEED0, collect, save
+    from ..lab.data.collect import HELDOUT_SEED0, collect, save
 
     save(collect(a.episodes, a.seed), Path(a.out) / "train.npz")
     save(collect(a.heldout, HELDOUT_SEED0, "heldout"), Path(a.out) / "heldout.npz")
@@ -20,10 +20,10 @@ def cmd_collect(a) -> None:
 def cmd_train(a) -> None:
     import torch
 
-    from .data.collect import collect, load, save
-    from .model.config import PRESETS
-    from .model.io import save_model_dir
-    from .train import CHANGED_WEIGHT, run
+    from ..lab.data.collect import collect, load, save
+    from ..lab.train import CHANGED_WEIGHT, run
+    from ..model.config import PRESETS
+    from ..model.io import save_model_dir
 
     torch.set_num_threads(a.threads)
     data_path = Path(a.data) / ("train.npz" if a.env == "minigrid" else f"{a.env}-train.npz")
@@ -36,7 +36,7 @@ def cmd_train(a) -> None:
     weight = a.changed_weight if a.changed_weight is not None else (CHANGED_WEIGHT if a.env == "minigrid" else 1.0)
     init = None
     if a.init:
-        from .model.io import load_model_dir
+        from ..model.io import load_model_dir
 
         init = load_model_dir(a.init)  # fit() puts the dynamics in training mode
     model = run(data, Path(a.ckpt), cfg, a.tok_steps, a.dyn_steps, a.batch, a.seed,
@@ -68,10 +68,10 @@ def cmd_train(a) -> None:
 def cmd_train_denoiser(a) -> None:
     import torch
 
-    from .data.collect import collect, load, save
-    from .model.denoiser import DenoiserConfig
-    from .model.io import save_model_dir
-    from .train_denoiser import run
+    from ..lab.data.collect import collect, load, save
+    from ..lab.train_denoiser import run
+    from ..model.denoiser import DenoiserConfig
+    from ..model.io import save_model_dir
 
     torch.set_num_threads(a.threads)
     data_path = Path(a.data) / "train.npz"
@@ -105,7 +105,7 @@ def cmd_train_denoiser(a) -> None:
 def cmd_eval(a) -> None:
     import torch
 
-    from .evaluate import evaluate_dir
+    from ..lab.evaluate import evaluate_dir
 
     torch.set_num_threads(a.threads)
     ok = evaluate_dir(Path(a.model_dir), a.episodes, write_card=not a.no_card, variant=a.variant, env=a.env,
@@ -116,7 +116,7 @@ def cmd_eval(a) -> None:
 def cmd_fidelity(a) -> None:
     import torch
 
-    from .fidelity import fidelity_dir
+    from ..lab.fidelity import fidelity_dir
 
     torch.set_num_threads(a.threads)
     fidelity_dir(Path(a.model_dir), a.states, a.k, a.variants.split(","), a.rare_states, not a.no_card)
@@ -177,13 +177,15 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--no-card", action="store_true")
     f.set_defaults(fn=cmd_fidelity)
 
-    from . import cli_plan, cli_runtime, cli_serve
+    from . import plan as cli_plan
+    from . import runtime as cli_runtime
+    from . import serve as cli_serve
 
     cli_serve.add_commands(sub)  # serve, api, worker
     cli_runtime.add_commands(sub)  # export, quantize
     cli_plan.add_commands(sub)  # plan, rollout
     args = p.parse_args(argv)
-    from .model.config import ConfigurationError
+    from ..model.config import ConfigurationError
 
     try:
         args.fn(args)

@@ -14,9 +14,9 @@ import asyncio
 import logging
 import time
 
-from . import metrics
-from .messages import ErrorCode, RolloutEvent, pack, unpack
-from .queue import redis_common as rc
+from .. import metrics
+from ..messages import ErrorCode, RolloutEvent, pack, unpack
+from ..queue import redis_common as rc
 
 log = logging.getLogger("worldserve.worker")
 DELCONSUMER_IDLE_MS = 600_000  # a dead consumer with nothing pending is removed from the group after this
