@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from worldserve.engine.engine import Engine
-from worldserve.engine.sampler import Sampler
 from worldserve.messages import FrameMode, RolloutRequest
 from worldserve.model.config import PRESETS
 from worldserve.model.world_model import build, spec_from_config
+from worldserve.runtime.batch import Sampler
 from worldserve.settings import EngineSettings
 
 REPORT = Path(__file__).resolve().parent / "reports" / "engine_overhead.md"

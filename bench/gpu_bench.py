@@ -76,8 +76,8 @@ def make(preset: str, variant: str, dtype: torch.dtype):
 
 @torch.no_grad()
 def measure(model, batch: int, warmup: int, reps: int) -> dict:
-    from worldserve.engine.sampler import Sampler
     from worldserve.model.dynamics import advance
+    from worldserve.runtime.batch import Sampler
 
     sample = Sampler()  # the serving sampler: the Triton kernel on CUDA
     cfg = model.cfg

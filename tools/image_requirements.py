@@ -2,7 +2,7 @@
 
     python3 tools/image_requirements.py pyproject.toml [--tensorrt]
 
-Runtime dependencies + the onnx extra + grpcio-tools (the builder generates the gRPC stubs, then removes
+Runtime dependencies + the serve and onnx extras + grpcio-tools (the builder generates the gRPC stubs, then removes
 it). --tensorrt adds the tensorrt extra unless the base image already has TensorRT bindings. Standard
 library only: it runs on the base image's python3 before anything is installed.
 """
@@ -22,7 +22,8 @@ def main() -> None:
     with open(a.pyproject, "rb") as f:
         project = tomllib.load(f)["project"]
     extras = project["optional-dependencies"]
-    reqs = project["dependencies"] + extras["onnx"] + [r for r in extras["dev"] if r.startswith("grpcio-tools")]
+    reqs = project["dependencies"] + extras["serve"] + extras["onnx"]
+    reqs += [r for r in extras["dev"] if r.startswith("grpcio-tools")]
     if a.tensorrt and importlib.util.find_spec("tensorrt") is None:
         reqs += extras["tensorrt"]
     print("\n".join(reqs))

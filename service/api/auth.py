@@ -32,8 +32,8 @@ from .errors import (
     grpc_trailers,
     http_status,
     retry_after_header,
+    send_json_error,
 )
-from .limits import send_json_error
 
 log = logging.getLogger("worldserve.api.auth")
 
@@ -76,16 +76,19 @@ class Principal:
 PRINCIPAL: ContextVar[Principal | None] = ContextVar("worldserve_principal", default=None)
 
 
-def capped_priority(p: Priority) -> Priority:
+def current_principal() -> Principal | None:
+    """The key of the call being served (set by HttpGate / GrpcGate); adapters hand it to the data plane."""
+    return PRINCIPAL.get()
+
+
+def capped_priority(p: Priority, who: Principal | None) -> Priority:
     """The priority a request runs at: never above its key's cap (INTERACTIVE=0 is the highest)."""
-    who = PRINCIPAL.get()
     return p if who is None else Priority(max(int(p), int(who.max_priority)))
 
 
-def take_slots(n: int):
-    """Count `n` engine slots against the calling key (RateLimited over its max_slots); -> a release
+def take_slots(n: int, who: Principal | None):
+    """Count `n` engine slots against the key `who` (RateLimited over its max_slots); -> a release
     function (idempotent) or None when nothing is counted."""
-    who = PRINCIPAL.get()
     if who is None or not who.limits.max_slots:
         return None
     if who.slots + n > who.limits.max_slots:

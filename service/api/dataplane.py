@@ -2,13 +2,21 @@
 submit to the queue, gather or stream events. Adapters only translate wire formats.
 
 Nothing reaches the queue unvalidated; every problem raises a domain error naming the field.
+
+Streams (Drainer): every event stream handed out is tracked, so that on SIGTERM the in-flight rollouts get the
+grace period and whatever is left (and every session, at once) ends with a final UNAVAILABLE event: a last NDJSON
+line, a gRPC status, a WebSocket close frame (1012); a client that stops reading is cut off. The hot path costs a
+dict entry per request and two attribute writes per event: a stream that waits for its next event is woken by
+cancelling the task that waits (Task.uncancel keeps the task alive). No torch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,8 +26,7 @@ from ..errors import InvalidArgument, NotFound, Unavailable, from_code
 from ..messages import ErrorCode, FrameMode, ModelInfo, Priority, RolloutEvent, RolloutRequest, SessionAction
 from ..settings import ServerSettings
 from ..wire import ENCODINGS
-from .auth import capped_priority, take_slots
-from .drain import SHUTDOWN, Drainer
+from .auth import Principal, capped_priority, take_slots
 from .images import decode_frame
 
 MAX_SEED = 2**63 - 1
@@ -66,6 +73,124 @@ class RolloutInput:
     options: Options = field(default_factory=Options)
     deadline: float | None = None  # absolute unix time from the transport (gRPC deadline)
     single: bool = False  # predict: one sequence, called `actions` on the wire
+    principal: Principal | None = None  # the calling key (auth.current_principal()); None in open mode
+    info: ModelInfo | None = None  # the adapter's precheck, when it ran one before converting (never twice)
+
+
+# ---- streams: graceful drain and slow consumers -----------------------------------------------
+SHUTDOWN = "the server is shutting down: retry on another replica"
+SLOW = "the client did not read its stream for {:.0f} s: request cancelled, slots freed"
+
+
+class _Tracked:
+    __slots__ = ("session", "cut", "waiting", "task", "pulled", "it", "reason")
+
+    def __init__(self, session: bool):
+        self.session, self.cut, self.waiting, self.task = session, False, False, None
+        self.pulled, self.it = time.monotonic(), None
+        self.reason = (ErrorCode.UNAVAILABLE, SHUTDOWN)
+
+
+class Drainer:
+    def __init__(self):
+        self.active: dict[str, _Tracked] = {}
+        self.draining = False
+        self.slow_cut = 0
+
+    def track(self, request_id: str, events: AsyncIterator[RolloutEvent], session: bool,
+              on_end=None) -> AsyncIterator[RolloutEvent]:
+        """-> the guarded stream; `on_end()` runs once when it ends (or is collected unstarted)."""
+        t = _Tracked(session)
+        self.active[request_id] = t
+        gen = self._guard(request_id, events, t, on_end)
+        if on_end is not None:
+            weakref.finalize(gen, on_end)
+        return gen
+
+    async def _guard(self, rid: str, events: AsyncIterator[RolloutEvent], t: _Tracked, on_end=None):
+        it = t.it = events.__aiter__()
+        try:
+            while not t.cut:
+                t.task, t.waiting = asyncio.current_task(), True
+                try:
+                    ev = await it.__anext__()
+                except StopAsyncIteration:
+                    if t.cut:  # closed under us by the slow-consumer watch
+                        break
+                    return
+                except RuntimeError:  # the watch is closing it right now
+                    if not t.cut:
+                        raise
+                    break
+                except asyncio.CancelledError:
+                    if not t.cut:
+                        raise
+                    asyncio.current_task().uncancel()  # our own cut, not the caller's cancellation
+                    break
+                finally:
+                    t.waiting, t.pulled = False, time.monotonic()  # busy with this event from now on
+                if ev.final:
+                    self.active.pop(rid, None)  # the consumer may never close us after the last event
+                    yield ev
+                    return
+                yield ev
+            await _close(it)  # cancels the request: the engine frees its slots
+            self.active.pop(rid, None)
+            yield RolloutEvent.end(rid, *t.reason)
+        finally:
+            self.active.pop(rid, None)
+            if on_end is not None:
+                on_end()
+            await _close(it)
+
+    def cut(self, sessions_only: bool = False) -> int:
+        """End tracked streams (all, or sessions only) with UNAVAILABLE; returns how many."""
+        n = 0
+        for t in list(self.active.values()):
+            if t.cut or (sessions_only and not t.session):
+                continue
+            t.cut = True
+            n += 1
+            if t.waiting and t.task is not None:
+                t.task.cancel()
+        return n
+
+    async def watch_slow_consumers(self, slow_s: float, every_s: float = 0.5) -> None:
+        """Cancel the request of a client that has not taken its next event for `slow_s` (its consumer is
+        blocked writing to a socket nobody reads): the engine frees the slots at once, buffers stay
+        bounded, and the stream ends with RESOURCE_EXHAUSTED if the client ever reads again."""
+        while True:
+            await asyncio.sleep(every_s)
+            now = time.monotonic()
+            for t in list(self.active.values()):
+                if not t.cut and not t.waiting and now - t.pulled > slow_s and t.it is not None:
+                    t.cut, t.reason = True, (ErrorCode.RESOURCE_EXHAUSTED, SLOW.format(slow_s))
+                    self.slow_cut += 1
+                    asyncio.create_task(_close(t.it))
+
+    async def drain(self, grace_s: float) -> tuple[int, int]:
+        """Stop taking work, end sessions, give rollouts `grace_s`, then end the rest.
+        -> (streams that finished in the grace period, streams cut)."""
+        self.draining = True
+        before = len(self.active)
+        cut = self.cut(sessions_only=True)
+        end = time.monotonic() + grace_s
+        while self.active and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        cut += self.cut()
+        end = time.monotonic() + 2.0
+        while self.active and time.monotonic() < end:  # let them write their last line / status
+            await asyncio.sleep(0.02)
+        return before - cut, cut
+
+
+async def _close(it) -> None:
+    aclose = getattr(it, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except RuntimeError:  # already running/closing in another task
+            pass
 
 
 class DataPlane:
@@ -178,7 +303,7 @@ class DataPlane:
         if ca is not None and not isinstance(ca, list | tuple):
             raise InvalidArgument("context_actions: must be a list of actions", "context_actions")
         horizons = None if session else [len(c) if isinstance(c, list | tuple) else -1 for c in inp.candidates]
-        m = self.precheck(inp.model, len(inp.context), horizons, len(ca or ()), inp.single)
+        m = inp.info or self.precheck(inp.model, len(inp.context), horizons, len(ca or ()), inp.single)
         frames = np.stack([
             decode_frame(f.encoding, f.data, f.height, f.width, (m.height, m.width), self.server.max_image_pixels,
                          self.server.max_image_bytes, f"context[{i}]")
@@ -212,13 +337,14 @@ class DataPlane:
             frames=FrameMode(o.frames), return_tokens=bool(o.return_tokens), seed=int(o.seed),
             stop_on_done=bool(o.stop_on_done) and not session,
             temperature=float(t), deadline=deadline,
-            priority=capped_priority(Priority.INTERACTIVE if session else Priority(o.priority)), session=session,
+            priority=capped_priority(Priority.INTERACTIVE if session else Priority(o.priority), inp.principal),
+            session=session,
         )
 
     # ---- calls ----------------------------------------------------------------------------------
-    async def _submit(self, req: RolloutRequest) -> AsyncIterator[RolloutEvent]:
+    async def _submit(self, req: RolloutRequest, who: Principal | None) -> AsyncIterator[RolloutEvent]:
         """Enqueue; the stream is tracked (drain, slow consumers) and its slots counted against the key."""
-        release = take_slots(1 if req.session else req.candidates)
+        release = take_slots(1 if req.session else req.candidates, who)
         try:
             events = await self.queue.submit(req)
         except BaseException:
@@ -230,7 +356,7 @@ class DataPlane:
     async def rollout(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         """Validate and enqueue (errors raise here, before any event); events end with a final one."""
         req = self.build(inp)
-        return req, await self._submit(req)
+        return req, await self._submit(req, inp.principal)
 
     async def predict(self, inp: RolloutInput) -> tuple[str, list[RolloutEvent]]:
         if len(inp.candidates) != 1:
@@ -250,7 +376,7 @@ class DataPlane:
 
     async def open_session(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         req = self.build(inp, session=True)
-        return req, await self._submit(req)
+        return req, await self._submit(req, inp.principal)
 
     async def act(self, req: RolloutRequest, action) -> None:
         m = self.model(req.model)

@@ -6,6 +6,7 @@ import json
 import math
 
 import grpc
+from starlette.types import Send
 
 from ..errors import ServiceError
 from ..messages import ErrorCode
@@ -111,3 +112,19 @@ def error_body(code, message: str, field: str | None = None) -> dict:
 
 def error_json(e: ServiceError) -> bytes:
     return json.dumps(error_body(e.code, e.message, e.field)).encode()
+
+
+def _json_error(status: int, code: str, message: str, field: str | None) -> tuple[dict, dict]:
+    body = json.dumps(error_body(code, message, field)).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         (b"connection", b"close")]}
+    return start, {"type": "http.response.body", "body": body}
+
+
+async def send_json_error(send: Send, status: int, code: str, message: str, field: str | None = None,
+                          headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    start, body = _json_error(status, code, message, field)
+    start["headers"] += headers or []
+    await send(start)
+    await send(body)

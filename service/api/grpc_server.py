@@ -16,14 +16,15 @@ from ..errors import InvalidArgument, ServiceError
 from ..messages import ModelInfo, RolloutEvent
 from ..settings import ServerSettings
 from ..wire import ENCODINGS, FRAME_MODES, PRIORITIES, PROTO_ENCODING, proto_map
+from .auth import current_principal
 from .conn import grpc_credentials, grpc_options
 from .dataplane import DataPlane, Options, RolloutInput, WireFrame, raise_for
 from .errors import grpc_status, grpc_trailers
 from .gen import worldserve_pb2 as pb
 from .gen import worldserve_pb2_grpc as pbg
 from .images import encode_frame
+from .pb_guard import check, guarded
 from .session import session_events
-from .wire import check, guarded
 
 ENC_PB = proto_map(pb.Frame.Encoding, "", ENCODINGS, PROTO_ENCODING)
 ENC_NAME = {v: k for k, v in ENC_PB.items()}
@@ -142,11 +143,11 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
     @maps_errors
     async def Predict(self, request, context):
         check(request)
-        self.dp.precheck(request.model, len(request.context), [len(request.actions.actions)],
-                         len(request.context_actions.actions), single=True)
+        m = self.dp.precheck(request.model, len(request.context), [len(request.actions.actions)],
+                             len(request.context_actions.actions), single=True)
         inp = RolloutInput(request.model, _frames(request.context), [_seq(request.actions, "actions")],
                            _seq(request.context_actions, "context_actions") or None, _options(request.options),
-                           deadline=_deadline(context))
+                           deadline=_deadline(context), principal=current_principal(), info=m)
         rid, events = await self.dp.predict(inp)
         enc = inp.options.frame_encoding
         steps = []
@@ -159,12 +160,12 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
     @maps_errors
     async def Rollout(self, request, context):
         check(request)
-        self.dp.precheck(request.model, len(request.context), [len(c.actions) for c in request.candidates],
-                         len(request.context_actions.actions))
+        m = self.dp.precheck(request.model, len(request.context), [len(c.actions) for c in request.candidates],
+                             len(request.context_actions.actions))
         cands = [_seq(c, f"candidates[{k}]") for k, c in enumerate(request.candidates)]
         inp = RolloutInput(request.model, _frames(request.context), cands,
                            _seq(request.context_actions, "context_actions") or None, _options(request.options),
-                           deadline=_deadline(context))
+                           deadline=_deadline(context), principal=current_principal(), info=m)
         _, events = await self.dp.rollout(inp)
         enc = inp.options.frame_encoding
         async for ev in events:  # a cancelled RPC closes this iterator, which cancels the request
@@ -187,11 +188,11 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument("the first Session message must be `open`", "open")
         o = first.open
-        self.dp.precheck(o.model, len(o.context), None, len(o.context_actions.actions))
+        m = self.dp.precheck(o.model, len(o.context), None, len(o.context_actions.actions))
         opts = _options(o.options)
         req, events = await self.dp.open_session(RolloutInput(
             o.model, _frames(o.context), [], _seq(o.context_actions, "context_actions") or None,
-            opts, deadline=_deadline(context)))
+            opts, deadline=_deadline(context), principal=current_principal(), info=m))
         enc = opts.frame_encoding
 
         async def inbox():

@@ -1,4 +1,16 @@
-"""REST + WebSocket adapter (FastAPI) over the data plane. No torch, no model here."""
+"""REST + WebSocket adapter (FastAPI) over the data plane. No torch, no model here.
+
+The app is the request-body limits (outermost after the key gate) plus four routers: probes (/healthz, /readyz,
+/metrics), models (list, predict, rollouts, the WebSocket session, /play), admin (auth/admin.py's rules) and
+the one mapping of errors to JSON bodies (api/errors.py).
+
+Body limits as pure ASGI middleware: bytes and JSON containers are counted while the body is read, so a body
+over the limit is cut off with 413 before it is buffered whole or parsed (chunked bodies without Content-Length
+included); a body that stops arriving for `body_timeout_s` gets 408. Why containers: `json.loads` turns 16 MB of
+`[],[],...` into ~5 M Python lists (~450 MB). A legitimate request has at most a few thousand arrays/objects
+(K candidates x T actions), so counting `[` and `{` bytes (never part of base64 frame data) bounds the memory a
+body can cost before parsing.
+"""
 
 from __future__ import annotations
 
@@ -6,36 +18,23 @@ import asyncio
 import json
 from pathlib import Path
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
 from ..settings import ServerSettings
-from .auth import WS_PROTOCOL, Gate, HttpGate
+from .auth import WS_PROTOCOL, Gate, HttpGate, current_principal
 from .dataplane import DataPlane, RolloutInput
-from .errors import error_body, http_status, retry_after_header
-from .limits import BodyLimit
+from .errors import error_body, http_status, retry_after_header, send_json_error
 from .schemas import LoadModelIn, PredictIn, RolloutIn, describe, event_json, frames_in, options_in
 from .ws import run_ws_session
 
 STATIC = Path(__file__).parent / "static"
-
-
-def error_response(e: ServiceError) -> JSONResponse:
-    ra = retry_after_header(e)
-    return JSONResponse(error_body(e.code, e.message, e.field), status_code=http_status(e.code),
-                        headers={"retry-after": ra} if ra is not None else {})
-
-
-async def _until_disconnected(request: Request) -> None:
-    """Returns when the client goes away (the body has been read: the next message is the disconnect)."""
-    while True:
-        if (await request.receive())["type"] == "http.disconnect":
-            return
 
 
 def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> FastAPI:
@@ -45,7 +44,22 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
                        body_timeout_s=srv.http_body_timeout_s)
     if gate is not None:  # outermost: strangers are refused before their body is read
         app.add_middleware(HttpGate, gate=gate)
+    _error_handlers(app)
+    app.include_router(probes(dp))
+    app.include_router(models(dp))
+    if srv.admin_api:  # admin-scoped keys only (auth.py)
+        app.include_router(admin(dp))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
 
+
+def error_response(e: ServiceError) -> JSONResponse:
+    ra = retry_after_header(e)
+    return JSONResponse(error_body(e.code, e.message, e.field), status_code=http_status(e.code),
+                        headers={"retry-after": ra} if ra is not None else {})
+
+
+def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, e: ServiceError):
         return error_response(e)
@@ -57,49 +71,67 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException):
-        code = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT", 413: "INVALID_ARGUMENT"}.get(e.status_code,
-                                                                                      "INVALID_ARGUMENT")
-        if e.status_code >= 500:
-            code = "INTERNAL"
-        return JSONResponse(error_body(code, str(e.detail)),
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+        code = "INTERNAL" if e.status_code >= 500 else "NOT_FOUND" if e.status_code == 404 else "INVALID_ARGUMENT"
+        return JSONResponse(error_body(code, str(e.detail)), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
 
-    @app.get("/healthz")
+
+def probes(dp: DataPlane) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/healthz")
     async def healthz():
         if not dp.alive():
             return JSONResponse({"status": "dead"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @r.get("/readyz")
     async def readyz():
         if not dp.ready():
             return JSONResponse({"status": "not ready"}, status_code=503)
         return {"status": "ready", "models": [m.name for m in dp.models()]}
 
-    @app.get("/metrics")
+    @r.get("/metrics")
     async def metrics():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    return r
+
+
+def admin(dp: DataPlane) -> APIRouter:
+    r = APIRouter(prefix="/v1/admin")
+
+    @r.post("/models", status_code=201)
+    async def load_model(body: LoadModelIn):
+        return vars(await dp.load_model(body.dir))
+
+    @r.delete("/models/{name}")
+    async def unload_model(name: str):
+        await dp.unload_model(name)
+        return {"unloaded": name}
+
+    return r
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: the next message is the disconnect)."""
+    while True:
+        if (await request.receive())["type"] == "http.disconnect":
+            return
+
+
+def models(dp: DataPlane) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/v1/models")
     async def list_models():
         return {"models": [vars(m) for m in dp.models()]}
 
-    if srv.admin_api:  # behind the API keys like every non-public path
-
-        @app.post("/v1/admin/models", status_code=201)
-        async def load_model(body: LoadModelIn):
-            return vars(await dp.load_model(body.dir))
-
-        @app.delete("/v1/admin/models/{name}")
-        async def unload_model(name: str):
-            await dp.unload_model(name)
-            return {"unloaded": name}
-
-    @app.post("/v1/models/{name}/predict")
+    @r.post("/v1/models/{name}/predict")
     async def predict(name: str, body: PredictIn, request: Request):
-        dp.precheck(name, len(body.context), [len(body.actions)], len(body.context_actions or ()), single=True)
+        m = dp.precheck(name, len(body.context), [len(body.actions)], len(body.context_actions or ()), single=True)
         inp = RolloutInput(name, frames_in(body.context), [body.actions], body.context_actions,
-                           options_in(body.options))
+                           options_in(body.options), principal=current_principal(), info=m)
         work = asyncio.create_task(dp.predict(inp))
         gone = asyncio.create_task(_until_disconnected(request))
         try:
@@ -115,11 +147,11 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
         enc = body.options.frame_encoding
         return {"request_id": rid, "steps": [event_json(e, enc) for e in events]}
 
-    @app.post("/v1/models/{name}/rollouts")
+    @r.post("/v1/models/{name}/rollouts")
     async def rollouts(name: str, body: RolloutIn):
-        dp.precheck(name, len(body.context), [len(c) for c in body.candidates], len(body.context_actions or ()))
+        m = dp.precheck(name, len(body.context), [len(c) for c in body.candidates], len(body.context_actions or ()))
         inp = RolloutInput(name, frames_in(body.context), body.candidates, body.context_actions,
-                           options_in(body.options))
+                           options_in(body.options), principal=current_principal(), info=m)
         req, events = await dp.rollout(inp)
         enc = body.options.frame_encoding
 
@@ -129,16 +161,78 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"x-request-id": req.id})
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.get("/play")
-    async def play():
-        return FileResponse(STATIC / "play.html")
-
-    @app.websocket("/v1/models/{name}/session")
+    @r.websocket("/v1/models/{name}/session")
     async def session(ws: WebSocket, name: str):
         offered = ws.scope.get("subprotocols", ())  # a browser sending its key as `bearer.<key>` needs one back
         await ws.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in offered else None)
         await run_ws_session(ws, dp, name)
 
-    return app
+    @r.get("/play")
+    async def play():
+        return FileResponse(STATIC / "play.html")
+
+    return r
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """413 for a body over `max_bytes` bytes or over `max_items` JSON arrays/objects."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_items: int, body_timeout_s: float = 30.0):
+        self.app, self.max_bytes, self.max_items, self.body_timeout_s = app, max_bytes, max_items, body_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for k, v in scope.get("headers", ()):
+            if k == b"content-length":
+                n = v.decode("latin-1")
+                if not n.isdigit() or int(n) > self.max_bytes:
+                    return await send_json_error(send, 413, "INVALID_ARGUMENT",
+                                                 f"payload of {n[:30]} bytes is over the {self.max_bytes}-byte limit",
+                                                 "body")
+        seen = {"bytes": 0, "items": 0, "over": None, "status": 413, "done": False}
+        started = {"app": False}
+
+        async def counted() -> Message:
+            if seen["over"]:
+                raise BodyTooLarge(seen["over"])
+            if seen["done"]:  # the body is in: what comes now is the disconnect, whenever it comes
+                return await receive()
+            try:  # a body that trickles in (slowloris on the body) holds a connection and a task
+                msg = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                seen["over"], seen["status"] = f"request body not received within {self.body_timeout_s:g} s", 408
+                raise BodyTooLarge(seen["over"]) from None
+            if msg["type"] == "http.request":
+                seen["done"] = not msg.get("more_body", False)
+                chunk = msg.get("body", b"")
+                seen["bytes"] += len(chunk)
+                seen["items"] += chunk.count(b"[") + chunk.count(b"{")
+                if seen["bytes"] > self.max_bytes:
+                    seen["over"] = f"payload over the {self.max_bytes}-byte limit (cut off while reading)"
+                elif seen["items"] > self.max_items:
+                    seen["over"] = f"payload has over {self.max_items} JSON arrays/objects"
+                if seen["over"]:
+                    raise BodyTooLarge(seen["over"])
+            return msg
+
+        async def guarded_send(msg: Message) -> None:
+            if seen["over"]:
+                return  # the app's answer to a cut-off body is replaced by our 413
+            if msg["type"] == "http.response.start":
+                started["app"] = True
+            await send(msg)
+
+        try:
+            await self.app(scope, counted, guarded_send)
+        except BodyTooLarge:
+            pass
+        except Exception:
+            if not seen["over"]:
+                raise
+        if seen["over"] and not started["app"]:
+            await send_json_error(send, seen["status"], "INVALID_ARGUMENT", seen["over"], "body")

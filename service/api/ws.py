@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketState
 
 from ..errors import InvalidArgument, ServiceError
+from .auth import current_principal
 from .dataplane import DataPlane, RolloutInput
 from .errors import WS_UNSUPPORTED_DATA, code_name, ws_close_code
 from .schemas import SessionOpenIn, event_json, frames_in, options_in, validation_error
@@ -92,7 +93,7 @@ async def run_ws_session(ws: WebSocket, dp: DataPlane, name: str) -> None:
             raise validation_error(ve) from None
         enc = body.options.frame_encoding
         req, events = await dp.open_session(RolloutInput(name, frames_in(body.context), [], body.context_actions,
-                                                         options_in(body.options)))
+                                                         options_in(body.options), principal=current_principal()))
         await ws.send_json({"type": "opened", "session_id": req.id})
 
         async def rejected(e: InvalidArgument) -> None:  # a bad action: say so, the session goes on

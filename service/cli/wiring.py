@@ -23,7 +23,7 @@ log = logging.getLogger("worldserve.server")
 def build_engine(settings: Settings):
     """Model + engine in this process (imports torch)."""
     from ..engine.engine import Engine
-    from ..engine.sampler import Sampler
+    from ..runtime.batch import Sampler
     from ..runtime.loader import prepare
 
     model = prepare(settings.model)

@@ -27,7 +27,7 @@ def minigrid_context(env: str = "minigrid") -> ContextFn:
     """Real start frames: the first frame of the environment's layout for a seed (no context actions)."""
 
     def fn(seed: int):
-        from ..lab.data.collect import ENVS
+        from ..lab.data.envs import ENVS
 
         e = ENVS[env]()
         e.reset(seed=seed)

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 import numpy as np
 import torch
@@ -35,43 +35,11 @@ from .. import metrics
 from ..errors import InvalidArgument, QueueFull, Unavailable
 from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 from ..model.protocol import ModelSpec, Noise, WorldModelProtocol, check_model
-from ..runtime.batch import bucket, pad_to, run_fixed_chunks
+from ..runtime.batch import HostOutputs, Sampler, bucket, pad_to, run_fixed_chunks, to_host
 from ..settings import EngineSettings
-from .sampler import Sampler
-from .transfer import to_host
+from .requests import Active, Row, Waiting
 
 log = logging.getLogger("worldserve.engine")
-
-
-@dataclass
-class Active:
-    req: RolloutRequest
-    slots: list[int]
-    step: int = 0
-    submitted: float = 0.0
-    first_event: bool = False
-    actions: deque = field(default_factory=deque)  # sessions: actions not yet stepped
-    last_seen: float = 0.0
-    closing: bool = False
-    stopped: dict[int, int] = field(default_factory=dict)  # stop_on_done: candidate -> the step it ended at
-
-
-@dataclass(order=True)
-class Waiting:
-    priority: int
-    seq: int
-    req: RolloutRequest = field(compare=False)
-    submitted: float = field(compare=False)  # monotonic
-
-
-@dataclass
-class Row:
-    """One slot's work in this step."""
-
-    active: Active
-    candidate: int
-    slot: int
-    action: object  # discrete int | continuous float32 [A]
 
 
 class Engine:
@@ -286,7 +254,7 @@ class Engine:
         """Execute; on failure isolate the request(s) at fault when the cache was not yet advanced."""
         self._advanced = False
         try:
-            self._execute(rows)
+            self._update(rows, *self._execute(rows))
             self._failures = 0
             return
         except Exception as e:
@@ -300,7 +268,7 @@ class Engine:
             mine = [r for r in rows if r.active is a]
             self._advanced = False
             try:
-                self._execute(mine)
+                self._update(mine, *self._execute(mine))
                 self._failures = 0
             except Exception as e:
                 self._failed([a], e, "step")
@@ -319,43 +287,54 @@ class Engine:
         if self._failures >= self.cfg.max_consecutive_failures:
             raise EngineFailed(f"{self._failures} engine steps failed in a row; last: {type(e).__name__}: {e}") from e
 
-    def _execute(self, rows: list[Row]) -> None:
-        b = len(rows)
-        nb = bucket(b, self.cfg.max_slots)
-        metrics.BATCH_SIZE.labels(self.spec.name).observe(b)
-        slots = pad_to(torch.tensor([r.slot for r in rows]), nb, self.pad_slot).to(self.device)
+    def _inputs(self, rows: list[Row], nb: int):
+        """4a. The rows' inputs, padded to the bucket nb: slots, actions and the counter-based sampling keys.
+
+        Candidate k of a request seeded s draws from stream s + k, so a fork equals K separate requests seeded
+        s .. s+K-1, alone or in any batch (padding rows: zeros)."""
+        b, dev = len(rows), self.device
+        slots = pad_to(torch.tensor([r.slot for r in rows]), nb, self.pad_slot).to(dev)
         if self.spec.action_dim:
-            acts = torch.zeros(nb, self.spec.action_dim)
+            acts = torch.zeros(nb, self.spec.action_dim)  # float32 [nb, A]
             acts[:b] = torch.from_numpy(np.stack([np.asarray(r.action, np.float32) for r in rows]))
         else:
-            acts = torch.zeros(nb, dtype=torch.int64)
+            acts = torch.zeros(nb, dtype=torch.int64)  # int64 [nb]
             acts[:b] = torch.tensor([int(r.action) for r in rows])
-        # counter-based keys per row: candidate k of a request seeded s draws from stream s + k, so a fork equals
-        # K separate requests seeded s .. s+K-1, alone or in any batch (padding rows: zeros)
-        dev = self.device
         seed = torch.zeros(nb, dtype=torch.int64)
         seed[:b] = torch.tensor([(r.active.req.seed + r.candidate) % (1 << 63) for r in rows], dtype=torch.int64)
         stepi = torch.zeros(nb, dtype=torch.int64)
         stepi[:b] = torch.tensor([r.active.step for r in rows], dtype=torch.int64)
-        seed, stepi, zeros = seed.to(dev), stepi.to(dev), torch.zeros(nb, dtype=torch.int64, device=dev)
-        if self.latent_out:  # the model draws its own noise from the rows' streams and returns the next latent
-            out, reward, done = self.model.step(self.state, slots, acts.to(dev), noise=Noise(seed, zeros, stepi))
+        return slots, acts.to(dev), seed.to(dev), stepi.to(dev)
+
+    def _execute(self, rows: list[Row]) -> tuple[HostOutputs, set[int], dict[int, int]]:
+        """4. One model step for every row: sample, advance, decode where asked, one device -> host copy.
+        Returns the host outputs, the rows that end at done and {row: its frame's index}."""
+        b = len(rows)
+        nb = bucket(b, self.cfg.max_slots)
+        metrics.BATCH_SIZE.labels(self.spec.name).observe(b)
+        slots, acts, seed, stepi = self._inputs(rows, nb)  # 4a
+        zeros = torch.zeros(nb, dtype=torch.int64, device=self.device)
+        if self.latent_out:  # 4b. the model draws its own noise from the rows' streams and returns the next latent
+            out, reward, done = self.model.step(self.state, slots, acts, noise=Noise(seed, zeros, stepi))
             nxt = out[:b]
-        else:
-            out, reward, done = self.model.step(self.state, slots, acts.to(dev))
+        else:  # 4b. logits [nb, N, V] -> the engine samples int64 [b, N]
+            out, reward, done = self.model.step(self.state, slots, acts)
             temp = torch.tensor([r.active.req.temperature for r in rows], dtype=torch.float32)
-            nxt = self.sampler(out[:b], temp.to(dev), seed[:b], zeros[:b], stepi[:b])  # int64 [b, N]
-        self.model.advance(self.state, slots[:b], nxt)
+            nxt = self.sampler(out[:b], temp.to(self.device), seed[:b], zeros[:b], stepi[:b])
+        self.model.advance(self.state, slots[:b], nxt)  # 4c. the completed frame enters the context window
         self._advanced = True
         ends = self._done_rows(rows, done[:b])  # stop_on_done: rows whose candidate ends at this step
         want = [i for i, r in enumerate(rows) if self._wants_frame(r.active) or (i in ends and r.active.req.frames
                                                                                == FrameMode.LAST)]
-        frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # uint8 [F, H, W, 3]
+        frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # 4d. uint8 [F, H, W, 3]
         tokens = nxt if any(r.active.req.return_tokens for r in rows) and not self.latent_out else None
-        host = to_host(reward[:b], done[:b], tokens, frames)  # 4b. one device -> host copy
-        frame_of = {i: j for j, i in enumerate(want)}
+        host = to_host(reward[:b], done[:b], tokens, frames)  # 4e. one device -> host copy
+        return host, ends, {i: j for j, i in enumerate(want)}
+
+    def _update(self, rows: list[Row], host: HostOutputs, ends: set[int], frame_of: dict[int, int]) -> None:
+        """5. The step's events (handed over together at its end), stops at done, step counters, finished requests."""
         now = time.monotonic()
-        for i, r in enumerate(rows):  # 5. events, handed over together at the end of the step
+        for i, r in enumerate(rows):
             a = r.active
             if not a.first_event:
                 a.first_event = True
@@ -365,13 +344,13 @@ class Engine:
                 frame=host.frames[frame_of[i]] if i in frame_of else None,
                 tokens=host.tokens[i].astype(np.int64) if a.req.return_tokens and host.tokens is not None else None,
             ))
-        metrics.FRAMES.labels(self.spec.name).inc(b)
+        metrics.FRAMES.labels(self.spec.name).inc(len(rows))
         for i in ends:  # a candidate whose world ended: no more steps, its slot freed now
             r = rows[i]
             r.active.stopped[r.candidate] = r.active.step
             self.free.append(r.slot)
             r.active.slots[r.candidate] = -1
-        for a in {id(r.active): r.active for r in rows}.values():  # update
+        for a in {id(r.active): r.active for r in rows}.values():
             a.step += 1
             a.last_seen = now  # a session is idle only when no action is being processed
             if not a.req.session and (a.step >= a.req.horizon or len(a.stopped) == a.req.candidates):

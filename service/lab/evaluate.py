@@ -8,7 +8,6 @@ world-model protocol is evaluated the same way; token agreement is reported for 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from ..messages import RolloutRequest
 from ..model.protocol import WorldModelProtocol
 from ..model.quality import EXACT, gate_verdict, passes_gate, psnr
 from ..settings import EngineSettings
+from .card import write_card_table
 from .data.collect import HELDOUT_SEED0
 from .data.minigrid_env import episode_epsilon, run_episode
 
@@ -28,7 +28,7 @@ CONTEXT, HORIZON, REPORT_STEPS = 4, 8, (1, 4, 8)
 
 def heldout_episodes(n: int, seed0: int = HELDOUT_SEED0, env: str = "minigrid", horizon: int = HORIZON):
     """n held-out episodes of `env`, each at least CONTEXT + horizon frames long (terminated ones padded)."""
-    from .data.collect import ENVS
+    from .data.envs import ENVS
 
     out, s = [], seed0
     while len(out) < n:
@@ -143,20 +143,6 @@ def table(r: EvalResult, title: str = "fp32") -> str:
         f"| done accuracy ({r.extra['done_steps']} done steps) | {100 * r.done_acc:.1f}% |",
     ]
     return "\n".join(rows)
-
-
-def write_card_table(model_dir: Path, text: str, section: str = "eval") -> None:
-    card = model_dir / "MODEL_CARD.md"
-    body = card.read_text()
-    title = {"eval": "Evaluation", "fidelity": "Distribution fidelity",
-             "drift": "Long rollouts (drift)"}.get(section, section)
-    block = f"<!-- {section}:start -->\n## {title}\n\n{text}\n<!-- {section}:end -->"
-    if f"<!-- {section}:start -->" in body:
-        body = re.sub(rf"<!-- {section}:start -->.*<!-- {section}:end -->", lambda _: block, body, flags=re.S)
-    else:
-        head, sep, sha = body.rpartition("\nweights_sha256:")
-        body = f"{head.rstrip()}\n\n{block}\n{sep}{sha}"
-    card.write_text(body)
 
 
 @torch.no_grad()

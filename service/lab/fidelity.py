@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .card import write_card_table
 from .data.collect import HELDOUT_SEED0
 from .data.dynamic_env import DynamicObstaclesEnv
 from .data.minigrid_env import TILE, episode_epsilon, expert_action
@@ -247,7 +248,6 @@ def variant(model, name: str):
 def fidelity_dir(model_dir, n_states: int, k: int, variants: list[str], rare_states: int, write_card: bool) -> str:
     """`worldserve fidelity`: fidelity and rare-event tables of a model of the stochastic world (its card)."""
     from ..model.io import load_model_dir
-    from .evaluate import write_card_table
 
     model = load_model_dir(model_dir)
     text = table(fidelity(model, n_states, k))

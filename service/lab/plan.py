@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .data.collect import ENVS
+from .data.envs import ENVS
 from .data.minigrid_env import N_ACTIONS, Simulator, expert_action
 
 LEFT, RIGHT, FORWARD = 0, 1, 2

@@ -8,7 +8,7 @@ first request. What each backend serves:
     eager        cpu: fp32, bf16, int8             cuda: fp32, fp16, bf16, int8, fp8 (compute capability >= 8.9)
     compile      as eager
     onnxruntime  cpu: fp32, int8                   (CPUExecutionProvider; no bf16 / fp16 kernels worth serving)
-    tensorrt     cuda with tensorrt importable: fp32, fp16, bf16, int8, fp8 (trt_backend.check_trt_precision)
+    tensorrt     cuda with tensorrt importable: fp32, fp16, bf16, int8, fp8 (check_trt_precision)
 """
 
 from __future__ import annotations
@@ -18,6 +18,14 @@ import torch
 from ..model.config import ConfigurationError
 from ..wire import BACKENDS, PRECISIONS
 
+# TensorRT: the builder flags each serving precision needs (checked at start-up, set by trt_backend)
+PRECISION_FLAGS = {
+    "fp32": ("TF32",),
+    "fp16": ("FP16",),
+    "bf16": ("BF16",),
+    "int8": ("INT8", "FP16"),
+    "fp8": ("FP8", "FP16"),
+}
 
 class Unsupported(ConfigurationError):
     """A backend / precision / device combination that cannot serve; the message names it and why."""
@@ -68,8 +76,6 @@ def problem(ms) -> str | None:
         except ImportError:
             return "backend tensorrt needs the tensorrt package (pip install 'worldserve[tensorrt]'); " \
                 "it is not importable here"
-        from .trt_backend import check_trt_precision
-
         why = check_trt_precision(p, trt.__version__, {n for n in dir(trt.BuilderFlag) if n.isupper()},
                                   torch.cuda.get_device_capability(dev))
         if why:
@@ -94,3 +100,29 @@ def check_supported(ms) -> None:
     why = problem(ms)
     if why:
         raise Unsupported(f"unsupported configuration {_combo(ms)}: {why}")
+
+
+def precision_flags(precision: str) -> tuple[str, ...]:
+    """Names of the trt.BuilderFlag members to set for a serving precision."""
+    if precision not in PRECISION_FLAGS:
+        raise ValueError(f"TensorRT precision must be one of {sorted(PRECISION_FLAGS)}, not {precision!r}")
+    return PRECISION_FLAGS[precision]
+
+
+MIN_CAPABILITY = {"bf16": (8, 0), "fp8": (8, 9)}  # below these, TensorRT has no kernels for the precision
+
+
+def check_trt_precision(precision: str, version: str, flags: set[str], capability: tuple[int, int]) -> str | None:
+    """Why the installed TensorRT (version, names of its BuilderFlag members) cannot build `precision` on a GPU of
+    `capability`, or None when it can. Checked at start-up, before any export or build."""
+    if precision not in PRECISION_FLAGS:
+        return f"TensorRT precision must be one of {sorted(PRECISION_FLAGS)}, not {precision!r}"
+    missing = [f for f in PRECISION_FLAGS[precision] if f not in flags]
+    if missing:
+        return (f"the installed TensorRT {version} has no builder flag {'/'.join(missing)} needed for {precision} "
+                f"(bf16 needs TensorRT >= 9, fp8 >= 8.6); upgrade TensorRT or choose another precision")
+    need = MIN_CAPABILITY.get(precision)
+    if need and tuple(capability) < need:
+        return (f"TensorRT {precision} needs compute capability >= {need[0]}.{need[1]}; this GPU has "
+                f"{capability[0]}.{capability[1]}")
+    return None

@@ -30,44 +30,11 @@ from .batch import buckets
 from .graphs import BackendModel, gather, scatter, step_inputs
 from .onnx_backend import GRAPHS, export_graphs, export_key
 from .quantize import quantization_of
-from .support import Unsupported
+from .support import Unsupported, precision_flags
 
 log = logging.getLogger("worldserve.runtime")
 WORKSPACE_BYTES = 8 << 30
-PRECISION_FLAGS = {
-    "fp32": ("TF32",),
-    "fp16": ("FP16",),
-    "bf16": ("BF16",),
-    "int8": ("INT8", "FP16"),
-    "fp8": ("FP8", "FP16"),
-}
 DEFAULT_MAX_BATCH = 64  # EngineSettings.max_slots default; used when something steps before any cache exists
-
-
-def precision_flags(precision: str) -> tuple[str, ...]:
-    """Names of the trt.BuilderFlag members to set for a serving precision."""
-    if precision not in PRECISION_FLAGS:
-        raise ValueError(f"TensorRT precision must be one of {sorted(PRECISION_FLAGS)}, not {precision!r}")
-    return PRECISION_FLAGS[precision]
-
-
-MIN_CAPABILITY = {"bf16": (8, 0), "fp8": (8, 9)}  # below these, TensorRT has no kernels for the precision
-
-
-def check_trt_precision(precision: str, version: str, flags: set[str], capability: tuple[int, int]) -> str | None:
-    """Why the installed TensorRT (version, names of its BuilderFlag members) cannot build `precision` on a GPU of
-    `capability`, or None when it can. Checked at start-up, before any export or build."""
-    if precision not in PRECISION_FLAGS:
-        return f"TensorRT precision must be one of {sorted(PRECISION_FLAGS)}, not {precision!r}"
-    missing = [f for f in PRECISION_FLAGS[precision] if f not in flags]
-    if missing:
-        return (f"the installed TensorRT {version} has no builder flag {'/'.join(missing)} needed for {precision} "
-                f"(bf16 needs TensorRT >= 9, fp8 >= 8.6); upgrade TensorRT or choose another precision")
-    need = MIN_CAPABILITY.get(precision)
-    if need and tuple(capability) < need:
-        return (f"TensorRT {precision} needs compute capability >= {need[0]}.{need[1]}; this GPU has "
-                f"{capability[0]}.{capability[1]}")
-    return None
 
 
 def graph_buckets(graph: str, max_batch: int) -> list[int]:

@@ -5,7 +5,7 @@ TTL; expiry judged by Redis's own clock, so host clocks never matter). A survivo
 with pending entries and no alive key claims those entries at once (failover ~ alive_ttl, not the
 claim-idle time); the claim-idle scan stays as a fallback. A worker that finds its own alive key gone
 (it stalled past the TTL and may have been taken for dead) gives up the requests another worker took.
-Mixed into Worker (service/worker.py), whose attributes it uses.
+Mixed into Worker (service/worker/worker.py), whose attributes it uses.
 """
 
 from __future__ import annotations

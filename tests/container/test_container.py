@@ -200,7 +200,7 @@ def test_build_context_holds_only_what_the_image_needs(engine, tmp_path: Path) -
         engine.run_cmd("rmi", "-f", tag, check=False)
     with tarfile.open(fileobj=io.BytesIO(tar)) as t:
         files = {m.name.removeprefix("./").removeprefix("ctx/"): m.size for m in t.getmembers() if m.isfile()}
-    for need in ("pyproject.toml", "service/cli.py", "proto/worldserve/v1/worldserve.proto", "tools/gen_proto.py",
+    for need in ("pyproject.toml", "service/cli/main.py", "proto/worldserve/v1/worldserve.proto", "tools/gen_proto.py",
                  "models/tiny/model.safetensors", "models/tiny/config.json", "kernels/__init__.py"):
         assert need in files, need
     tops = {f.split("/")[0] for f in files}

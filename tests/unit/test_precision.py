@@ -14,8 +14,7 @@ from worldserve.model.io import load_model_dir
 from worldserve.model.quality import GATE_DB, gate_loss
 from worldserve.model.world_model import build
 from worldserve.runtime.quantize import quantize_model
-from worldserve.runtime.support import Unsupported, check_supported
-from worldserve.runtime.trt_backend import check_trt_precision
+from worldserve.runtime.support import Unsupported, check_supported, check_trt_precision
 from worldserve.settings import ModelSettings
 
 

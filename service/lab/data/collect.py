@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .dynamic_env import DynamicObstaclesEnv
-from .minigrid_env import RandomLayoutEnv, episode_epsilon, run_episode
+from .envs import ENVS
+from .minigrid_env import episode_epsilon, run_episode
 
 HELDOUT_SEED0 = 1_000_000  # held-out episodes use seeds from here on; training never sees them
-ENVS = {"minigrid": RandomLayoutEnv, "dynamic": DynamicObstaclesEnv}  # deterministic / stochastic world
 
 
 def collect(n_episodes: int, seed0: int = 0, desc: str = "collect", env: str = "minigrid"):

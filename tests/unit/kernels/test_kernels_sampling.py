@@ -4,10 +4,10 @@ the distribution they promise (softmax(logits / t)), batch invariance, and the g
 import pytest
 import torch
 
-from worldserve.engine.sampler import Sampler
 from worldserve.kernels.sampling import triton_sample, triton_token_uniform
 from worldserve.model import sampling
 from worldserve.model.sampling import sample, sample_reference, token_uniform
+from worldserve.runtime.batch import Sampler
 
 SEED = torch.tensor([0, 1, 2**40 + 7, 2**62 + 12345, 99, 2**63 - 1])
 CAND = torch.tensor([0, 3, 1, 0, 7, 2**33])
