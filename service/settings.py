@@ -28,6 +28,10 @@ class ModelSettings(BaseModel):
     artifact_dir: Path = Path("artifacts")
     triton_kernels: bool = False
     warmup: bool = True
+    trust_remote_code: bool = Field(False, description="load a model whose config.json names user code (an "
+                                    "architecture `package.module:Class` or a `worldserve.models` entry point): that "
+                                    "code runs in the server with its privileges. Off: only the built-in "
+                                    "architectures load; turn it on only for model directories you trust")
 
 
 class EngineSettings(BaseModel):
@@ -44,8 +48,11 @@ class EngineSettings(BaseModel):
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     admin_api: bool = Field(False, description="POST /v1/admin/models (load a model directory) and DELETE "
-                            "/v1/admin/models/{name} (unload) in `serve`; loading runs the directory's code: "
-                            "keep it off unless API keys are configured")
+                            "/v1/admin/models/{name} (unload) in `serve`, for keys with the `admin` scope only; "
+                            "refuses to start without an admin key")
+    admin_model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="directories the admin API may load model directories from (a "
+        "directory must lie inside one); empty = the model repository (model.repo) only. Comma-separated in env")
     http_port: int = 8000
     grpc_port: int = 50051
     max_body_bytes: int = 16 * 1024 * 1024  # REST body, WS message and gRPC message limit
@@ -53,6 +60,11 @@ class ServerSettings(BaseModel):
                                    "repeated messages in a gRPC request: bounds parse memory")
     max_image_pixels: int = 4096 * 4096
     max_image_bytes: int = 4 * 1024 * 1024
+    max_image_decode_ms: float = Field(250.0, gt=0, description="decode-time budget of one context frame (off the "
+                                       "event loop); a compressed frame that needs longer is refused")
+    max_json_depth: int = Field(32, ge=4, description="deepest nesting of arrays/objects in a REST body or WS message")
+    max_request_cost: int = Field(65536, ge=1, description="most candidate-steps (candidates x horizon, x2 when "
+                                  "frames come back every step) one request may ask for; a key may have less")
     grace_s: float = 10.0
     log_level: str = "info"
     # TLS: PEM files; both set = HTTPS/WSS and gRPC over TLS. tls_client_ca also set = gRPC requires client
@@ -65,6 +77,15 @@ class ServerSettings(BaseModel):
     http_keep_alive_s: float = 5.0
     http_header_timeout_s: float = Field(10.0, gt=0, description="a connection must send its headers within this")
     http_body_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next piece of a request body")
+    http_max_header_bytes: int = Field(16384, ge=1024, description="request line + headers of one request; over it: "
+                                       "431 and the connection closed")
+    http_max_headers: int = Field(100, ge=8, description="header lines of one request; over it: 431")
+    max_unauthenticated_connections: int = Field(256, ge=1, description="open HTTP connections that have not yet "
+                                                 "made an authenticated request (keys configured); over it: closed")
+    grpc_max_streams_per_connection: int = Field(100, ge=1, description="concurrent HTTP/2 streams (RPCs) on one "
+                                                 "gRPC connection")
+    session_open_timeout_s: float = Field(10.0, gt=0, description="a WebSocket / gRPC Session must send its `open` "
+                                          "within this, or it is closed")
     grpc_max_concurrent_rpcs: int = Field(1024, ge=0, description="0 = unlimited; over it: RESOURCE_EXHAUSTED")
     grpc_keepalive_time_s: float = 60.0  # server pings idle connections this often
     grpc_keepalive_timeout_s: float = 20.0  # ... and drops them when a ping goes unanswered this long
@@ -73,6 +94,13 @@ class ServerSettings(BaseModel):
     max_sessions: int = Field(256, ge=1, description="open sessions (WS + gRPC) in this front end")
     slow_consumer_s: float = Field(30.0, gt=0, description="a client that takes no event for this long while "
                                    "the server waits to write to it is cut off (request cancelled, slots freed)")
+
+    @field_validator("admin_model_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v):
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
 
     @property
     def tls(self) -> bool:
@@ -89,12 +117,18 @@ class KeyLimits(BaseModel):
                            "1 per session")
     max_sessions: int = Field(0, ge=0, description="open sessions")
     max_priority: PriorityName = "interactive"
+    max_request_cost: int = Field(0, ge=0, description="most candidate-steps per request for this key (0: the "
+                                  "server's server.max_request_cost)")
+    max_cost_in_flight: int = Field(0, ge=0, description="candidate-steps of this key's requests in flight at once")
+    weight: float = Field(1.0, gt=0, description="share of the engine's slots when keys compete (fair sharing)")
 
 
 class AuthSettings(BaseModel):
     """API keys. None configured = open mode (bind to 127.0.0.1). Env: WORLDSERVE_AUTH__API_KEYS=k1,k2."""
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)  # comma-separated in env
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list, description="keys with the "
+                                                             "`admin` scope (comma-separated in env)")
     api_keys_file: Path | None = Field(None, description="one key per line; `key name` or JSON lines "
                                        '{"key": ..., "name": ..., "rate": ..., "max_concurrent": ...}')
     required: bool = False  # refuse to start without keys (deployments: fail closed, never open by accident)
@@ -102,7 +136,7 @@ class AuthSettings(BaseModel):
     public_docs: bool = False  # /docs, /redoc, /openapi.json, /play, /static without a key
     limits: KeyLimits = KeyLimits()  # default limits of every key (a keys-file line may override them)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):

@@ -57,11 +57,12 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
 
-def uvicorn_options(srv: ServerSettings) -> dict:
+def uvicorn_options(srv: ServerSettings, tls: bool = True) -> dict:
+    """Options of every uvicorn server we start: the front end's and the worker's probe/metrics port (tls=False)."""
     proto = type("HttpProtocol", (HeaderTimeoutProtocol,), {"header_timeout_s": srv.http_header_timeout_s})
     opts = dict(http=proto, limit_concurrency=srv.http_max_connections, timeout_keep_alive=int(srv.http_keep_alive_s),
                 ws_max_size=srv.max_body_bytes, h11_max_incomplete_event_size=64 * 1024)
-    if srv.tls:
+    if tls and srv.tls:
         opts.update(ssl_certfile=str(srv.tls_cert), ssl_keyfile=str(srv.tls_key))
     return opts
 

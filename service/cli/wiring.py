@@ -72,7 +72,8 @@ async def run_worker(settings: Settings) -> None:
                        else JSONResponse({"status": "not ready"}, status_code=503))
     app.get("/metrics")(lambda: Response(generate_latest(), media_type=CONTENT_TYPE_LATEST))
     srv = settings.server
-    http = quiet_server(uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level="warning"))
+    http = quiet_server(uvicorn.Config(app, host=srv.host, port=srv.http_port, log_level="warning",
+                                       **uvicorn_options(srv, tls=False)))  # the same header and connection limits
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
