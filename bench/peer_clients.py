@@ -18,6 +18,7 @@ import numpy as np
 
 from bench.peer_litserve import from_png_b64, png_b64
 from worldserve.client.client import GrpcClient, RestClient
+from worldserve.client.client import plain as _plain
 
 SYSTEMS = ("ours-grpc", "ours-rest", "peer-http")  # + "peer-b1": the peer without LitServe batching
 
@@ -170,15 +171,3 @@ def merge(points: list[dict]) -> dict:
             "samples": int(np.isfinite(ms).sum()), "wall_s": wall, "frames": frames, "rounds": len(points),
             "round_frames_per_s": [p["frames_per_s"] for p in points],
             "errors": [e for p in points for e in p["errors"]]}
-
-
-def _plain(x):
-    if x is None:
-        return None
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.integer | np.floating):
-        return x.item()
-    return x

@@ -97,8 +97,8 @@ class RestClient:
         return r.json()["models"]
 
     def predict_events(self, model: str, context, actions, context_actions=None, **opts) -> list[Event]:
-        body = {"context": [self._frame_json(f) for f in context], "actions": _plain(actions),
-                "context_actions": _plain(context_actions), "options": _opts(**opts)}
+        body = {"context": [self._frame_json(f) for f in context], "actions": plain(actions),
+                "context_actions": plain(context_actions), "options": _opts(**opts)}
         r = self.http.post(f"/v1/models/{model}/predict", json=body)
         self._raise(r)
         return [self._event(s) for s in r.json()["steps"]]
@@ -107,8 +107,8 @@ class RestClient:
         return np.stack([e.frame for e in self.predict_events(model, context, actions, **kw)])
 
     def rollout(self, model: str, context, candidates, context_actions=None, **opts) -> Iterator[Event]:
-        body = {"context": [self._frame_json(f) for f in context], "candidates": _plain(candidates),
-                "context_actions": _plain(context_actions), "options": _opts(**opts)}
+        body = {"context": [self._frame_json(f) for f in context], "candidates": plain(candidates),
+                "context_actions": plain(context_actions), "options": _opts(**opts)}
         with self.http.stream("POST", f"/v1/models/{model}/rollouts", json=body) as r:
             if r.status_code >= 400:
                 r.read()
@@ -125,7 +125,7 @@ class RestClient:
 
     def session(self, model: str, context, context_actions=None, **opts) -> WsSession:
         return WsSession(self.base.replace("http", "ws", 1) + f"/v1/models/{model}/session",
-                         [self._frame_json(f) for f in context], _opts(**opts), _plain(context_actions), self.api_key)
+                         [self._frame_json(f) for f in context], _opts(**opts), plain(context_actions), self.api_key)
 
 
 class WsSession:
@@ -146,7 +146,7 @@ class WsSession:
         return self
 
     def step(self, action) -> Event:
-        self.ws.send(json.dumps({"type": "action", "action": _plain(action)}))
+        self.ws.send(json.dumps({"type": "action", "action": plain(action)}))
         msg = json.loads(self.ws.recv())
         if msg.get("type") == "error":
             raise ServerError(msg["code"], msg["message"])
@@ -312,13 +312,14 @@ class GrpcSession:
         self.call.cancel()
 
 
-def _plain(x):
+def plain(x):
+    """numpy arrays and scalars (nested in lists) -> plain JSON values."""
     if x is None:
         return None
     if isinstance(x, np.ndarray):
         return x.tolist()
     if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     if isinstance(x, np.integer):
         return int(x)
     if isinstance(x, np.floating):
