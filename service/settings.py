@@ -92,6 +92,9 @@ class ServerSettings(BaseModel):
     grpc_max_connection_idle_s: float = 600.0
     grpc_min_ping_interval_s: float = 10.0  # clients pinging more often are refused (GOAWAY)
     max_sessions: int = Field(256, ge=1, description="open sessions (WS + gRPC) in this front end")
+    max_pending_actions: int = Field(32, ge=1, description="actions of one session sent but not yet answered with a "
+                                     "frame: past it the front end stops reading the client (backpressure), so the "
+                                     "engine, the early-action buffer and the Redis session stream stay bounded")
     slow_consumer_s: float = Field(30.0, gt=0, description="a client that takes no event for this long while "
                                    "the server waits to write to it is cut off (request cancelled, slots freed)")
 
@@ -150,6 +153,9 @@ class QueueSettings(BaseModel):
     username: str | None = None
     tls_ca: Path | None = None
     stream_maxlen: int = 1024  # request stream bound: over it, 429 at the front end
+    session_maxlen: int = Field(10_000, ge=16, description="actions kept per session stream (MAXLEN); a session "
+                                "moved to another worker after more actions ends with UNAVAILABLE (it is replayed "
+                                "from its stream to rebuild it exactly)")
     result_ttl_s: int = 300
     claim_idle_ms: int = 15000  # above the longest legal step
     max_deliveries: int = 3

@@ -10,7 +10,10 @@ the same semantics from here:
   with that error — never a silent OK end, never a hang until the idle timeout;
 - a final event that carries an error raises it as a domain error (errors.py maps it to a status once);
 - when the consumer stops (client gone, cancelled), the feeder is stopped and the session closed, so its
-  slot comes back in the same engine step.
+  slot comes back in the same engine step;
+- backpressure: at most `max_pending` actions are handed over and not yet answered by a frame; past that the
+  feeder stops reading the client (TCP / HTTP-2 flow control pushes back), so nothing a client can push piles
+  up in the front end, the Redis session stream or the engine.
 """
 
 from __future__ import annotations
@@ -27,19 +30,27 @@ CLOSE = object()  # an inbox item: the client closed the session on purpose
 
 
 async def session_events(dp: DataPlane, req: RolloutRequest, events: AsyncIterator[RolloutEvent],
-                         inbox: AsyncIterator, rejected: Callable[[InvalidArgument], Awaitable] | None = None
-                         ) -> AsyncIterator[RolloutEvent]:
+                         inbox: AsyncIterator, rejected: Callable[[InvalidArgument], Awaitable] | None = None,
+                         max_pending: int | None = None) -> AsyncIterator[RolloutEvent]:
     """Feed `inbox` (actions, or CLOSE) to the session `req`; yield its non-final events; raise its error."""
     failed: asyncio.Future = asyncio.get_running_loop().create_future()
+    limit = max_pending or dp.server.max_pending_actions
+    pending = [0]  # actions handed over and not yet answered by a frame
+    answered = asyncio.Event()
 
     async def feed() -> None:
         try:
             async for item in inbox:
                 if item is CLOSE:
                     break
+                while pending[0] >= limit:  # backpressure: wait for a frame before reading on
+                    answered.clear()
+                    await answered.wait()
+                pending[0] += 1
                 try:
                     await dp.act(req, item)
                 except InvalidArgument as e:
+                    pending[0] -= 1  # a refused action is never answered
                     if rejected is None:
                         raise
                     await rejected(e)
@@ -69,6 +80,8 @@ async def session_events(dp: DataPlane, req: RolloutRequest, events: AsyncIterat
             if ev.final:
                 raise_for(ev)
                 return
+            pending[0] = max(0, pending[0] - 1)  # one frame answers one action
+            answered.set()
             yield ev
     finally:
         feeder.cancel()

@@ -28,7 +28,7 @@ from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -39,6 +39,7 @@ log = logging.getLogger("worldserve.redis")
 CANCEL_CHANNEL = "worldserve:cancel"
 MODELS = "worldserve:models"
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+ERRORS = (RedisError, *TRANSIENT)  # every failure of a Redis command (OOM, READONLY, ... too): UNAVAILABLE
 
 
 def requests_key(model: str) -> str:

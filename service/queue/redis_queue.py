@@ -37,6 +37,7 @@ class Pending:
     last_id: bytes = b"0"
     delivered: set = field(default_factory=set)
     done: bool = False
+    acts: int = 0  # session actions sent (their sequence numbers)
 
 
 class RedisQueue:
@@ -52,6 +53,7 @@ class RedisQueue:
         self._connected = False
         self._closed = False
         self._error: str | None = None  # why Redis cannot be used right now (logged when it changes)
+        self._reader_ok = False  # the result reader's last read succeeded: /readyz says so
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -75,7 +77,9 @@ class RedisQueue:
         return [m for n, m in self._models.items() if n in self._live_models]
 
     def ready(self) -> bool:
-        return self._connected and bool(self._live_models)
+        """Connected, a live worker for some model, and the result reader reading (a front end that could
+        take requests but not deliver their results is not ready)."""
+        return self._connected and self._reader_ok and bool(self._live_models)
 
     def alive(self) -> bool:
         """The process can go on while its loops run (Redis outages are waited out, not fatal)."""
@@ -85,6 +89,8 @@ class RedisQueue:
         reason = rc.describe(e)  # for clients: no address
         if isinstance(e, rc.TRANSIENT):
             self._connected = False
+        if where == "result reader":
+            self._reader_ok = False
         if reason != self._error:
             self._error = reason
             log.warning("%s: %s; retrying", where, rc.describe(e, self.q.url))
@@ -113,7 +119,7 @@ class RedisQueue:
             self._pending[req.id] = p
             p.entry_id = await self.r.xadd(key, self._entry(req))
             await self._wake()
-        except rc.TRANSIENT as e:
+        except rc.ERRORS as e:  # unreachable, out of memory (noeviction), read-only replica, ...: 503, nothing left
             self._pending.pop(req.id, None)
             self._failed(e, "submit")
             raise Unavailable(f"queue unavailable: {rc.describe(e)}") from e
@@ -137,7 +143,7 @@ class RedisQueue:
     async def _cleanup(self, rid: str) -> None:
         try:
             await self.r.delete(rc.results_key(rid), rc.session_key(rid))
-        except rc.TRANSIENT:
+        except rc.ERRORS:
             pass  # the keys expire anyway
 
     async def _cancel(self, req: RolloutRequest) -> None:
@@ -147,19 +153,21 @@ class RedisQueue:
                 pipe.publish(rc.CANCEL_CHANNEL, req.id.encode())
                 pipe.delete(rc.results_key(req.id))
                 await pipe.execute()
-        except rc.TRANSIENT:
-            log.warning("could not propagate cancel of %s (redis down)", req.id)
+        except rc.ERRORS as e:
+            log.warning("could not propagate cancel of %s (%s)", req.id, rc.describe(e))
 
     async def act(self, action: SessionAction) -> None:
         p = self._pending.get(action.request_id)
         if p is None:
             return
-        try:
+        n, p.acts = p.acts, p.acts + 1
+        try:  # bounded: a moved session replays its stream, so one longer than session_maxlen cannot move
             async with self.r.pipeline(transaction=False) as pipe:
-                pipe.xadd(rc.session_key(action.request_id), {"m": pack(action)})
+                pipe.xadd(rc.session_key(action.request_id), {"m": pack(action), "n": str(n)},
+                          maxlen=self.q.session_maxlen, approximate=False)
                 pipe.expire(rc.session_key(action.request_id), self.q.result_ttl_s)
                 await pipe.execute()
-        except rc.TRANSIENT as e:
+        except rc.ERRORS as e:
             raise Unavailable(f"queue unavailable: {rc.describe(e)}") from e
 
     async def _wake(self) -> None:
@@ -193,6 +201,7 @@ class RedisQueue:
                     lost_check = False
                 resp = await self.r.xread(streams, block=self.q.block_ms, count=256)
                 self._ok()
+                self._reader_ok = True
                 backoff.reset()
                 now = time.time()
                 for key, entries in resp or []:
@@ -211,13 +220,14 @@ class RedisQueue:
                         self._deliver(p, unpack(fields[b"m"]))
             except asyncio.CancelledError:
                 raise
-            except rc.TRANSIENT as e:
+            except rc.ERRORS as e:  # any Redis error (unreachable, OOM, ...): not ready until a read succeeds
                 self._failed(e, "result reader")
                 lost_check = True
                 wake_id = b"0"
                 await backoff.sleep()
             except Exception:  # noqa: BLE001 - keep the reader alive whatever one message does
                 log.exception("result reader error")
+                self._reader_ok = False
                 await backoff.sleep()
 
     async def _readd_lost(self) -> None:
@@ -225,7 +235,7 @@ class RedisQueue:
             if p.done:
                 continue
             key = rc.requests_key(p.req.model)
-            if not await self.r.xrange(key, p.entry_id, p.entry_id):
+            if not p.entry_id or not await self.r.xrange(key, p.entry_id, p.entry_id):
                 p.entry_id = await self.r.xadd(key, self._entry(p.req))
                 log.warning("request %s was lost by redis; re-added", p.req.id)
 
@@ -243,12 +253,12 @@ class RedisQueue:
                     n = await self.r.zcount(rc.workers_key(name), now - 3 * self.q.heartbeat_s, "+inf")
                     if n:
                         live.add(name)
-                    metrics.REDIS_STREAM_LEN.set(await self.r.xlen(rc.requests_key(name)))
+                    metrics.REDIS_STREAM_LEN.labels(name).set(await self.r.xlen(rc.requests_key(name)))
                 self._live_models = live
                 self._ok()
             except asyncio.CancelledError:
                 raise
-            except rc.TRANSIENT as e:
+            except rc.ERRORS as e:
                 self._failed(e, "model watch")
             except Exception:  # noqa: BLE001
                 log.exception("watch error")

@@ -56,7 +56,8 @@ class Liveness:
                 if mine:  # reset idle time of what we are still working on
                     await self.r.xclaim(self.key, self.group, self.id, 0, mine, justid=True)
                 summary = await self.r.xpending(self.key, self.group)
-                metrics.REDIS_PENDING.set(summary["pending"])
+                metrics.REDIS_PENDING.labels(self.model).set(summary["pending"])
+                metrics.SESSIONS.labels(self.model).set(sum(f.req.session for f in self.inflight.values()))
                 self._recovered("heartbeat")
                 self.connected = True
                 backoff.reset()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from .. import metrics
 from ..engine.host import EngineHost
+from ..errors import QueueFull
 from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, check_request, pack, unpack
 from ..queue import redis_common as rc
 from ..settings import QueueSettings
@@ -182,8 +183,19 @@ class Worker(Liveness):
         while req.id in self.disowned and time.monotonic() - t0 < 2:  # our cancelled run ends first
             await asyncio.sleep(0.01)
         self.disowned.discard(req.id)
+        try:  # in flight only once the engine took it: a refused submit never strands the entry
+            self.engine.submit(req)
+        except QueueFull:  # raced with our own room check: left pending, a worker with room reclaims it
+            log.warning("engine queue full: request %s left for reclaim", req.id)
+            return
+        except Exception as e:  # noqa: BLE001 - answered and acknowledged, never stranded
+            code = e.code if isinstance(getattr(e, "code", None), ErrorCode) else ErrorCode.INTERNAL
+            await self._publish([RolloutEvent.end(req.id, code, f"the engine could not take the request: {e}")],
+                                {req.id: entry_id})
+            return
         self.inflight[req.id] = InFlight(entry_id, req)
-        self.engine.submit(req)
+        if reclaimed and await self.r.exists(rc.cancelled_key(req.id)):  # cancelled while we were taking it over:
+            self.engine.cancel(req.id)  # the pub/sub message went to nobody (a moved session's client closed)
         if req.session:
             await self.r.xadd(rc.wake_key(self.id), {"w": b"1"}, maxlen=10, approximate=True)
 
@@ -304,6 +316,17 @@ class Worker(Liveness):
             except Exception as e:  # noqa: BLE001
                 await self._on_error(e, backoff, "cancels")
 
+    async def _history_lost(self, f: InFlight, first: int) -> None:
+        """A session rebuilt here whose action stream was trimmed: its seeded replay cannot be exact, so it
+        ends with UNAVAILABLE (the client reopens it) instead of silently diverging."""
+        rid = f.req.id
+        self.disowned.add(rid)  # the engine's own CANCELLED end is dropped
+        self.engine.cancel(rid)
+        self.inflight.pop(rid, None)
+        await self._publish([RolloutEvent.end(rid, ErrorCode.UNAVAILABLE, (
+            f"session moved to another worker after more than {self.q.session_maxlen} actions (its history starts "
+            f"at action {first}): it cannot be replayed exactly; open a new session"))], {rid: f.entry_id})
+
     async def _sessions(self) -> None:
         backoff = rc.Backoff()
         wake_id = b"0-0"
@@ -323,6 +346,9 @@ class Worker(Liveness):
                     if f is None:
                         continue
                     for eid, fields in entries:
+                        if f.session_last == b"0" and int(fields.get(b"n", b"0")) != 0:
+                            await self._history_lost(f, int(fields[b"n"]))  # a moved session past session_maxlen
+                            break
                         f.session_last = eid
                         self.engine.act(unpack(fields[b"m"]))
                 backoff.reset()

@@ -121,13 +121,22 @@ def test_session_survives_its_worker(tmp_path, redis_server, real_frames):
     try:
         g = GrpcClient(st.grpc)
         actions = [2, 2, 1, 2, 0, 2, 2, 1, 2, 2]
-        with g.session(MODEL, real_frames[:1], seed=5, temperature=1.0) as s:
+        with g.session(MODEL, real_frames[:1], seed=5, temperature=1.0) as s, \
+                g.session(MODEL, real_frames[:1], seed=6, temperature=1.0) as other:
             frames = [s.step(a).frame for a in actions[:5]]
+            other.step(2)
             st.add_worker(tmp_path, "--max-slots", "8")
-            st.workers[0].proc.send_signal(signal.SIGKILL)  # the worker holding the session's cache
+            st.workers[0].proc.send_signal(signal.SIGKILL)  # the worker holding the sessions' caches
             frames += [s.step(a).frame for a in actions[5:]]  # rebuilt elsewhere by replaying, no gap
+            other.step(1)
         want = g.predict(MODEL, real_frames[:1], actions, seed=5, temperature=1.0)
         np.testing.assert_array_equal(np.stack(frames), want)
+        # the moved sessions end when their clients close: slots and pending entries back to 0 within 5 s
+        r, t0 = redis_server.client(), time.time()
+        while metric(st.workers[1].http, "worldserve_active_slots") or \
+                r.xpending(f"worldserve:requests:{MODEL}", f"workers:{MODEL}")["pending"]:
+            assert time.time() - t0 < 5, "moved sessions kept their slots or pending entries after close"
+            time.sleep(0.1)
     finally:
         st.stop()
 
