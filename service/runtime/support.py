@@ -126,3 +126,25 @@ def check_trt_precision(precision: str, version: str, flags: set[str], capabilit
         return (f"TensorRT {precision} needs compute capability >= {need[0]}.{need[1]}; this GPU has "
                 f"{capability[0]}.{capability[1]}")
     return None
+
+
+def model_problem(model, ms) -> str | None:
+    """Why `model` cannot serve under `ms` (ModelSettings), or None: int8 / fp8 quantize the token model's dynamics
+    linears and the compile / ONNX / TensorRT backends trace its tokenizer + dynamics graphs, so a model of another
+    kind (the denoiser, a user's model) serves eager at fp32 / fp16 / bf16 only."""
+    if getattr(model, "dynamics", None) is not None:
+        return None
+    kind = f"model {model.spec.name!r} ({type(model).__name__}, output {model.spec.output!r})"
+    if ms.precision in ("int8", "fp8"):
+        return f"{kind}: --precision {ms.precision} quantizes the token model's dynamics; this model has none " \
+               "(use fp32, fp16 or bf16)"
+    if ms.backend != "eager":
+        return f"{kind}: --backend {ms.backend} builds the token model's graphs; serve this model with --backend eager"
+    return None
+
+
+def check_model_supported(model, ms) -> None:
+    """Stop at start-up (Unsupported, naming the combination) when this model cannot serve under `ms`."""
+    why = model_problem(model, ms)
+    if why:
+        raise Unsupported(f"unsupported configuration {_combo(ms)}: {why}")
