@@ -82,8 +82,9 @@ class ServerSettings(BaseModel):
     http_max_headers: int = Field(100, ge=8, description="header lines of one request; over it: 431")
     max_unauthenticated_connections: int = Field(256, ge=1, description="open HTTP connections that have not yet "
                                                  "made an authenticated request (keys configured); over it: closed")
-    grpc_max_streams_per_connection: int = Field(100, ge=1, description="concurrent HTTP/2 streams (RPCs) on one "
-                                                 "gRPC connection")
+    grpc_max_streams_per_connection: int = Field(32, ge=1, description="concurrent HTTP/2 streams (RPCs) on one "
+                                                 "gRPC connection (below max_slots: one connection that never reads "
+                                                 "cannot hold every slot until the slow-consumer cut)")
     session_open_timeout_s: float = Field(10.0, gt=0, description="a WebSocket / gRPC Session must send its `open` "
                                           "within this, or it is closed")
     grpc_max_concurrent_rpcs: int = Field(1024, ge=0, description="0 = unlimited; over it: RESOURCE_EXHAUSTED")

@@ -8,6 +8,12 @@ docs (/docs, /openapi.json, /play, gRPC reflection) follow `auth.public_metrics`
 Per key: a token bucket (requests/s), requests in flight, open sessions, and the highest priority it may
 use (requests above it run at the cap: `PRINCIPAL` carries the key into the data plane). Over a limit:
 429 / RESOURCE_EXHAUSTED with Retry-After. A cap on open sessions applies in every mode.
+
+Scopes: a key is ordinary (predict, rollouts, sessions, listing) unless it carries the `admin` scope
+(`auth.admin_keys`, or `"scopes": ["admin"]` on a keys-file JSON line). Every path under /v1/admin/ is refused
+with 403 / PERMISSION_DENIED to any other caller (HttpGate, before the route runs; api/admin.py checks again),
+and without keys (open mode) nobody is an admin: `serve` with `server.admin_api` refuses to start without an
+admin key (require_admin_key).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import grpc
 from ..settings import AuthSettings, KeyLimits
 from ..wire import PRIORITIES, Priority
 from .errors import (
+    PermissionDenied,
     RateLimited,
     Unauthenticated,
     code_name,
@@ -56,10 +63,16 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
+ADMIN = "admin"  # loads and unloads models (api/admin.py); ordinary keys have no scope
+SCOPES = (ADMIN,)
+ADMIN_PREFIX = "/v1/admin"
+
+
 @dataclass
 class Principal:
     name: str  # never the key itself (logs)
     limits: KeyLimits
+    scopes: frozenset[str] = frozenset()
     bucket: TokenBucket = field(init=False)
     in_flight: int = 0
     sessions: int = 0
@@ -71,6 +84,19 @@ class Principal:
     @property
     def max_priority(self) -> Priority:
         return PRIORITIES[self.limits.max_priority]
+
+    @property
+    def admin(self) -> bool:
+        return ADMIN in self.scopes
+
+
+def require_admin(who: Principal | None) -> Principal:
+    """The caller if it holds the `admin` scope; PermissionDenied for every other key and in open mode."""
+    if who is None or not who.admin:
+        raise PermissionDenied("this route needs a key with the `admin` scope (auth.admin_keys, or \"scopes\": "
+                               "[\"admin\"] in the keys file); this key has no admin scope" if who is not None else
+                               "this route needs a key with the `admin` scope; no key was given", "authorization")
+    return who
 
 
 PRINCIPAL: ContextVar[Principal | None] = ContextVar("worldserve_principal", default=None)
@@ -105,14 +131,31 @@ def take_slots(n: int, who: Principal | None):
     return release
 
 
+def _scopes(raw, where: str) -> frozenset[str]:
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise SystemExit(f"{where}: \"scopes\" must be a list of strings, e.g. [\"admin\"]")
+    unknown = sorted(set(raw) - set(SCOPES))
+    if unknown:
+        raise SystemExit(f"{where}: unknown scope(s) {unknown}; known: {list(SCOPES)}")
+    return frozenset(raw)
+
+
 def load_keys(auth: AuthSettings) -> list[tuple[bytes, Principal]]:
-    """(key bytes, principal) for every configured key. Keys-file lines: `key [name]` or a JSON object
-    {"key": ..., "name": ..., "rate": ..., "burst": ..., "max_concurrent": ..., "max_sessions": ...,
-    "max_priority": ...}; blank lines and # comments are skipped."""
+    """(key bytes, principal) for every configured key.
+
+    `auth.api_keys` are ordinary keys (names key0, key1, ...), `auth.admin_keys` carry the `admin` scope (admin0,
+    ...). Keys-file lines: `key [name]` (an ordinary key) or a JSON object
+    {"key": ..., "name": ..., "scopes": ["admin"], "rate": ..., "burst": ..., "max_concurrent": ...,
+    "max_sessions": ..., "max_priority": ...} (`scopes`: optional, default none: an ordinary key; "admin" lets the
+    key load and unload models through /v1/admin/); blank lines and # comments are skipped. A key configured twice
+    is an error (one key, one principal: its scopes and limits must not depend on which entry matched)."""
     out: list[tuple[bytes, Principal]] = []
     for i, k in enumerate(auth.api_keys):
         if k.get_secret_value():
             out.append((k.get_secret_value().encode(), Principal(f"key{i}", auth.limits)))
+    for i, k in enumerate(auth.admin_keys):
+        if k.get_secret_value():
+            out.append((k.get_secret_value().encode(), Principal(f"admin{i}", auth.limits, frozenset({ADMIN}))))
     if auth.api_keys_file is not None:
         if not auth.api_keys_file.is_file():
             raise SystemExit(f"auth.api_keys_file {auth.api_keys_file} does not exist (create the keys Secret)")
@@ -123,12 +166,27 @@ def load_keys(auth: AuthSettings) -> list[tuple[bytes, Principal]]:
             if line.startswith("{"):
                 d = json.loads(line)
                 key, name = str(d.pop("key")), str(d.pop("name", f"file{n}"))
+                scopes = _scopes(d.pop("scopes", []), f"auth.api_keys_file line {n + 1} ({name})")
                 limits = KeyLimits(**{**auth.limits.model_dump(), **d})
             else:
                 key, _, name = line.partition(" ")
-                name, limits = name.strip() or f"file{n}", auth.limits
-            out.append((key.encode(), Principal(name, limits)))
+                name, limits, scopes = name.strip() or f"file{n}", auth.limits, frozenset()
+            out.append((key.encode(), Principal(name, limits, scopes)))
+    seen: dict[bytes, str] = {}
+    for key, who in out:
+        if key in seen:
+            raise SystemExit(f"the same API key is configured twice ({seen[key]} and {who.name}): one key, one "
+                             "principal (give an admin key only in auth.admin_keys or with \"scopes\": [\"admin\"])")
+        seen[key] = who.name
     return out
+
+
+def require_admin_key(keys: list[tuple[bytes, Principal]]) -> None:
+    """`server.admin_api` needs at least one key with the admin scope (SystemExit naming the settings)."""
+    if not any(who.admin for _, who in keys):
+        raise SystemExit("server.admin_api (WORLDSERVE_SERVER__ADMIN_API) is on but no key has the `admin` scope: "
+                         "set WORLDSERVE_AUTH__ADMIN_KEYS (or a keys-file line with \"scopes\": [\"admin\"]), or "
+                         "turn the admin API off. Without one, every caller of the port could load and unload models")
 
 
 class Gate:
@@ -283,9 +341,11 @@ class HttpGate:
                     auth = "Bearer " + proto[len(WS_BEARER):]
         try:
             who = self.gate.identify(auth)
+            if _admin_path(scope["path"]):  # every admin route, known or not, before its body is read
+                require_admin(who)
             if counted:
                 self.gate.enter(who, session=ws, concurrent=concurrent)
-        except (Unauthenticated, RateLimited) as e:
+        except (Unauthenticated, PermissionDenied, RateLimited) as e:
             return await _refuse(scope, receive, send, e)
         reset = PRINCIPAL.set(who)
         try:
@@ -294,6 +354,10 @@ class HttpGate:
             PRINCIPAL.reset(reset)
             if counted:
                 self.gate.leave(who, session=ws, concurrent=concurrent)
+
+
+def _admin_path(path: str) -> bool:
+    return path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
 
 
 async def _refuse(scope, receive, send, e) -> None:

@@ -24,6 +24,12 @@ class PermissionDenied(ServiceError):
     code = "PERMISSION_DENIED"  # type: ignore[assignment]
 
 
+class Conflict(ServiceError):
+    """The request conflicts with what is served (e.g. loading a model under a name already taken): 409."""
+
+    code = "ALREADY_EXISTS"  # type: ignore[assignment]
+
+
 class RateLimited(ServiceError):
     """Over a per-key limit: 429 / RESOURCE_EXHAUSTED with Retry-After."""
 
@@ -44,6 +50,7 @@ HTTP_STATUS = {
     ErrorCode.INTERNAL: 500,
     "UNAUTHENTICATED": 401,
     "PERMISSION_DENIED": 403,
+    "ALREADY_EXISTS": 409,
 }
 
 GRPC_STATUS = {
@@ -56,6 +63,7 @@ GRPC_STATUS = {
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
     "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
     "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+    "ALREADY_EXISTS": grpc.StatusCode.ALREADY_EXISTS,
 }
 
 # WebSocket close codes (RFC 6455 + IANA registry): 1008 policy violation, 1011 server error,
@@ -70,6 +78,7 @@ WS_CLOSE = {
     ErrorCode.INTERNAL: 1011,
     "UNAUTHENTICATED": 1008,
     "PERMISSION_DENIED": 1008,
+    "ALREADY_EXISTS": 1008,
 }
 WS_UNSUPPORTED_DATA = 1003  # a binary frame
 

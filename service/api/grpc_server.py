@@ -178,12 +178,17 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
 
     @maps_errors
     async def Session(self, request_iterator, context):
-        """open, then actions; a bad, second-open or malformed message ends the stream with INVALID_ARGUMENT."""
+        """open, then actions; a bad, second-open or malformed message ends the stream with INVALID_ARGUMENT, and
+        so does no `open` within server.session_open_timeout_s (its session place comes back)."""
         it = request_iterator.__aiter__()
+        wait = self.dp.server.session_open_timeout_s
         try:
-            first = await it.__anext__()
+            first = await asyncio.wait_for(it.__anext__(), wait)
         except StopAsyncIteration:
             raise InvalidArgument("the Session stream ended before its `open` message", "open") from None
+        except TimeoutError:
+            raise InvalidArgument(f"no `open` message within the session open deadline of {wait:g} s "
+                                  "(server.session_open_timeout_s)", "open") from None
         check(first)
         if first.WhichOneof("kind") != "open":
             raise InvalidArgument("the first Session message must be `open`", "open")

@@ -1,15 +1,17 @@
 """REST + WebSocket adapter (FastAPI) over the data plane. No torch, no model here.
 
-The app is the request-body limits (outermost after the key gate) plus four routers: probes (/healthz, /readyz,
-/metrics), models (list, predict, rollouts, the WebSocket session, /play), admin (auth/admin.py's rules) and
-the one mapping of errors to JSON bodies (api/errors.py).
+The app is the request-body limits (outermost after the key gate) plus three routers: probes (/healthz,
+/readyz, /metrics), models (list, predict, rollouts, the WebSocket session, /play) and admin (api/admin.py:
+admin-scoped keys, model roots, pinned weights), and the one mapping of errors to JSON bodies (api/errors.py).
 
 Body limits as pure ASGI middleware: bytes and JSON containers are counted while the body is read, so a body
 over the limit is cut off with 413 before it is buffered whole or parsed (chunked bodies without Content-Length
 included); a body that stops arriving for `body_timeout_s` gets 408. Why containers: `json.loads` turns 16 MB of
 `[],[],...` into ~5 M Python lists (~450 MB). A legitimate request has at most a few thousand arrays/objects
 (K candidates x T actions), so counting `[` and `{` bytes (never part of base64 frame data) bounds the memory a
-body can cost before parsing.
+body can cost before parsing. The same bytes give the nesting depth (`[`/`{` +1, `]`/`}` -1, running max over the
+chunks, conn.JsonDepth): a body nested deeper than `max_json_depth` gets 400 naming the limit before json.loads
+sees it (5,000 nested `[` ran the parser into RecursionError, answered only "error parsing the body").
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
 from ..settings import ServerSettings
+from .admin import admin_router
 from .auth import WS_PROTOCOL, Gate, HttpGate, current_principal
+from .conn import JsonDepth
 from .dataplane import DataPlane, RolloutInput
 from .errors import error_body, http_status, retry_after_header, send_json_error
-from .schemas import LoadModelIn, PredictIn, RolloutIn, describe, event_json, frames_in, options_in
+from .schemas import PredictIn, RolloutIn, describe, event_json, frames_in, options_in
 from .ws import run_ws_session
 
 STATIC = Path(__file__).parent / "static"
@@ -41,14 +45,14 @@ def create_app(dp: DataPlane, srv: ServerSettings, gate: Gate | None = None) -> 
     app = FastAPI(title="worldserve", version="0.1.0",
                   description="Action-conditioned video world model serving: predict, rollouts, sessions.")
     app.add_middleware(BodyLimit, max_bytes=srv.max_body_bytes, max_items=srv.max_request_items,
-                       body_timeout_s=srv.http_body_timeout_s)
+                       body_timeout_s=srv.http_body_timeout_s, max_depth=srv.max_json_depth)
     if gate is not None:  # outermost: strangers are refused before their body is read
         app.add_middleware(HttpGate, gate=gate)
     _error_handlers(app)
     app.include_router(probes(dp))
     app.include_router(models(dp))
     if srv.admin_api:  # admin-scoped keys only (auth.py)
-        app.include_router(admin(dp))
+        app.include_router(admin_router(dp))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
 
@@ -94,21 +98,6 @@ def probes(dp: DataPlane) -> APIRouter:
     @r.get("/metrics")
     async def metrics():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    return r
-
-
-def admin(dp: DataPlane) -> APIRouter:
-    r = APIRouter(prefix="/v1/admin")
-
-    @r.post("/models", status_code=201)
-    async def load_model(body: LoadModelIn):
-        return vars(await dp.load_model(body.dir))
-
-    @r.delete("/models/{name}")
-    async def unload_model(name: str):
-        await dp.unload_model(name)
-        return {"unloaded": name}
 
     return r
 
@@ -179,10 +168,13 @@ class BodyTooLarge(Exception):
 
 
 class BodyLimit:
-    """413 for a body over `max_bytes` bytes or over `max_items` JSON arrays/objects."""
+    """413 for a body over `max_bytes` bytes or over `max_items` JSON arrays/objects, 400 for one nested deeper
+    than `max_depth`, 408 for one that stops arriving for `body_timeout_s`."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_items: int, body_timeout_s: float = 30.0):
+    def __init__(self, app: ASGIApp, max_bytes: int, max_items: int, body_timeout_s: float = 30.0,
+                 max_depth: int = 32):
         self.app, self.max_bytes, self.max_items, self.body_timeout_s = app, max_bytes, max_items, body_timeout_s
+        self.max_depth = max_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -195,6 +187,7 @@ class BodyLimit:
                                                  f"payload of {n[:30]} bytes is over the {self.max_bytes}-byte limit",
                                                  "body")
         seen = {"bytes": 0, "items": 0, "over": None, "status": 413, "done": False}
+        depth = JsonDepth(self.max_depth)
         started = {"app": False}
 
         async def counted() -> Message:
@@ -216,6 +209,8 @@ class BodyLimit:
                     seen["over"] = f"payload over the {self.max_bytes}-byte limit (cut off while reading)"
                 elif seen["items"] > self.max_items:
                     seen["over"] = f"payload has over {self.max_items} JSON arrays/objects"
+                elif depth.feed(chunk):
+                    seen["over"], seen["status"] = f"payload is {depth.message}", 400
                 if seen["over"]:
                     raise BodyTooLarge(seen["over"])
             return msg

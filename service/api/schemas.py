@@ -44,7 +44,12 @@ class OptionsIn(BaseModel):
 
 class LoadModelIn(BaseModel):
     model_config = STRICT
-    dir: str = Field(description="a model directory on the server (config.json, model.safetensors, MODEL_CARD.md)")
+    dir: str = Field(max_length=4096, description="a model directory on the server (config.json, model.safetensors, "
+                     "MODEL_CARD.md) inside one of its admin model roots (server.admin_model_roots, else model.repo)")
+    weights_sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="the sha256 (hex) of the directory's "
+                                "model.safetensors as you pinned it; the server hashes the file itself and refuses "
+                                "other weights before anything is built (the card inside the directory is not "
+                                "trusted)")
 
 
 class PredictIn(BaseModel):

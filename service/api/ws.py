@@ -4,12 +4,15 @@ JSON text protocol: the client sends {"type": "open", "context": [...], "options
 {"type": "action", "action": a} per step and {"type": "close"} at the end; the server answers
 {"type": "opened", "session_id"}, {"type": "frame", ...} per action, and {"type": "error", "code",
 "message", "field"} on bad input. A bad action keeps the session open; a malformed frame (binary,
-not JSON, not a JSON object) or a bad open ends it with an error message and a close frame
-(1003 for binary data, 1008 otherwise, see errors.WS_CLOSE).
+not JSON, not a JSON object, nested deeper than server.max_json_depth) or a bad open ends it with an error
+message and a close frame (1003 for binary data, 1008 otherwise, see errors.WS_CLOSE). The `open` must come
+within server.session_open_timeout_s of the handshake, else the session ends (error message + 1008) and its
+place among server.max_sessions comes back: silent WebSockets cannot hold every place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,6 +23,7 @@ from starlette.websockets import WebSocketState
 
 from ..errors import InvalidArgument, ServiceError
 from .auth import current_principal
+from .conn import JsonDepth
 from .dataplane import DataPlane, RolloutInput
 from .errors import WS_UNSUPPORTED_DATA, code_name, ws_close_code
 from .schemas import SessionOpenIn, event_json, frames_in, options_in, validation_error
@@ -34,7 +38,7 @@ class BadFrame(InvalidArgument):
         self.close_code = close_code
 
 
-async def receive_object(ws: WebSocket) -> dict:
+async def receive_object(ws: WebSocket, max_depth: int = 32) -> dict:
     """The next client message as a JSON object, or BadFrame / WebSocketDisconnect."""
     msg = await ws.receive()
     if msg["type"] == "websocket.disconnect":
@@ -42,6 +46,9 @@ async def receive_object(ws: WebSocket) -> dict:
     text = msg.get("text")
     if text is None:
         raise BadFrame("binary frames are not accepted: send JSON text messages", WS_UNSUPPORTED_DATA)
+    depth = JsonDepth(max_depth)
+    if depth.feed(text):  # before json.loads: 100k `[` would raise RecursionError inside the parser
+        raise BadFrame(f"message is {depth.message}")
     try:
         obj = json.loads(text)
     except ValueError as e:  # includes ints over Python's digit limit
@@ -66,10 +73,10 @@ async def _close(ws: WebSocket, e: ServiceError | None, code: int) -> None:
         pass
 
 
-async def _inbox(ws: WebSocket):
+async def _inbox(ws: WebSocket, max_depth: int):
     """Client messages -> actions (or CLOSE); an unknown type is reported and the session goes on."""
     while True:
-        msg = await receive_object(ws)
+        msg = await receive_object(ws, max_depth)
         kind = msg.get("type")
         if kind == "close":
             yield CLOSE
@@ -82,9 +89,13 @@ async def _inbox(ws: WebSocket):
 
 
 async def run_ws_session(ws: WebSocket, dp: DataPlane, name: str) -> None:
-    req = None
+    req, srv = None, dp.server
     try:
-        first = await receive_object(ws)
+        try:
+            first = await asyncio.wait_for(receive_object(ws, srv.max_json_depth), srv.session_open_timeout_s)
+        except TimeoutError:
+            raise InvalidArgument(f"no `open` message within the session open deadline of "
+                                  f"{srv.session_open_timeout_s:g} s (server.session_open_timeout_s)", "open") from None
         if first.get("type") != "open":
             raise InvalidArgument('first message must be {"type": "open", ...}', "type")
         try:
@@ -99,7 +110,7 @@ async def run_ws_session(ws: WebSocket, dp: DataPlane, name: str) -> None:
         async def rejected(e: InvalidArgument) -> None:  # a bad action: say so, the session goes on
             await ws.send_json(error_message(e))
 
-        async for ev in session_events(dp, req, events, _inbox(ws), rejected):
+        async for ev in session_events(dp, req, events, _inbox(ws, srv.max_json_depth), rejected):
             await ws.send_json({"type": "frame", "t": time.time(), **event_json(ev, enc)})
         await _close(ws, None, 1000)
     except WebSocketDisconnect:

@@ -52,12 +52,13 @@ def _common(p: argparse.ArgumentParser, model: bool = True) -> None:
 
 
 def cmd_serve(a) -> None:
-    from .wiring import build_local_queue, serve_frontends
+    from .wiring import build_local_queue, check_startup, serve_frontends
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     s = _settings(a)
     if s.queue.url != "local":
         raise SystemExit("`serve` runs the in-process queue; use `worldserve api` + `worldserve worker` for Redis")
+    check_startup(s)  # before any model is built: admin API without an admin key, bad model roots
     asyncio.run(serve_frontends(s, build_local_queue(s)))
 
 

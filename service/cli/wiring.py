@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 import uvicorn
 
-from ..api.auth import Gate, GrpcGate
+from ..api.auth import Gate, GrpcGate, load_keys, require_admin_key
 from ..api.conn import uvicorn_options
 from ..api.dataplane import DataPlane
 from ..api.grpc_server import set_serving, start_grpc
@@ -20,13 +21,13 @@ from ..settings import Settings
 log = logging.getLogger("worldserve.server")
 
 
-def build_engine(settings: Settings):
-    """Model + engine in this process (imports torch)."""
+def build_engine(settings: Settings, weights_sha256: str | None = None):
+    """Model + engine in this process (imports torch). `weights_sha256`: an operator's pin of the weights."""
     from ..engine.engine import Engine
     from ..runtime.batch import Sampler
     from ..runtime.loader import prepare
 
-    model = prepare(settings.model)
+    model = prepare(settings.model, weights_sha256)
     engine = Engine(model, settings.engine, sampler=Sampler(settings.model.triton_kernels))
     if settings.model.warmup:
         warmup(engine)
@@ -41,17 +42,59 @@ def repo_dirs(repo) -> list:
     return dirs
 
 
+def admin_roots(settings: Settings) -> list[Path]:
+    """The resolved directories the admin API may load from: server.admin_model_roots, else model.repo."""
+    raw = settings.server.admin_model_roots or ([settings.model.repo] if settings.model.repo else [])
+    roots = []
+    for r in raw:
+        try:
+            p = Path(r).resolve(strict=True)
+        except (OSError, RuntimeError):
+            p = None
+        if p is None or not p.is_dir():
+            raise SystemExit(f"server.admin_model_roots (WORLDSERVE_SERVER__ADMIN_MODEL_ROOTS): {r} is not a "
+                             "directory")
+        roots.append(p)
+    return roots
+
+
+def check_startup(settings: Settings) -> None:
+    """Refuse what must not serve, before any model is built: the admin API without an admin key or with a model
+    root that is not a directory. Warn about the trust decisions the operator made."""
+    srv, ms = settings.server, settings.model
+    if srv.admin_api:
+        require_admin_key(load_keys(settings.auth))
+        if not admin_roots(settings):
+            log.warning("server.admin_api is on but no model roots are set (server.admin_model_roots, model.repo): "
+                        "the admin API can unload models but load none")
+    if ms.trust_remote_code:
+        log.warning("SECURITY: model.trust_remote_code is on: a model directory whose config.json names user code "
+                    "(package.module:Class, an entry point) runs that code in this server%s",
+                    " (admin keys can load such directories from the admin model roots)" if srv.admin_api else "")
+
+
+def _weights_sha256(model_dir) -> str | None:
+    from ..model.io import WEIGHTS, sha256_file
+
+    w = Path(model_dir) / WEIGHTS
+    return sha256_file(w) if w.is_file() else None
+
+
 def build_local_queue(settings: Settings):
     from ..queue.local import LocalQueue
 
-    def load(model_dir):  # a model directory -> (engine, info): used at start-up and by the admin API
-        ms = type(settings.model).model_validate({**settings.model.model_dump(), "dir": model_dir, "repo": None})
-        return build_engine(settings.model_copy(update={"model": ms}))
+    def load(model_dir, weights_sha256=None):  # a model directory -> (engine, info): start-up and the admin API
+        ms = type(settings.model).model_validate({**settings.model.model_dump(), "dir": model_dir, "repo": None,
+                                                  "preset": None})
+        return build_engine(settings.model_copy(update={"model": ms}), weights_sha256)
 
-    q = LocalQueue(loader=load)
+    admin = settings.server.admin_api
+    q = LocalQueue(loader=load, model_roots=admin_roots(settings) if admin else ())
     for d in repo_dirs(settings.model.repo) if settings.model.repo else [None]:
         engine, info = build_engine(settings) if d is None else load(d)
-        q.served_now(engine, info)
+        # what each name was first served with: the admin API re-loads a name only with these weights
+        src = d if d is not None else (None if settings.model.preset else settings.model.dir)
+        q.served_now(engine, info, _weights_sha256(src) if admin and src is not None else None)
     return q
 
 
@@ -120,6 +163,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 async def serve_frontends(settings: Settings, queue) -> None:
     srv = settings.server
     gate = Gate(settings.auth, srv.max_sessions)
+    if srv.admin_api:  # `api` too (Redis mode): admin routes for admin keys only, never for the whole port
+        require_admin_key(gate.keys)
     if gate.open and srv.host not in LOOPBACK:
         log.warning("SECURITY: listening on %s without API keys: anyone who can reach this port can use every "
                     "slot and read /metrics; set WORLDSERVE_AUTH__API_KEYS or bind 127.0.0.1", srv.host)

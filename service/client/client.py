@@ -301,7 +301,15 @@ class GrpcSession:
         return self
 
     def step(self, action) -> Event:
+        self.send(action)
+        return self.receive()
+
+    def send(self, action) -> None:
+        """Queue one action without waiting (a vectorized caller sends to every session, then receives)."""
         self._q.put(action)
+
+    def receive(self) -> Event:
+        """The next frame event (one per action sent)."""
         try:
             return GrpcClient._event(next(self.call))
         except grpc.RpcError as e:

@@ -2,7 +2,9 @@
 
 Loading validates everything and names the file and the problem: a missing file, a truncated or
 corrupt safetensors file, weights whose sha256 differs from the card, tensors missing, unexpected or
-of the wrong shape for the config.
+of the wrong shape for the config. The checks that need no code of the directory come first: the
+architecture's trust decision (user code only with trust_remote_code, registry.py) and the weights' sha256
+(against an operator's pin, else the card) are settled before the model is built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 from pathlib import Path
 
 from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigurationError, ModelConfig
@@ -68,47 +71,88 @@ def card_sha256(model_dir: Path) -> str:
     return m.group(1)
 
 
-def build_from_dir(model_dir: Path):
-    """An unweighted model of the directory's architecture (config.json `architecture`, default the token model)."""
+def read_config(model_dir: Path) -> dict:
+    """config.json as a dict (nothing built, nothing imported)."""
     path = Path(model_dir) / CONFIG
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing (a model directory needs {CONFIG}, {WEIGHTS}, {CARD})")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: invalid JSON: {e}") from e
-    arch = raw.get("architecture", "token") if isinstance(raw, dict) else "token"
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: invalid model config: a JSON object is needed, got {type(raw).__name__}")
+    return raw
+
+
+def architecture(raw: dict) -> str:
+    return raw.get("architecture", "token")
+
+
+def build_from_dir(model_dir: Path, trust_remote_code: bool = False):
+    """An unweighted model of the directory's architecture (config.json `architecture`, default the token model).
+    User code (`package.module:Class`, entry points) only with trust_remote_code: refused before any import."""
+    path = Path(model_dir) / CONFIG
+    raw = read_config(model_dir)
+    arch = architecture(raw)
     if arch == "token":
         return WorldModel(load_config(model_dir))
     from .protocol import check_model
     from .registry import ArchitectureError, resolve
 
     try:
-        model = resolve(arch).from_config(raw)
+        model = resolve(arch, trust_remote_code).from_config(raw)
         check_model(model)
     except (ArchitectureError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: {e}") from e
     return model
 
 
-def load_model_dir(model_dir: str | Path, device: str = "cpu", verify: bool = True) -> WorldModel:
-    """Any architecture: the model named by config.json, weights checked against the card's sha256."""
+def load_model_dir(model_dir: str | Path, device: str = "cpu", verify: bool = True, trust_remote_code: bool = False,
+                   weights_sha256: str | None = None) -> WorldModel:
+    """Any architecture: the model named by config.json, its weights checked before anything is built.
+
+    `weights_sha256` (what an operator pinned, e.g. the admin API's load request): the weights file is read once,
+    its bytes hashed and compared with the pin, and those very bytes loaded (the card inside the directory is not
+    consulted: whoever can write the directory can write its card). Without a pin and with `verify`, the weights'
+    sha256 must match the card's `weights_sha256:` line (integrity, not authority). User code (an architecture
+    `package.module:Class` or an entry point) loads only with `trust_remote_code`, refused before any import."""
+    from .registry import ArchitectureError, check_trusted
+
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"{model_dir}: not a directory")
-    model = build_from_dir(model_dir)
+    raw = read_config(model_dir)
+    try:  # the trust decision first: nothing of the directory's code runs when it is refused
+        check_trusted(architecture(raw), trust_remote_code)
+    except ArchitectureError as e:
+        raise ModelLoadError(f"{model_dir / CONFIG}: {e}") from e
     wpath = model_dir / WEIGHTS
     if not wpath.is_file():
         raise ModelLoadError(f"{wpath}: missing weights file")
-    if verify:
+    state = None
+    if weights_sha256 is not None:
+        data = wpath.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != weights_sha256.lower():
+            raise ModelLoadError(f"{wpath}: sha256 {actual[:12]}… is not the pinned weights_sha256 "
+                                 f"({weights_sha256[:12]}…): other, truncated or replaced weights")
+        try:
+            state = load_bytes(data)
+        except (SafetensorError, ValueError) as e:
+            raise ModelLoadError(f"{wpath}: unreadable safetensors file: {e}") from e
+        del data
+    elif verify:
         expected, actual = card_sha256(model_dir), sha256_file(wpath)
         if expected != actual:
             raise ModelLoadError(f"{wpath}: sha256 {actual[:12]}… does not match {CARD} ({expected[:12]}…): "
                                  "truncated, corrupt or replaced weights")
-    try:
-        state = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"{wpath}: unreadable safetensors file: {e}") from e
+    model = build_from_dir(model_dir, trust_remote_code)
+    if state is None:
+        try:
+            state = load_file(str(wpath))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"{wpath}: unreadable safetensors file: {e}") from e
     want = model.state_dict()
     missing = sorted(set(want) - set(state))
     extra = sorted(set(state) - set(want))

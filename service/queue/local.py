@@ -6,20 +6,29 @@ The engine hands over each step's events in one list: one wake-up of the event l
 Deadlines are enforced here too: a request whose engine does not end it by its deadline (plus a short grace)
 gets DEADLINE_EXCEEDED from the queue, so a wedged engine never hangs a client. When an engine thread ends
 (fatal error), every open request of that model ends with INTERNAL and `alive()` turns False (/healthz 503).
+
+Names are promises to clients: a name served in this process keeps its weights for the life of the process.
+`load_model` claims the name before anything is built (a name being served or being loaded -> ModelConflict at
+once, no engine built) and refuses weights other than the ones the name was first served with (`weights`: name ->
+sha256 of model.safetensors, kept after an unload): unloading `tiny` and loading other weights as `tiny` would
+silently change what a live session's next request or a client's seeded rerun gets. A new version takes a new
+name. Where it may load from and the weights' pin are the admin API's checks (api/admin.py, `model_roots`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..engine.host import EngineHost
 from ..errors import NotFound, Unavailable
 from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 
-DEADLINE_GRACE_S = 1.0  # the engine retires expired requests itself; this is the backstop
+DEADLINE_GRACE_S = 1.0
+CONFIG_NAME = "config.json"  # the engine retires expired requests itself; this is the backstop
 
 
 @dataclass
@@ -38,22 +47,47 @@ class Served:
         return self.host.alive()
 
 
+class ModelConflict(ValueError):
+    """A model name that is served, being loaded, or was served in this process with other weights."""
+
+
 class LocalQueue:
-    def __init__(self, engine=None, info: ModelInfo | None = None, loader=None):
-        # loader: model directory -> (engine, info), for loading models while serving (built by the caller)
+    def __init__(self, engine=None, info: ModelInfo | None = None, loader=None, model_roots: Iterable[Path] = ()):
+        # loader: (model directory, pinned weights sha256) -> (engine, info), for loading models while serving
+        # (built by the caller); model_roots: the resolved directories the admin API may load from
         self.served: dict[str, Served] = {}
         self._routes: dict[str, tuple[asyncio.Queue, Served]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = False
         self.loader = loader
+        self.model_roots: tuple[Path, ...] = tuple(model_roots)
+        self.weights: dict[str, str | None] = {}  # every name served in this process -> its weights' sha256
+        self._loading: set[str] = set()
         if engine is not None:
             self.served_now(engine, info)
 
-    def served_now(self, engine, info: ModelInfo) -> None:
-        """Add a model before start()."""
+    def served_now(self, engine, info: ModelInfo, weights_sha256: str | None = None) -> None:
+        """Add a model before start(); `weights_sha256`: its model.safetensors' sha256 (None: no weights file,
+        e.g. a preset; its name can then not be re-loaded after an unload)."""
         if info.name in self.served:
             raise ValueError(f"two models named {info.name!r}: model names must be unique")
         self.served[info.name] = Served(engine, info)
+        self.weights[info.name] = (weights_sha256 or "").lower() or None
+
+    def check_name(self, name: str, weights_sha256: str | None) -> None:
+        """Raises ModelConflict when `name` cannot be served now with these weights (cheap: nothing is read or
+        built): it is served or being loaded, or it was served in this process with other (or unknown) weights."""
+        if name in self.served or name in self._loading:
+            raise ModelConflict(f"model {name!r} is already {'served' if name in self.served else 'being loaded'}: "
+                                "one name, one model (unload it first to re-load the same weights)")
+        if name in self.weights:
+            was, now = self.weights[name], (weights_sha256 or "").lower() or None
+            if was is None or now != was:
+                raise ModelConflict(
+                    f"model name {name!r} was served in this process with "
+                    f"{'weights sha256 ' + was[:12] + '…' if was else 'weights of unknown sha256 (no weights file)'}; "
+                    "a name keeps its weights for the life of the process, so that no client or session gets "
+                    "another model under a name it knows: load a new version under a new name")
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -74,20 +108,32 @@ class LocalQueue:
             if route is not None:
                 route[0].put_nowait([RolloutEvent.end(rid, code, message)])
 
-    async def load_model(self, model_dir: str) -> ModelInfo:
-        """Load a model directory with the loader (in a thread: the event loop keeps serving) and serve it."""
+    async def load_model(self, model_dir: str | Path, *, name: str, weights_sha256: str) -> ModelInfo:
+        """Load a model directory with the loader (in a thread: the event loop keeps serving) and serve it as
+        `name` (what its config.json says; checked against the built model). The name is claimed before anything
+        is built (ModelConflict at once); `weights_sha256` is the operator's pin, checked again by the loader on
+        the bytes it loads."""
         if self.loader is None:
             raise Unavailable("this queue cannot load models")
-        engine, info = await asyncio.to_thread(self.loader, model_dir)
-        await self.add_model(engine, info)
+        self.check_name(name, weights_sha256)
+        self._loading.add(name)
+        try:
+            engine, info = await asyncio.to_thread(self.loader, model_dir, weights_sha256)
+            if info.name != name:  # the class named itself otherwise: the cheap check above was about another name
+                raise ModelConflict(f"the model built from {CONFIG_NAME} is named {info.name!r}, not {name!r} "
+                                    "(its `name`): refused, fix config.json")
+            self._loading.discard(name)
+            await self.add_model(engine, info, weights_sha256)
+        finally:
+            self._loading.discard(name)
         return info
 
-    async def add_model(self, engine, info: ModelInfo) -> None:
+    async def add_model(self, engine, info: ModelInfo, weights_sha256: str | None = None) -> None:
         """Serve another model without a restart (its engine built and warmed up by the caller)."""
-        if info.name in self.served:
-            raise ValueError(f"model {info.name!r} is already served")
+        self.check_name(info.name, weights_sha256)
         s = Served(engine, info)
         self.served[info.name] = s
+        self.weights[info.name] = (weights_sha256 or "").lower() or None
         if self._loop is not None:
             self._start(s)
 

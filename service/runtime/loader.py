@@ -7,24 +7,34 @@ import logging
 import torch
 
 from ..model.config import PRESETS, ConfigurationError
-from ..model.io import load_model_dir
+from ..model.io import WEIGHTS, ModelLoadError, load_model_dir, sha256_file
 from ..model.world_model import WorldModel, build
 from ..settings import ModelSettings
 
 log = logging.getLogger("worldserve.runtime")
 
 
-def load_model(ms: ModelSettings) -> WorldModel:
+def load_model(ms: ModelSettings, weights_sha256: str | None = None) -> WorldModel:
+    """The model of `ms` (preset, quantized directory or model directory). `weights_sha256`: the sha256 an
+    operator pinned for the directory's model.safetensors (checked before anything is built); user code
+    loads only with ms.trust_remote_code (model/registry.py)."""
     if ms.preset:
+        if weights_sha256 is not None:
+            raise ConfigurationError("a preset has no weights file to check against weights_sha256")
         if ms.preset not in PRESETS:
             raise ConfigurationError(f"unknown preset {ms.preset!r}; choose one of {sorted(PRESETS)}")
         model = build(PRESETS[ms.preset], seed=0)
-    elif (ms.dir / "quantization.json").exists():  # written by `worldserve quantize`
+    elif (ms.dir / "quantization.json").exists():  # written by `worldserve quantize` (the token model only)
         from .quantize import load_quantized
 
+        if weights_sha256 is not None:
+            actual = sha256_file(ms.dir / WEIGHTS)
+            if actual != weights_sha256.lower():
+                raise ModelLoadError(f"{ms.dir / WEIGHTS}: sha256 {actual[:12]}… is not the pinned weights_sha256 "
+                                     f"({weights_sha256[:12]}…)")
         return load_quantized(ms.dir, ms.device).eval()
     else:
-        model = load_model_dir(ms.dir)
+        model = load_model_dir(ms.dir, trust_remote_code=ms.trust_remote_code, weights_sha256=weights_sha256)
     return model.to(ms.device).eval()
 
 
@@ -43,15 +53,18 @@ def with_precision(model: WorldModel, precision: str, use_triton: bool = False, 
     return model
 
 
-def prepare(ms: ModelSettings) -> WorldModel:
+def prepare(ms: ModelSettings, weights_sha256: str | None = None) -> WorldModel:
     """The serving model: weights loaded, then the backend and precision applied to it.
 
     An unsupported (device, backend, precision) stops here, before anything is loaded (support.py).
+    `weights_sha256`: an operator's pin of the weights file (load_model).
     """
-    from .support import check_supported
+    from .support import check_model_supported, check_supported
 
     check_supported(ms)
-    model = with_precision(load_model(ms), ms.precision, ms.triton_kernels, copy=False)
+    model = load_model(ms, weights_sha256)
+    check_model_supported(model, ms)  # a non-token model asked for int8 / a compiled backend: refused by name
+    model = with_precision(model, ms.precision, ms.triton_kernels, copy=False)
     if ms.backend == "compile":
         from .compiled import compile_model
 

@@ -1,5 +1,6 @@
 """The custom-model guide's example (examples/custom_model/scroll_world.py), served exactly as docs/custom-models.md
-says: a model directory whose config.json names `scroll_world:ScrollWorld`, the real server as a subprocess."""
+says: a model directory whose config.json names `scroll_world:ScrollWorld`, the real server as a subprocess, with
+model.trust_remote_code on (user code is a trust decision: without it the server refuses to start)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, start_server
+from tests.conftest import ROOT, free_port, start_process, start_server
 
 EXAMPLE = ROOT / "examples" / "custom_model"
+TRUST = "WORLDSERVE_MODEL__TRUST_REMOTE_CODE"
 
 
 @pytest.fixture(scope="module")
-def scroll_server(tmp_path_factory):
+def scroll_dir(tmp_path_factory):
     import sys
 
     sys.path.insert(0, str(EXAMPLE))
@@ -31,10 +33,24 @@ def scroll_server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scroll")
     config = {"architecture": "scroll_world:ScrollWorld", "name": "scroll", "speed": 4, "noise_std": 0.05}
     save_model_dir(ScrollWorld.from_config(config), tmp / "scroll", "# scroll world (guide example)", config)
-    srv = start_server(tmp, "--model-dir", str(tmp / "scroll"), "--max-slots", "8",
-                       env={"PYTHONPATH": str(EXAMPLE)})
+    return tmp / "scroll"
+
+
+@pytest.fixture(scope="module")
+def scroll_server(scroll_dir):
+    srv = start_server(scroll_dir.parent, "--model-dir", str(scroll_dir), "--max-slots", "8",
+                       env={"PYTHONPATH": str(EXAMPLE), TRUST: "true"})
     yield srv
     srv.stop()
+
+
+def test_user_code_needs_trust_remote_code(scroll_dir, tmp_path):
+    log = tmp_path / "untrusted.log"
+    proc = start_process(["serve", "--model-dir", str(scroll_dir), "--http-port", str(free_port()), "--grpc-port",
+                          str(free_port())], log, {"PYTHONPATH": str(EXAMPLE), TRUST: "false"})
+    assert proc.wait(60) != 0
+    text = log.read_text()
+    assert TRUST in text and "scroll_world:ScrollWorld" in text and "Traceback" not in text, text
 
 
 def _png(frame: np.ndarray) -> str:

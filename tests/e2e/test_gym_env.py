@@ -43,3 +43,33 @@ def test_an_episode_in_the_served_world(srv):
         np.testing.assert_array_equal(env.step(2)[0], frames[0])
     finally:
         env.close()
+
+
+def test_vector_env_equals_gymnasiums_sync_vector_env_over_the_same_sessions(srv):
+    # N sessions stepped together (one round trip for all N) behave exactly as gymnasium's SyncVectorEnv of N
+    # RemoteWorldEnvs: same observations, rewards, terminations and next-step autoresets for the same seeds
+    from gymnasium.vector import SyncVectorEnv
+
+    from worldserve.client.gym import RemoteVectorEnv
+
+    n, steps = 4, 12
+    fast = RemoteVectorEnv(srv.grpc, "tiny", num_envs=n, max_steps=5)
+    ref = SyncVectorEnv([lambda: RemoteWorldEnv(srv.grpc, "tiny", max_steps=5) for _ in range(n)])
+    try:
+        assert fast.observation_space == ref.observation_space and fast.action_space == ref.action_space
+        o1, _ = fast.reset(seed=11)
+        o2, _ = ref.reset(seed=11)
+        np.testing.assert_array_equal(o1, o2)
+        rng = np.random.default_rng(0)
+        resets = 0
+        for _ in range(steps):
+            a = rng.integers(0, 3, n)
+            got, want = fast.step(a), ref.step(a)
+            for g, w in zip(got[:4], want[:4], strict=True):
+                np.testing.assert_array_equal(g, w)
+            resets += int((got[2] | got[3]).sum())
+        assert resets >= n, "every env truncates at 5 steps: autoreset must have run"
+        assert fast.observation_space.contains(got[0])
+    finally:
+        fast.close()
+        ref.close()

@@ -1,8 +1,10 @@
 """A model repository served by one `serve`: every model directory side by side (the token model and the
-continuous-latent denoiser), and models loaded and unloaded through the admin API without a restart."""
+continuous-latent denoiser), and models loaded and unloaded through the admin API without a restart (admin keys
+only, from the admin model roots, weights pinned by sha256; tests/e2e/test_admin.py has the refusals)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -13,7 +15,8 @@ import pytest
 from tests.conftest import ROOT, start_server
 
 pytestmark = pytest.mark.e2e
-KEY = "repo-admin-key-0123456789"
+KEY = "repo-key-0123456789"
+ADMIN_KEY = "repo-admin-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +26,15 @@ def repo_server(tmp_path_factory):
     repo.mkdir()
     for name in ("tiny", "denoiser"):
         shutil.copytree(ROOT / "models" / name, repo / name)
-    extra = tmp / "tiny2"  # the same weights under another name: a model to load while serving
+    drop = tmp / "drop"  # the admin model root: what an admin may load while serving
+    drop.mkdir()
+    extra = drop / "tiny2"  # the same weights under another name: a model to load while serving
     shutil.copytree(ROOT / "models" / "tiny", extra)
     cfg = json.loads((extra / "config.json").read_text())
     (extra / "config.json").write_text(json.dumps({**cfg, "name": "tiny2"}))
     srv = start_server(tmp, "--model-repo", str(repo), "--max-slots", "8",
-                       env={"WORLDSERVE_AUTH__API_KEYS": KEY, "WORLDSERVE_SERVER__ADMIN_API": "true"})
+                       env={"WORLDSERVE_AUTH__API_KEYS": KEY, "WORLDSERVE_AUTH__ADMIN_KEYS": ADMIN_KEY,
+                            "WORLDSERVE_SERVER__ADMIN_API": "true", "WORLDSERVE_SERVER__ADMIN_MODEL_ROOTS": str(drop)})
     srv.key = KEY
     yield srv, extra
     srv.stop()
@@ -53,17 +59,21 @@ def test_every_model_of_the_repository_is_served(repo_server, real_frames):
 def test_load_and_unload_without_a_restart(repo_server, real_frames):
     srv, extra = repo_server
     url = srv.http + "/v1/admin/models"
-    assert httpx.post(url, json={"dir": str(extra)}, timeout=60).status_code == 401  # strangers may not
-    r = httpx.post(url, json={"dir": str(extra)}, headers=srv.headers, timeout=120)
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    body = {"dir": str(extra), "weights_sha256": hashlib.sha256((extra / "model.safetensors").read_bytes()).hexdigest()}
+    assert httpx.post(url, json=body, timeout=60).status_code == 401  # strangers may not
+    assert httpx.post(url, json=body, headers=srv.headers, timeout=60).status_code == 403  # nor ordinary keys
+    r = httpx.post(url, json=body, headers=admin, timeout=120)
     assert r.status_code == 201, r.text
     assert r.json()["name"] == "tiny2"
     rest = srv.rest()
     assert {m["name"] for m in rest.models()} == {"tiny", "denoiser", "tiny2"}
     assert rest.predict("tiny2", real_frames[:1], [2]).shape == (1, 64, 64, 3)
-    again = httpx.post(url, json={"dir": str(extra)}, headers=srv.headers, timeout=120)
-    assert again.status_code == 400 and "tiny2" in again.text  # one name, one model
-    assert httpx.post(url, json={"dir": "/nonexistent"}, headers=srv.headers).status_code == 400
-    assert httpx.delete(url + "/tiny2", headers=srv.headers).json() == {"unloaded": "tiny2"}
+    again = httpx.post(url, json=body, headers=admin, timeout=120)
+    assert again.status_code == 409 and "tiny2" in again.text  # one name, one model
+    assert httpx.post(url, json={**body, "dir": "/nonexistent"}, headers=admin).status_code == 403  # not a root
+    assert httpx.delete(url + "/tiny2", headers=srv.headers).status_code == 403
+    assert httpx.delete(url + "/tiny2", headers=admin).json() == {"unloaded": "tiny2"}
     assert {m["name"] for m in rest.models()} == {"tiny", "denoiser"}
     r = httpx.post(srv.http + "/v1/models/tiny2/predict", headers=srv.headers,
                    json={"context": [], "actions": [2]})

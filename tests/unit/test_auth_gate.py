@@ -8,8 +8,8 @@ import time
 import pytest
 from pydantic import SecretStr
 
-from worldserve.api.auth import PRINCIPAL, Gate, capped_priority
-from worldserve.api.errors import RateLimited, Unauthenticated
+from worldserve.api.auth import Gate, capped_priority, require_admin, require_admin_key
+from worldserve.api.errors import PermissionDenied, RateLimited, Unauthenticated
 from worldserve.messages import Priority
 from worldserve.settings import AuthSettings, KeyLimits, Settings
 
@@ -54,13 +54,9 @@ def test_limits_and_priority_cap(tmp_path):
     g.leave(who, session=False)
     g.leave(who, session=False)
     assert who.in_flight == 0 and who.sessions == 0 and g.sessions == 0
-    token = PRINCIPAL.set(who)
-    try:
-        assert capped_priority(Priority.INTERACTIVE) == Priority.NORMAL
-        assert capped_priority(Priority.BULK) == Priority.BULK
-    finally:
-        PRINCIPAL.reset(token)
-    assert capped_priority(Priority.INTERACTIVE) == Priority.INTERACTIVE  # open mode: as asked
+    assert capped_priority(Priority.INTERACTIVE, who) == Priority.NORMAL  # the caller's key, passed explicitly
+    assert capped_priority(Priority.BULK, who) == Priority.BULK
+    assert capped_priority(Priority.INTERACTIVE, None) == Priority.INTERACTIVE  # open mode: as asked
 
 
 def test_server_session_cap_applies_without_keys():
@@ -81,3 +77,35 @@ def test_required_keys_fail_closed(tmp_path):
     empty.write_text("# no keys yet\n")
     with pytest.raises(SystemExit):
         Gate(AuthSettings(required=True, api_keys_file=empty), 8)
+
+
+def test_scopes_admin_keys_and_plain_keys(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text('plain-file\n{"key": "ops", "name": "ops", "scopes": ["admin"]}\n{"key": "user", "scopes": []}\n')
+    g = Gate(AuthSettings(api_keys=[SecretStr("k1")], admin_keys=[SecretStr("root")], api_keys_file=f), 8)
+    assert {w.name: w.admin for _, w in g.keys} == {"key0": False, "admin0": True, "file0": False, "ops": True,
+                                                    "file2": False}
+    assert require_admin(g.identify("Bearer root")).name == "admin0"
+    assert require_admin(g.identify("Bearer ops")).name == "ops"
+    for plain in ("k1", "plain-file", "user"):
+        with pytest.raises(PermissionDenied, match="admin"):
+            require_admin(g.identify(f"Bearer {plain}"))
+    with pytest.raises(PermissionDenied):
+        require_admin(None)  # open mode: nobody is an admin
+    require_admin_key(g.keys)
+    with pytest.raises(SystemExit, match="WORLDSERVE_SERVER__ADMIN_API.*WORLDSERVE_AUTH__ADMIN_KEYS"):
+        require_admin_key(Gate(AuthSettings(api_keys=[SecretStr("k1")]), 8).keys)
+    with pytest.raises(SystemExit, match="ADMIN_KEYS"):
+        require_admin_key(Gate(AuthSettings(), 8).keys)
+
+
+def test_bad_scopes_and_duplicate_keys_refuse_to_start(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text('{"key": "x", "scopes": ["root"]}\n')
+    with pytest.raises(SystemExit, match="unknown scope"):
+        Gate(AuthSettings(api_keys_file=f), 8)
+    f.write_text('{"key": "x", "scopes": "admin"}\n')
+    with pytest.raises(SystemExit, match="list of strings"):
+        Gate(AuthSettings(api_keys_file=f), 8)
+    with pytest.raises(SystemExit, match="twice"):  # plain in one place, admin in another: which one is it?
+        Gate(AuthSettings(api_keys=[SecretStr("same")], admin_keys=[SecretStr("same")]), 8)
