@@ -64,6 +64,8 @@ class RolloutRequest:
     session: bool = False  # interactive: actions arrive one at a time through `SessionAction`
     attempt: int = 0  # redelivery count (Redis mode)
     stop_on_done: bool = False  # a candidate stops stepping once the model says done (the world is absorbing)
+    tenant: str = ""  # the calling key's name ("" in open mode): the engine shares its slots fairly between keys
+    weight: float = 1.0  # that key's share weight (KeyLimits.weight)
 
     @property
     def candidates(self) -> int:
@@ -131,8 +133,11 @@ def unpack(data: bytes):
     header = json.loads(data[4 : 4 + n])
     cls = MESSAGE_TYPES[header["type"]]
     body = memoryview(data)[4 + n :]
-    kw = dict(header["fields"])
+    known = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in header["fields"].items() if k in known}  # a newer sender's extra fields: ignored
     for name, (dtype, shape, off, size) in header["arrays"].items():
+        if name not in known:
+            continue
         kw[name] = np.frombuffer(body[off : off + size], dtype=np.dtype(dtype)).reshape(shape).copy()
     for name, enum in _ENUMS.items():
         if name in kw:
@@ -149,6 +154,9 @@ def check_request(req, info: ModelInfo) -> str | None:
         return "request id missing"
     if req.model != info.name:
         return f"request for model {req.model!r} reached a worker of {info.name!r}"
+    if not isinstance(req.tenant, str) or isinstance(req.weight, bool) or not isinstance(req.weight, int | float) \
+            or not 0 < req.weight < float("inf"):
+        return "tenant must be a string and weight a positive finite number"
     c = req.context
     frame = (info.height, info.width, 3)
     if not isinstance(c, np.ndarray) or c.dtype != np.uint8 or c.ndim != 4 or c.shape[1:] != frame:

@@ -8,16 +8,29 @@ grace period and whatever is left (and every session, at once) ends with a final
 line, a gRPC status, a WebSocket close frame (1012); a client that stops reading is cut off. The hot path costs a
 dict entry per request and two attribute writes per event: a stream that waits for its next event is woken by
 cancelling the task that waits (Task.uncancel keeps the task alive). No torch.
+
+Cost (issue 18.8): cost = candidates x horizon, x 2 when frames come back every step (frames="all"), in
+candidate-steps (one engine slot for one engine step; a frame each step adds the decoder, the image encoding and
+its bytes: about as much again). Sessions cost 0 (paced by the player; bounded by slots, open sessions and rate).
+Checked before anything is decoded or submitted: above the key's max_request_cost (0: the server's
+server.max_request_cost), or above its max_cost_in_flight, a request is InvalidArgument (400) naming the cost and
+the limit; a key whose requests in flight would cost more than its max_cost_in_flight together gets RateLimited
+(429 + Retry-After), given back when the request ends.
+
+Context frames are decoded off the event loop (a small thread pool) after every cheap check, within a time budget
+per frame (server.max_image_decode_ms; images.py refuses PNGs of pathological chunk counts before decoding).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,12 +40,14 @@ from ..messages import ErrorCode, FrameMode, ModelInfo, Priority, RolloutEvent, 
 from ..settings import ServerSettings
 from ..wire import ENCODINGS
 from .auth import Principal, capped_priority, take_slots
+from .errors import RateLimited
 from .images import decode_frame
 
 MAX_SEED = 2**63 - 1
 MAX_TEMPERATURE = 10.0
 CONTINUOUS_LIMIT = 1.0  # continuous actions are normalised to [-1, 1]
 MAX_DEADLINE_MS = 86_400_000
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # image decoding off the event loop, bounded
 
 
 def _short(x, n: int = 40) -> str:
@@ -193,10 +208,64 @@ async def _close(it) -> None:
             pass
 
 
+# ---- cost: per request and per key in flight ---------------------------------------------------
+def request_cost(req: RolloutRequest) -> int:
+    """candidates x horizon, x 2 with a frame every step; 0 for a session."""
+    return 0 if req.session else req.candidates * req.horizon * (2 if req.frames == FrameMode.ALL else 1)
+
+
+class CostMeter:
+    """Candidate-steps in flight per key (by key name)."""
+
+    def __init__(self, max_request_cost: int):
+        self.max_request_cost = max_request_cost  # the server's
+        self.in_flight: dict[str, int] = {}
+
+    def check(self, req: RolloutRequest, who: Principal | None) -> int:
+        """-> the request's cost; InvalidArgument when it is over what one request of this key may cost."""
+        cost = request_cost(req)
+        lim = who.limits if who is not None else None
+        limit, whose = (lim.max_request_cost, "this key's") if lim and lim.max_request_cost else (
+            self.max_request_cost, "the server's")
+        if lim and lim.max_cost_in_flight and lim.max_cost_in_flight < limit:
+            limit, whose = lim.max_cost_in_flight, "this key's in-flight"
+        if cost > limit:
+            how = f"{req.candidates} candidates x {req.horizon} steps" + (
+                " x 2 for a frame every step" if req.frames == FrameMode.ALL else "")
+            raise InvalidArgument(f"this request costs {cost} candidate-steps ({how}), over {whose} limit of {limit} "
+                                  "per request: ask for fewer candidates, a shorter horizon or frames 'last'/'none'",
+                                  "candidates")
+        return cost
+
+    def take(self, cost: int, who: Principal | None):
+        """Count `cost` against the key (RateLimited over its max_cost_in_flight); -> an idempotent release
+        function, or None when nothing is counted."""
+        if who is None or not cost or not who.limits.max_cost_in_flight:
+            return None
+        cap, now = who.limits.max_cost_in_flight, self.in_flight.get(who.name, 0)
+        if now + cost > cap:
+            raise RateLimited(f"this request costs {cost} candidate-steps and this key has {now} in flight; its "
+                              f"limit is {cap} (max_cost_in_flight): retry when one of its requests has ended", 1.0,
+                              "candidates")
+        self.in_flight[who.name] = now + cost
+        done = []
+
+        def release() -> None:
+            if not done:
+                done.append(True)
+                self.in_flight[who.name] -= cost
+                if self.in_flight[who.name] <= 0:
+                    del self.in_flight[who.name]
+
+        return release
+
+
 class DataPlane:
     def __init__(self, queue, server: ServerSettings):
         self.queue, self.server = queue, server
         self.drainer = Drainer()  # tracks every event stream handed out, for the drain on SIGTERM
+        self.costs = CostMeter(server.max_request_cost)
+        self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
 
     # ---- models ---------------------------------------------------------------------------------
     def models(self) -> list[ModelInfo]:
@@ -208,23 +277,6 @@ class DataPlane:
                 return m
         known = ", ".join(m.name for m in self.queue.models()) or "none loaded"
         raise NotFound(f"model {name!r} not found (available: {known})", "model")
-
-    async def load_model(self, model_dir: str) -> ModelInfo:
-        """Admin: serve another model directory without a restart (embedded mode)."""
-        load = getattr(self.queue, "load_model", None)
-        if load is None:
-            raise Unavailable("loading models needs the embedded server (`worldserve serve`); in Redis mode start a "
-                              "worker for the model")
-        try:
-            return await load(model_dir)
-        except (ValueError, TypeError, OSError) as e:  # a name already served, a bad directory
-            raise InvalidArgument(f"cannot load {model_dir!r}: {e}", "dir") from e
-
-    async def unload_model(self, name: str) -> None:
-        unload = getattr(self.queue, "remove_model", None)
-        if unload is None:
-            raise Unavailable("unloading models needs the embedded server (`worldserve serve`)")
-        await unload(name)
 
     def ready(self) -> bool:
         return not self.drainer.draining and self.queue.ready()
@@ -295,7 +347,9 @@ class DataPlane:
             raise InvalidArgument(f"actions: horizon {horizons[0]} must be in [1, {m.max_horizon}]", "actions")
         return m
 
-    def build(self, inp: RolloutInput, session: bool = False) -> RolloutRequest:
+    def build(self, inp: RolloutInput, session: bool = False, decode: bool = True) -> RolloutRequest:
+        """Validate everything and build the typed request; its cost is checked before the context frames, which
+        are decoded last (decode=False: left empty, for the calls to decode off the event loop)."""
         if self.drainer.draining:
             raise Unavailable(SHUTDOWN)
         o = inp.options
@@ -303,12 +357,7 @@ class DataPlane:
         if ca is not None and not isinstance(ca, list | tuple):
             raise InvalidArgument("context_actions: must be a list of actions", "context_actions")
         horizons = None if session else [len(c) if isinstance(c, list | tuple) else -1 for c in inp.candidates]
-        m = inp.info or self.precheck(inp.model, len(inp.context), horizons, len(ca or ()), inp.single)
-        frames = np.stack([
-            decode_frame(f.encoding, f.data, f.height, f.width, (m.height, m.width), self.server.max_image_pixels,
-                         self.server.max_image_bytes, f"context[{i}]")
-            for i, f in enumerate(inp.context)
-        ])  # uint8 [C, H, W, 3]
+        m = inp.info = inp.info or self.precheck(inp.model, len(inp.context), horizons, len(ca or ()), inp.single)
         if session:
             actions = self._actions(m, [], "actions")[None]  # [1, 0]: actions arrive one by one
         else:
@@ -332,31 +381,57 @@ class DataPlane:
         if o.deadline_ms:
             d = time.time() + o.deadline_ms / 1000
             deadline = d if deadline is None else min(deadline, d)
-        return RolloutRequest(
-            id=uuid.uuid4().hex, model=m.name, context=frames, actions=actions, context_actions=ctx_actions,
+        who = inp.principal
+        req = RolloutRequest(
+            id=uuid.uuid4().hex, model=m.name, context=np.zeros((0, m.height, m.width, 3), np.uint8),
+            actions=actions, context_actions=ctx_actions,
             frames=FrameMode(o.frames), return_tokens=bool(o.return_tokens), seed=int(o.seed),
             stop_on_done=bool(o.stop_on_done) and not session,
             temperature=float(t), deadline=deadline,
-            priority=capped_priority(Priority.INTERACTIVE if session else Priority(o.priority), inp.principal),
-            session=session,
+            priority=capped_priority(Priority.INTERACTIVE if session else Priority(o.priority), who),
+            session=session, tenant=who.name if who is not None else "",
+            weight=who.limits.weight if who is not None else 1.0,
         )
+        self.costs.check(req, who)
+        if decode:
+            req.context = self._decode(inp, m)
+        return req
+
+    def _decode(self, inp: RolloutInput, m: ModelInfo) -> np.ndarray:
+        """-> uint8 [C, H, W, 3]: every context frame, each within the decode-time budget."""
+        s = self.server
+        return np.stack([decode_frame(f.encoding, f.data, f.height, f.width, (m.height, m.width), s.max_image_pixels,
+                                      s.max_image_bytes, f"context[{i}]", s.max_image_decode_ms)
+                         for i, f in enumerate(inp.context)])
+
+    async def _decode_off_loop(self, inp: RolloutInput, m: ModelInfo) -> np.ndarray:
+        """PNG / JPEG decoding in the decode threads: a slow image never stalls the event loop (/healthz, streams)."""
+        if all(f.encoding == "raw" for f in inp.context):  # a copy: no thread hop needed
+            return self._decode(inp, m)
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, self._decode, inp, m)
 
     # ---- calls ----------------------------------------------------------------------------------
-    async def _submit(self, req: RolloutRequest, who: Principal | None) -> AsyncIterator[RolloutEvent]:
-        """Enqueue; the stream is tracked (drain, slow consumers) and its slots counted against the key."""
-        release = take_slots(1 if req.session else req.candidates, who)
+    async def _start(self, inp: RolloutInput, session: bool = False
+                     ) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
+        """Validate (cost included), count the key's slots and cost in flight, decode the frames off the event loop,
+        enqueue; the stream is tracked (drain, slow consumers) and gives the key's slots and cost back at its end."""
+        req = self.build(inp, session, decode=False)
+        who = inp.principal
+        releases = []
         try:
+            releases.append(take_slots(1 if session else req.candidates, who))
+            releases.append(self.costs.take(request_cost(req), who))
+            req.context = await self._decode_off_loop(inp, inp.info)
             events = await self.queue.submit(req)
         except BaseException:
-            if release is not None:
-                release()
+            _release_all(releases)
             raise
-        return self.drainer.track(req.id, events, session=req.session, on_end=release)
+        on_end = (lambda: _release_all(releases)) if any(releases) else None
+        return req, self.drainer.track(req.id, events, session=req.session, on_end=on_end)
 
     async def rollout(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         """Validate and enqueue (errors raise here, before any event); events end with a final one."""
-        req = self.build(inp)
-        return req, await self._submit(req, inp.principal)
+        return await self._start(inp)
 
     async def predict(self, inp: RolloutInput) -> tuple[str, list[RolloutEvent]]:
         if len(inp.candidates) != 1:
@@ -375,8 +450,7 @@ class DataPlane:
         return req.id, out
 
     async def open_session(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
-        req = self.build(inp, session=True)
-        return req, await self._submit(req, inp.principal)
+        return await self._start(inp, session=True)
 
     async def act(self, req: RolloutRequest, action) -> None:
         m = self.model(req.model)
@@ -385,6 +459,12 @@ class DataPlane:
 
     async def close_session(self, req: RolloutRequest) -> None:
         await self.queue.act(SessionAction(req.id, np.zeros(0), close=True))
+
+
+def _release_all(releases: list) -> None:
+    for release in releases:
+        if release is not None:
+            release()
 
 
 def raise_for(ev: RolloutEvent) -> None:

@@ -2,11 +2,19 @@
 
 Decoding is guarded: compressed images have their header read first and are refused when they are
 too large in bytes or pixels (decompression bombs are never decoded) or not the model's frame size.
+A PNG is walked chunk header by chunk header first (12 bytes each, no data read, a few microseconds per 100
+chunks) and refused when it has more than MAX_PNG_CHUNKS chunks: PIL parses every chunk in Python, so 350k empty
+chunks (4 MB) cost 0.84 s of CPU (issue 18.9). A JPEG's segments before its first scan are walked the same way
+(MAX_JPEG_SEGMENTS: 900k empty comment segments cost PIL 0.64 s). Decoding is also timed against a budget per
+frame (`max_ms`, server.max_image_decode_ms): a frame that needs longer is refused. The data plane runs all of this
+in its decode threads, never on the event loop.
 """
 
 from __future__ import annotations
 
 import io
+import struct
+import time
 import warnings
 
 import numpy as np
@@ -16,11 +24,64 @@ from ..errors import InvalidArgument
 from ..wire import ENCODINGS, IMAGE_ENCODINGS
 
 PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PIL writes 64 KB IDAT chunks, libpng 8 KB: a 4 MB PNG (max_image_bytes) of 8 KB chunks has 512; 4096 is ample for
+# any encoder and walks in ~1 ms; PIL parses that many chunks in ~10 ms.
+MAX_PNG_CHUNKS = 4096
+MAX_JPEG_SEGMENTS = 1024  # a camera JPEG has ~10-30 before its first scan (EXIF, ICC in 64 KB pieces, tables)
+
+
+def check_png_chunks(data: bytes, field: str, max_chunks: int = MAX_PNG_CHUNKS) -> None:
+    """Refuse a PNG of more than `max_chunks` chunks from its chunk headers alone (stops at the first one over)."""
+    if not data.startswith(PNG_SIGNATURE):
+        return  # not a PNG: the decoder says what it is
+    pos, n, end = len(PNG_SIGNATURE), 0, len(data)
+    while pos + 8 <= end:
+        n += 1
+        if n > max_chunks:
+            raise InvalidArgument(f"{field}: PNG has more than {max_chunks} chunks (a well-formed frame has a few "
+                                  "dozen): refused before decoding", field)
+        (length,) = struct.unpack_from(">I", data, pos)
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos += 12 + length
+
+
+def check_jpeg_segments(data: bytes, field: str, max_segments: int = MAX_JPEG_SEGMENTS) -> None:
+    """Refuse a JPEG of more than `max_segments` marker segments before its first scan, from the markers alone."""
+    if not data.startswith(b"\xff\xd8"):
+        return  # not a JPEG: the decoder says what it is
+    pos, n, end = 2, 0, len(data)
+    while pos + 4 <= end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        n += 1
+        if n > max_segments:
+            raise InvalidArgument(f"{field}: JPEG has more than {max_segments} segments before its image data (a "
+                                  "well-formed frame has a few dozen): refused before decoding", field)
+        if marker == 0xDA:  # start of scan: entropy-coded data follows, decoded in C
+            return
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # no length
+            pos += 2
+            continue
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        pos += 2 + length
+
+
+def _budget(t0: float, max_ms: float | None, field: str, encoding: str) -> None:
+    ms = (time.perf_counter() - t0) * 1000
+    if max_ms is not None and ms > max_ms:
+        raise InvalidArgument(f"{field}: the {encoding} image took {ms:.0f} ms to decode, over the {max_ms:g} ms "
+                              "budget per frame (server.max_image_decode_ms): send a plainly encoded frame", field)
 
 
 def decode_frame(encoding: str, data: bytes, height: int, width: int, expect_hw: tuple[int, int],
-                 max_pixels: int, max_bytes: int, field: str) -> np.ndarray:
-    """-> uint8 [H, W, 3] matching expect_hw, or InvalidArgument naming `field`."""
+                 max_pixels: int, max_bytes: int, field: str, max_ms: float | None = None) -> np.ndarray:
+    """-> uint8 [H, W, 3] matching expect_hw, or InvalidArgument naming `field` (also when decoding takes longer
+    than `max_ms`: checked after the header is parsed and after the pixels are decoded)."""
+    t0 = time.perf_counter()
     eh, ew = expect_hw
     if len(data) > max_bytes:
         raise InvalidArgument(f"{field}: image is {len(data)} bytes, over the {max_bytes}-byte limit", field)
@@ -34,6 +95,10 @@ def decode_frame(encoding: str, data: bytes, height: int, width: int, expect_hw:
         return np.frombuffer(data, np.uint8).reshape(eh, ew, 3).copy()
     if encoding not in IMAGE_ENCODINGS:
         raise InvalidArgument(f"{field}: unknown encoding {encoding!r} (use one of {ENCODINGS})", field)
+    if encoding == "png":
+        check_png_chunks(data, field)
+    elif encoding == "jpeg":
+        check_jpeg_segments(data, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -45,12 +110,14 @@ def decode_frame(encoding: str, data: bytes, height: int, width: int, expect_hw:
                 raise InvalidArgument(f"{field}: image is {w}x{h} pixels, over the {max_pixels}-pixel limit", field)
             if (h, w) != (eh, ew):
                 raise InvalidArgument(f"{field}: frame is {h}x{w}, the model takes {eh}x{ew}", field)
+            _budget(t0, max_ms, field, encoding)  # the header (every chunk before the pixels) is parsed by now
             if im.mode == "P":  # palette PNG: an encoding detail, the pixels are RGB
                 im = im.convert("RGB")
             if im.mode != "RGB":
                 raise InvalidArgument(f"{field}: image has {len(im.getbands())} channel(s) (mode {im.mode}), "
                                       "expected 3 (RGB)", field)
             arr = np.asarray(im, dtype=np.uint8)
+            _budget(t0, max_ms, field, encoding)
     except InvalidArgument:
         raise
     except UnidentifiedImageError as e:

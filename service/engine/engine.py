@@ -3,7 +3,8 @@
 One `step()` = schedule -> execute -> update:
   1. take in new requests, session actions and cancels
   2. retire cancelled / expired requests (their slots free up this step)
-  3. admit waiting requests into free slots: encode + prefill batched, fork K candidates
+  3. admit waiting requests into free slots, fairly between API keys (scheduler.py: weighted fair order, chunks of
+     candidates, preemption at the step boundary, session headroom): encode + prefill batched, fork the candidates
   4. one dynamics step for every slot that has an action (bucketed batch), sample, decode where asked,
      then ONE device->host copy of everything the step produced
   5. the step's events, handed over in one batch; free finished requests
@@ -19,7 +20,6 @@ active and waiting request ends with INTERNAL, `fatal` holds the exception and `
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import threading
@@ -37,7 +37,8 @@ from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutReq
 from ..model.protocol import ModelSpec, Noise, WorldModelProtocol, check_model
 from ..runtime.batch import HostOutputs, Sampler, bucket, pad_to, run_fixed_chunks, to_host
 from ..settings import EngineSettings
-from .requests import Active, Row, Waiting
+from .requests import Chunk, Job, Row
+from .scheduler import Scheduler
 
 log = logging.getLogger("worldserve.engine")
 
@@ -52,11 +53,11 @@ class Engine:
         self.pad_slot = cfg.max_slots  # never allocated: padding rows of a bucket write here
         self.state = model.allocate_state(cfg.max_slots + 1)  # opaque to the engine
         self.free: list[int] = list(range(cfg.max_slots))
-        self.active: dict[str, Active] = {}
-        self.waiting: list[Waiting] = []  # heap: priority, then arrival
+        self.jobs: dict[str, Job] = {}  # every request taken in and not yet ended: waiting, running or both
+        self.running: list[Chunk] = []  # admitted candidates, in admission order
+        self.sched = Scheduler(cfg.max_slots)
         self._seq = itertools.count()
         self._inbox: deque = deque()
-        self._early: dict[str, list[SessionAction]] = {}  # actions that arrived before their session's admission
         self._out: list[RolloutEvent] = []  # this step's events, handed over together at its end
         self._busy = False  # the last step did work (or work is waiting)
         self._failures = 0  # failing steps in a row
@@ -76,10 +77,9 @@ class Engine:
         with self._lock:
             if self.fatal is not None:
                 raise Unavailable(f"engine failed ({type(self.fatal).__name__}: {self.fatal}); not taking work")
-            if req.id in self.active or any(w.req.id == req.id for w in self.waiting) or any(
-                    k == "submit" and obj.id == req.id for k, obj, _ in self._inbox):
+            if req.id in self.jobs or any(k == "submit" and obj.id == req.id for k, obj, _ in self._inbox):
                 raise InvalidArgument(f"request id {req.id!r} is already in this engine", "id")
-            if len(self.waiting) + len(self._inbox) >= self.cfg.max_queue:
+            if self.queued() + len(self._inbox) >= self.cfg.max_queue:
                 metrics.REQUESTS.labels(self.spec.name, "rejected").inc()
                 raise QueueFull(f"queue full ({self.cfg.max_queue} requests waiting); retry later")
             self._inbox.append(("submit", req, time.monotonic()))
@@ -96,10 +96,14 @@ class Engine:
     def free_slots(self) -> int:
         return len(self.free)
 
+    def queued(self) -> int:
+        """Requests none of whose candidates has started yet."""
+        return sum(not j.started for j in list(self.jobs.values()))
+
     def room(self) -> int:
         """Slots left once every request not yet admitted has its slots (a Redis worker reads while > 0)."""
-        pending = [w.req for w in list(self.waiting)] + [obj for k, obj, _ in list(self._inbox) if k == "submit"]
-        return len(self.free) - sum(r.candidates for r in pending)
+        inbox = [obj for k, obj, _ in list(self._inbox) if k == "submit"]
+        return len(self.free) - sum(j.need() for j in list(self.jobs.values())) - sum(r.candidates for r in inbox)
 
     def alive(self) -> bool:
         return self.fatal is None
@@ -136,7 +140,7 @@ class Engine:
         if rows:
             self._guarded(rows)  # 4 + 5
             metrics.STEP_SECONDS.labels(self.spec.name).observe(time.perf_counter() - t0)
-        metrics.QUEUE_DEPTH.labels(self.spec.name).set(len(self.waiting))
+        metrics.QUEUE_DEPTH.labels(self.spec.name).set(self.queued())
         metrics.ACTIVE_SLOTS.labels(self.spec.name).set(self.cfg.max_slots - len(self.free))
         self._busy = bool(rows) or bool(self._inbox)
         return self._take()
@@ -149,75 +153,75 @@ class Engine:
         while self._inbox:
             kind, obj, t = self._inbox.popleft()
             if kind == "submit":
-                heapq.heappush(self.waiting, Waiting(int(obj.priority), next(self._seq), obj, t))
+                self.jobs[obj.id] = Job(obj, next(self._seq), t, last_seen=t)
             elif kind == "act":
-                a = self.active.get(obj.request_id)
-                if a is None:  # session not admitted yet: keep its actions for admission
-                    if any(w.req.id == obj.request_id for w in self.waiting):
-                        self._early.setdefault(obj.request_id, []).append(obj)
+                j = self.jobs.get(obj.request_id)
+                if j is None:
                     continue
-                a.last_seen = time.monotonic()
+                j.last_seen = time.monotonic()  # before admission the actions wait in the job
                 if obj.close:
-                    a.closing = True
+                    j.closing = True
                 else:
-                    a.actions.append(obj.action)
-            elif kind == "cancel":
-                if obj in self.active:
-                    self._finish(self.active[obj], ErrorCode.CANCELLED, "cancelled by the client")
-                elif any(w.req.id == obj for w in self.waiting):
-                    self._drop_waiting({obj}, ErrorCode.CANCELLED, "cancelled by the client")
-
-    def _drop_waiting(self, ids: set[str], code: ErrorCode, message: str) -> None:
-        self.waiting = [w for w in self.waiting if w.req.id not in ids]
-        heapq.heapify(self.waiting)
-        for rid in ids:
-            self._early.pop(rid, None)
-            self._end(rid, code, message)
+                    j.actions.append(obj.action)
+            elif kind == "cancel" and obj in self.jobs:
+                self._finish(self.jobs[obj], ErrorCode.CANCELLED, "cancelled by the client")
 
     def _retire(self, now: float) -> None:
-        mono = time.monotonic()
-        for a in list(self.active.values()):
-            r = a.req
+        mono, idle = time.monotonic(), self.cfg.session_idle_s
+        for j in list(self.jobs.values()):
+            r = j.req
             if r.deadline is not None and now > r.deadline:
-                self._finish(a, ErrorCode.DEADLINE_EXCEEDED,
-                             f"deadline exceeded after {a.step} of {r.horizon if not r.session else '∞'} steps")
-            elif r.session and (a.closing and not a.actions or mono - a.last_seen > self.cfg.session_idle_s):
-                self._finish(a, ErrorCode.OK if a.closing else ErrorCode.DEADLINE_EXCEEDED,
-                             "" if a.closing else "session idle timeout")
-        expired = {w.req.id for w in self.waiting if w.req.deadline is not None and now > w.req.deadline}
-        if expired:
-            self._drop_waiting(expired, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
-        stale = {w.req.id for w in self.waiting if w.req.session and mono - w.submitted > self.cfg.session_idle_s}
-        if stale:  # a session nobody could admit for session_idle_s: its player has long given up
-            self._drop_waiting(stale, ErrorCode.DEADLINE_EXCEEDED, "session idle timeout while waiting for a slot")
+                self._finish(j, ErrorCode.DEADLINE_EXCEEDED, "deadline exceeded while queued" if not j.started else
+                             f"deadline exceeded after {j.progress()} of {r.horizon if not r.session else '∞'} steps")
+            elif r.session and j.closing and not j.actions:
+                self._finish(j, ErrorCode.OK, "")
+            elif r.session and j.chunks and mono - j.last_seen > idle:
+                self._finish(j, ErrorCode.DEADLINE_EXCEEDED, "session idle timeout")
+            elif r.session and not j.chunks and mono - j.submitted > idle:  # its player has long given up
+                self._finish(j, ErrorCode.DEADLINE_EXCEEDED, "session idle timeout while waiting for a slot")
 
     def _admit(self) -> None:
-        admitted: list[Active] = []
-        while self.waiting and len(self.free) >= self.waiting[0].req.candidates:
-            w = heapq.heappop(self.waiting)
-            a = Active(w.req, [self.free.pop() for _ in range(w.req.candidates)], submitted=w.submitted,
-                       last_seen=time.monotonic())
-            for early in self._early.pop(w.req.id, []):
-                if early.close:
-                    a.closing = True
-                else:
-                    a.actions.append(early.action)
-            admitted.append(a)
+        if not any(j.pending for j in self.jobs.values()):
+            return
+        plan = self.sched.plan(self.jobs.values(), len(self.free))
+        for c, n in plan.preempt.items():
+            self._preempt(c, n)
+        admitted: list[Chunk] = []
+        for j, n in plan.grant:
+            for k0, k1, skip in j.take(n):  # from its pending ranges in order (a preempted one replays)
+                c = Chunk(j, k0, [self.free.pop() for _ in range(k1 - k0)], skip)
+                j.chunks.append(c)
+                admitted.append(c)
         if not admitted:
             return
         try:
             self._prefill(admitted)
         except Exception as e:  # encode / prefill failed: these requests end, the engine goes on
-            self._failed(admitted, e, "admission")
+            self._failed(list({id(c.job): c.job for c in admitted}.values()), e, "admission")
             return
-        for a in admitted:
-            self.active[a.req.id] = a
+        self.running.extend(admitted)
 
-    def _prefill(self, admitted: list[Active]) -> None:
+    def _preempt(self, c: Chunk, n: int) -> None:
+        """Give back c's last n live candidates: they wait again and replay the steps they already sent."""
+        for i in [i for i, s in enumerate(c.slots) if s >= 0][-n:]:
+            self.free.append(c.slots[i])
+            c.slots[i] = -1
+            c.job.requeue(c.k0 + i, max(c.skip, c.step))
+        if not c.live():
+            self._drop_chunk(c)
+        log.debug("preempted %d candidates of %s at step %d", n, c.req.id, c.step)
+
+    def _drop_chunk(self, c: Chunk) -> None:
+        self.free.extend(s for s in c.slots if s >= 0)
+        c.slots = []
+        c.job.chunks = [x for x in c.job.chunks if x is not c]
+        self.running = [x for x in self.running if x is not c]
+
+    def _prefill(self, admitted: list[Chunk]) -> None:
         # encode every context frame of every admitted request in one batch
         ctx = torch.from_numpy(np.concatenate([a.req.context for a in admitted])).to(self.device)
         tokens = run_fixed_chunks(self.model.encode, ctx)  # int64 [sum(C), N], batch-invariant
-        groups: dict[int, list[tuple[Active, torch.Tensor]]] = {}
+        groups: dict[int, list[tuple[Chunk, torch.Tensor]]] = {}
         off = 0
         for a in admitted:
             c = a.req.context.shape[0]
@@ -242,12 +246,13 @@ class Engine:
 
     def _schedule(self) -> list[Row]:
         rows = []
-        for a in self.active.values():
-            if a.req.session:
-                if a.actions:
-                    rows.append(Row(a, 0, a.slots[0], a.actions.popleft()))
+        for c in self.running:
+            if c.req.session:
+                if c.job.actions:
+                    rows.append(Row(c, 0, c.slots[0], c.job.actions.popleft()))
             else:
-                rows.extend(Row(a, k, s, a.req.actions[k, a.step]) for k, s in enumerate(a.slots) if s >= 0)
+                rows.extend(Row(c, c.k0 + i, s, c.req.actions[c.k0 + i, c.step]) for i, s in enumerate(c.slots)
+                            if s >= 0)
         return rows
 
     def _guarded(self, rows: list[Row]) -> None:
@@ -258,14 +263,14 @@ class Engine:
             self._failures = 0
             return
         except Exception as e:
-            owners = list({id(r.active): r.active for r in rows}.values())
+            owners = list({id(r.chunk.job): r.chunk.job for r in rows}.values())
             if self._advanced or len(owners) == 1:
                 self._failed(owners, e, "step")
                 return
             log.warning("engine step of %d requests failed (%s: %s); retrying each alone", len(owners),
                         type(e).__name__, e)
         for a in owners:  # one request per step: the others are served, the one at fault ends
-            mine = [r for r in rows if r.active is a]
+            mine = [r for r in rows if r.chunk.job is a]
             self._advanced = False
             try:
                 self._update(mine, *self._execute(mine))
@@ -273,17 +278,12 @@ class Engine:
             except Exception as e:
                 self._failed([a], e, "step")
 
-    def _failed(self, actives: list[Active], e: Exception, where: str) -> None:
+    def _failed(self, jobs: list[Job], e: Exception, where: str) -> None:
         self._failures += 1
-        log.error("engine %s failed for %s: %s: %s", where, [a.req.id for a in actives], type(e).__name__, e,
+        log.error("engine %s failed for %s: %s: %s", where, [j.req.id for j in jobs], type(e).__name__, e,
                   exc_info=e)
-        for a in actives:
-            if a.req.id in self.active:
-                self._finish(a, ErrorCode.INTERNAL, f"engine {where} failed: {type(e).__name__}: {e}")
-            else:  # not admitted yet: give its slots back
-                self.free.extend(a.slots)
-                a.slots = []
-                self._end(a.req.id, ErrorCode.INTERNAL, f"engine {where} failed: {type(e).__name__}: {e}")
+        for j in jobs:  # every slot of theirs back, admitted this step or not
+            self._finish(j, ErrorCode.INTERNAL, f"engine {where} failed: {type(e).__name__}: {e}")
         if self._failures >= self.cfg.max_consecutive_failures:
             raise EngineFailed(f"{self._failures} engine steps failed in a row; last: {type(e).__name__}: {e}") from e
 
@@ -301,9 +301,9 @@ class Engine:
             acts = torch.zeros(nb, dtype=torch.int64)  # int64 [nb]
             acts[:b] = torch.tensor([int(r.action) for r in rows])
         seed = torch.zeros(nb, dtype=torch.int64)
-        seed[:b] = torch.tensor([(r.active.req.seed + r.candidate) % (1 << 63) for r in rows], dtype=torch.int64)
+        seed[:b] = torch.tensor([(r.chunk.req.seed + r.candidate) % (1 << 63) for r in rows], dtype=torch.int64)
         stepi = torch.zeros(nb, dtype=torch.int64)
-        stepi[:b] = torch.tensor([r.active.step for r in rows], dtype=torch.int64)
+        stepi[:b] = torch.tensor([r.chunk.step for r in rows], dtype=torch.int64)
         return slots, acts.to(dev), seed.to(dev), stepi.to(dev)
 
     def _execute(self, rows: list[Row]) -> tuple[HostOutputs, set[int], dict[int, int]]:
@@ -319,15 +319,15 @@ class Engine:
             nxt = out[:b]
         else:  # 4b. logits [nb, N, V] -> the engine samples int64 [b, N]
             out, reward, done = self.model.step(self.state, slots, acts)
-            temp = torch.tensor([r.active.req.temperature for r in rows], dtype=torch.float32)
+            temp = torch.tensor([r.chunk.req.temperature for r in rows], dtype=torch.float32)
             nxt = self.sampler(out[:b], temp.to(self.device), seed[:b], zeros[:b], stepi[:b])
         self.model.advance(self.state, slots[:b], nxt)  # 4c. the completed frame enters the context window
         self._advanced = True
         ends = self._done_rows(rows, done[:b])  # stop_on_done: rows whose candidate ends at this step
-        want = [i for i, r in enumerate(rows) if self._wants_frame(r.active) or (i in ends and r.active.req.frames
-                                                                               == FrameMode.LAST)]
+        want = [i for i, r in enumerate(rows) if self._wants_frame(r.chunk) or (i in ends and r.chunk.req.frames
+                                                                              == FrameMode.LAST)]
         frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # 4d. uint8 [F, H, W, 3]
-        tokens = nxt if any(r.active.req.return_tokens for r in rows) and not self.latent_out else None
+        tokens = nxt if any(r.chunk.req.return_tokens for r in rows) and not self.latent_out else None
         host = to_host(reward[:b], done[:b], tokens, frames)  # 4e. one device -> host copy
         return host, ends, {i: j for j, i in enumerate(want)}
 
@@ -335,49 +335,57 @@ class Engine:
         """5. The step's events (handed over together at its end), stops at done, step counters, finished requests."""
         now = time.monotonic()
         for i, r in enumerate(rows):
-            a = r.active
-            if not a.first_event:
-                a.first_event = True
-                metrics.TTFF.labels(self.spec.name).observe(now - a.submitted)
+            c, j = r.chunk, r.chunk.job
+            if c.step < c.skip:  # replayed after a preemption: this step was sent already
+                continue
+            if not j.first_event:
+                j.first_event = True
+                metrics.TTFF.labels(self.spec.name).observe(now - j.submitted)
             self._out.append(RolloutEvent(
-                a.req.id, r.candidate, a.step, float(host.reward[i]), float(host.done[i]),
+                j.req.id, r.candidate, c.step, float(host.reward[i]), float(host.done[i]),
                 frame=host.frames[frame_of[i]] if i in frame_of else None,
-                tokens=host.tokens[i].astype(np.int64) if a.req.return_tokens and host.tokens is not None else None,
+                tokens=host.tokens[i].astype(np.int64) if j.req.return_tokens and host.tokens is not None else None,
             ))
         metrics.FRAMES.labels(self.spec.name).inc(len(rows))
         for i in ends:  # a candidate whose world ended: no more steps, its slot freed now
             r = rows[i]
-            r.active.stopped[r.candidate] = r.active.step
+            r.chunk.job.stopped[r.candidate] = r.chunk.step
             self.free.append(r.slot)
-            r.active.slots[r.candidate] = -1
-        for a in {id(r.active): r.active for r in rows}.values():
-            a.step += 1
-            a.last_seen = now  # a session is idle only when no action is being processed
-            if not a.req.session and (a.step >= a.req.horizon or len(a.stopped) == a.req.candidates):
-                said = ", ".join(f"candidate {k} at step {s}" for k, s in sorted(a.stopped.items()))
-                self._finish(a, ErrorCode.OK, f"stopped at done: {said}" if said else "")
+            r.chunk.slots[r.candidate - r.chunk.k0] = -1
+        for c in {id(r.chunk): r.chunk for r in rows}.values():
+            j = c.job
+            c.step += 1
+            j.last_seen = now  # a session is idle only when no action is being processed
+            if not j.req.session and (c.step >= j.req.horizon or not c.live()):
+                self._drop_chunk(c)
+                if not j.chunks and not j.pending:
+                    said = ", ".join(f"candidate {k} at step {s}" for k, s in sorted(j.stopped.items()))
+                    self._finish(j, ErrorCode.OK, f"stopped at done: {said}" if said else "")
 
     def _done_rows(self, rows: list[Row], done: torch.Tensor) -> set[int]:
         """Rows of stop_on_done requests whose done probability is > 0.5 (one small copy, only when asked)."""
-        ask = [i for i, r in enumerate(rows) if r.active.req.stop_on_done and not r.active.req.session]
+        ask = [i for i, r in enumerate(rows) if r.chunk.req.stop_on_done and not r.chunk.req.session]
         if not ask:
             return set()
         d = done.float().cpu().numpy()
         return {i for i in ask if d[i] > 0.5}
 
-    def _wants_frame(self, a: Active) -> bool:
-        m = a.req.frames
-        return m == FrameMode.ALL or (m == FrameMode.LAST and (a.req.session or a.step == a.req.horizon - 1))
+    def _wants_frame(self, c: Chunk) -> bool:
+        m = c.req.frames
+        return c.step >= c.skip and (m == FrameMode.ALL or (m == FrameMode.LAST and (c.req.session or
+                                                                                     c.step == c.req.horizon - 1)))
 
     def _end(self, request_id: str, code: ErrorCode, message: str) -> None:
         metrics.REQUESTS.labels(self.spec.name, code.name.lower()).inc()
         self._out.append(RolloutEvent.end(request_id, code, message))
 
-    def _finish(self, a: Active, code: ErrorCode, message: str) -> None:
-        self.active.pop(a.req.id, None)
-        self.free.extend(s for s in a.slots if s >= 0)
-        a.slots = []
-        self._end(a.req.id, code, message)
+    def _finish(self, j: Job, code: ErrorCode, message: str) -> None:
+        if self.jobs.pop(j.req.id, None) is None:
+            return  # ended already
+        for c in list(j.chunks):
+            self._drop_chunk(c)
+        j.pending = []
+        self._end(j.req.id, code, message)
 
     def _die(self, e: BaseException) -> None:
         """Fatal: end every request this engine holds or was given, then stop taking work."""
@@ -385,12 +393,12 @@ class Engine:
             self.fatal = e
             log.critical("engine failed and stops: %s: %s", type(e).__name__, e, exc_info=e)
             msg = f"engine failed: {type(e).__name__}: {e}"
-            for a in list(self.active.values()):
-                self._finish(a, ErrorCode.INTERNAL, msg)
-            ids = {w.req.id for w in self.waiting}
-            ids |= {obj.id for kind, obj, _ in self._inbox if kind == "submit"}
+            for j in list(self.jobs.values()):
+                self._finish(j, ErrorCode.INTERNAL, msg)
+            for kind, obj, _ in self._inbox:
+                if kind == "submit":
+                    self._end(obj.id, ErrorCode.INTERNAL, msg)
             self._inbox.clear()
-            self._drop_waiting(ids, ErrorCode.INTERNAL, msg)
 
 
 class EngineFailed(RuntimeError):
