@@ -13,8 +13,8 @@
 - gRPC: `grpc_max_concurrent_rpcs` (RESOURCE_EXHAUSTED over it), `grpc_max_streams_per_connection` concurrent
   HTTP/2 streams per connection (MAX_CONCURRENT_STREAMS), keepalive pings and limits, idle connections closed,
   max message size = `max_body_bytes`.
-- JSON nesting (JsonDepth): REST bodies (http.BodyLimit) and WebSocket messages (ws.receive_object) deeper than
-  `max_json_depth` are refused before json.loads (100k `[` raised RecursionError in the parser).
+- JSON nesting: REST bodies (http.BodyLimit) and WebSocket messages (ws.receive_object) deeper than
+  `max_json_depth` are refused before json.loads (schemas.JsonDepth; 100k `[` raised RecursionError in the parser).
 - TLS: `tls_cert` + `tls_key` (PEM) serve HTTPS/WSS and gRPC over TLS; `tls_client_ca` makes gRPC
   require client certificates signed by that CA (mTLS).
 """
@@ -26,7 +26,6 @@ import json
 
 import grpc
 import httptools
-import numpy as np
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..settings import ServerSettings
@@ -163,46 +162,6 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
         self.pending.discard(self)
         self._disarm()
         super().connection_lost(exc)
-
-
-_TO_SQUARE = bytes.maketrans(b"{}", b"[]")
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_SLICE = 1 << 20
-
-
-class JsonDepth:
-    """Running nesting depth of JSON text fed in pieces (a streamed body, a WebSocket message): `[` / `{` +1,
-    `]` / `}` -1, the running maximum over every piece. Brackets inside strings count too (frame data is
-    base64, which has none), so this may over-count, never under-count: json.loads never nests deeper than
-    `max`. C-speed: counts first, and only a piece that could go over the limit is scanned (numpy, 1 MiB slices)."""
-
-    def __init__(self, limit: int):
-        self.limit, self.depth, self.max = limit, 0, 0
-
-    def feed(self, data: bytes | str) -> bool:
-        """True once the nesting has gone over `limit`."""
-        if isinstance(data, str):
-            opens, closes = data.count("[") + data.count("{"), data.count("]") + data.count("}")
-        else:
-            opens, closes = data.count(b"[") + data.count(b"{"), data.count(b"]") + data.count(b"}")
-        if self.depth + opens <= self.limit:  # cannot go over within this piece
-            self.max = max(self.max, self.depth + (opens > 0))
-            self.depth += opens - closes
-            return False
-        raw = data.encode("utf-8", "ignore") if isinstance(data, str) else data
-        seq = raw.translate(_TO_SQUARE, _NOT_BRACKET)  # only the brackets, all as [ and ]
-        for i in range(0, len(seq), _SLICE):
-            run = np.cumsum(np.where(np.frombuffer(seq, np.uint8, min(_SLICE, len(seq) - i), i) == 91, 1, -1))
-            run += self.depth
-            self.max = max(self.max, int(run.max()))
-            self.depth = int(run[-1])
-            if self.max > self.limit:
-                return True
-        return False
-
-    @property
-    def message(self) -> str:
-        return f"JSON nested deeper than {self.limit} levels (server.max_json_depth)"
 
 
 def uvicorn_options(srv: ServerSettings, tls: bool = True) -> dict:

@@ -10,7 +10,7 @@ included); a body that stops arriving for `body_timeout_s` gets 408. Why contain
 `[],[],...` into ~5 M Python lists (~450 MB). A legitimate request has at most a few thousand arrays/objects
 (K candidates x T actions), so counting `[` and `{` bytes (never part of base64 frame data) bounds the memory a
 body can cost before parsing. The same bytes give the nesting depth (`[`/`{` +1, `]`/`}` -1, running max over the
-chunks, conn.JsonDepth): a body nested deeper than `max_json_depth` gets 400 naming the limit before json.loads
+chunks, schemas.JsonDepth): a body nested deeper than `max_json_depth` gets 400 naming the limit before json.loads
 sees it (5,000 nested `[` ran the parser into RecursionError, answered only "error parsing the body").
 """
 
@@ -32,10 +32,9 @@ from ..errors import ServiceError
 from ..settings import ServerSettings
 from .admin import admin_router
 from .auth import WS_PROTOCOL, Gate, HttpGate, current_principal
-from .conn import JsonDepth
 from .dataplane import DataPlane, RolloutInput
 from .errors import error_body, http_status, retry_after_header, send_json_error
-from .schemas import PredictIn, RolloutIn, describe, event_json, frames_in, options_in
+from .schemas import JsonDepth, PredictIn, RolloutIn, describe, event_json, frames_in, options_in
 from .ws import run_ws_session
 
 STATIC = Path(__file__).parent / "static"

@@ -23,10 +23,9 @@ from starlette.websockets import WebSocketState
 
 from ..errors import InvalidArgument, ServiceError
 from .auth import current_principal
-from .conn import JsonDepth
 from .dataplane import DataPlane, RolloutInput
 from .errors import WS_UNSUPPORTED_DATA, code_name, ws_close_code
-from .schemas import SessionOpenIn, event_json, frames_in, options_in, validation_error
+from .schemas import JsonDepth, SessionOpenIn, event_json, frames_in, options_in, validation_error
 from .session import CLOSE, session_events
 
 log = logging.getLogger("worldserve.api.ws")

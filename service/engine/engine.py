@@ -37,8 +37,7 @@ from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutReq
 from ..model.protocol import ModelSpec, Noise, WorldModelProtocol, check_model
 from ..runtime.batch import HostOutputs, Sampler, bucket, pad_to, run_fixed_chunks, to_host
 from ..settings import EngineSettings
-from .requests import Chunk, Job, Row
-from .scheduler import Scheduler
+from .scheduler import Chunk, Job, Row, Scheduler
 
 log = logging.getLogger("worldserve.engine")
 
