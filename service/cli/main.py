@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def cmd_train(a) -> None:
     if not data_path.exists():
         save(collect(a.episodes, a.seed, env=a.env), data_path)
     data = load(data_path)
+    if a.decoding != "parallel":
+        return _train_frame_head(a, data)
     t0 = time.time()
     cfg = PRESETS["tiny"] if a.env == "minigrid" else dataclasses.replace(PRESETS["tiny"], name=a.env)
     # a stochastic world needs a proper scoring rule (train.CHANGED_WEIGHT distorts the odds)
@@ -63,6 +66,67 @@ def cmd_train(a) -> None:
 """
     digest = save_model_dir(model, Path(a.out), card)
     print(f"saved {a.out} (sha256 {digest[:16]}…) after {minutes:.1f} min")
+
+
+def _train_frame_head(a, data: dict) -> None:
+    """`worldserve train --decoding maskgit|autoregressive`: fine-tune --init (default models/dynamic) with a
+    within-frame decoding head (lab/train_maskgit.py); the card records the command and the training minutes."""
+    from ..lab.train import ckpt_progress
+    from ..lab.train_maskgit import run, training_seconds
+    from ..model.io import load_model_dir, save_model_dir
+
+    init_dir = a.init or "models/dynamic"
+    name = Path(a.out).name
+    t0 = time.time()
+    model = run(data, Path(a.ckpt), load_model_dir(init_dir), a.dyn_steps, a.batch, a.seed, a.lr,
+                a.trunk_lr_scale, a.time_budget_min * 60 if a.time_budget_min else None, name,
+                a.uncertain_weight, decoding=a.decoding, passes=a.passes, head_layers=a.head_layers,
+                head_d_model=a.head_d, decode_temperature=a.decode_temperature, tokens_per_pass=a.tokens_per_pass,
+                choice_noise=a.choice_noise, schedule=a.schedule, confidence=a.confidence)
+    steps = ckpt_progress(Path(a.ckpt) / "maskgit.pt")[0]
+    minutes = training_seconds(Path(a.ckpt)) / 60
+    cfg, n_eps = model.cfg, len(data["frame_offsets"]) - 1
+    tpp = f", {cfg.tokens_per_pass} tokens a pass" if cfg.tokens_per_pass else ""
+    if a.trunk_lr_scale > 0:
+        trunk = f"its tokenizer frozen, its trunk fine-tuned at {a.trunk_lr_scale:g} x the head's learning rate"
+        losses = "), plus the trunk's per-token (x0.5), reward and done losses"
+    else:  # lab/train_maskgit.run: the trunk's conditioning of every training frame computed once, as served
+        trunk = ("its tokenizer and trunk frozen: the trunk's conditioning of every training frame computed once, as "
+                 "served (cached steps, up to 8 frames of context)")
+        losses = f"); {a.batch * cfg.window} frame pairs a step"
+    command = (f"worldserve train --env {a.env} --decoding {a.decoding} --init {init_dir} --passes {a.passes} "
+               f"--schedule {a.schedule} --confidence {a.confidence} --choice-noise {a.choice_noise:g} "
+               f"--head-layers {a.head_layers} --head-d {a.head_d} "
+               f"--dyn-steps {a.dyn_steps} --batch {a.batch} --lr {a.lr:g} --trunk-lr-scale {a.trunk_lr_scale:g} "
+               f"--uncertain-weight {a.uncertain_weight:g} --seed {a.seed} --threads {a.threads} --ckpt {a.ckpt} "
+               f"--out {a.out}" + (f" --time-budget-min {a.time_budget_min:g}" if a.time_budget_min else ""))
+    bullets = [
+        f"Environment: the stochastic MiniGrid world of `{init_dir}` (8x8 random layouts, 64x64, one token per cell; "
+        "2 blue balls random-walk after every action; a collision ends the episode with reward -1). Actions: left, "
+        "right, forward.",
+        f"Decoding: `{cfg.decoding}`, {cfg.passes} passes by default{tpp}, schedule `{cfg.schedule}`, confidence "
+        f"`{cfg.confidence}`, choice noise {cfg.choice_noise:g}, at {cfg.decode_temperature:g} x the request's "
+        "temperature (service/model/maskgit.py). The trunk runs once per frame; the frame head fills the frame in "
+        "passes.",
+        f"Made from `{init_dir}` ({trunk}) with a new frame head: a bidirectional transformer over the frame's "
+        f"{cfg.tokens_per_frame} positions, {cfg.head_layers} layers, d={cfg.head_d_model}, {cfg.head_heads} heads, "
+        "input = the trunk's conditioning + the partial frame's tokens (MASK where unknown, with their 3x3 cells) + "
+        "position; it predicts a correction to the trunk's logits (zero at the start: the parallel model). Loss "
+        "(Genie's recipe): per frame pair, a random fraction of the next frame's tokens masked (cosine schedule, at "
+        "least one), cross-entropy on the masked positions (weighted 1 + "
+        f"{a.uncertain_weight:g} x (1 - the trunk's top probability){losses}.",
+        f"Training data: {n_eps} episodes of the dynamic world (seeds {a.seed}..{a.seed + n_eps - 1}, epsilon-expert "
+        f"behaviour, `{a.data}/{a.env}-train.npz`), {len(data['frames'])} frames; held-out evaluation from seed "
+        "1,000,000 on.",
+        f"Training: `{command}`: {steps} steps on {a.threads} CPU threads (shared with other work), {minutes:.1f} "
+        "minutes in all (the frozen trunk's conditioning included, summed over resumes; checkpoints every 100 steps).",
+        f"Parameters: {model.param_counts()}",
+    ]
+    card = (f"# worldserve {cfg.name} — the dynamic world model with a within-frame decoding head ({cfg.decoding})\n\n"
+            + "\n".join(textwrap.fill(b, 118, initial_indent="- ", subsequent_indent="  ", break_long_words=False,
+                                       break_on_hyphens=False) for b in bullets) + "\n")
+    digest = save_model_dir(model, Path(a.out), card)
+    print(f"saved {a.out} (sha256 {digest[:16]}…) after {minutes:.1f} min of training ({time.time() - t0:.0f} s now)")
 
 
 def cmd_train_denoiser(a) -> None:
@@ -153,6 +217,26 @@ def main(argv: list[str] | None = None) -> None:
                    help="loss weight of tokens that change (default 10 for minigrid, 1 for a stochastic world)")
     t.add_argument("--init", help="start from this model directory (its tokenizer and weights): a fine-tune")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the dynamics stage")
+    t.add_argument("--decoding", choices=("parallel", "maskgit", "autoregressive"), default="parallel",
+                   help="maskgit | autoregressive: fine-tune --init (default models/dynamic) with a within-frame "
+                   "decoding head (masked-token prediction; then --out models/maskgit)")
+    t.add_argument("--passes", type=int, default=8, help="frame head: the default number of decoding passes")
+    t.add_argument("--tokens-per-pass", type=int, default=0, help="frame head, autoregressive: tokens a pass")
+    t.add_argument("--head-layers", type=int, default=2, help="frame head: transformer layers")
+    t.add_argument("--head-d", type=int, default=128, help="frame head: width")
+    t.add_argument("--decode-temperature", type=float, default=1.0,
+                   help="frame head: the passes' temperature at a request temperature of 1")
+    t.add_argument("--trunk-lr-scale", type=float, default=0.1,
+                   help="frame head: the trunk's learning rate as a fraction of --lr (0: frozen, its conditioning "
+                   "computed once: much faster)")
+    t.add_argument("--choice-noise", type=float, default=1.0,
+                   help="frame head, maskgit: Gumbel noise of the confidence ranking, x the temperature")
+    t.add_argument("--schedule", choices=("cosine", "sequential"), default="cosine",
+                   help="frame head, maskgit: tokens known after each pass (sequential: N - P + 1, then one a pass)")
+    t.add_argument("--confidence", choices=("sampled", "max"), default="sampled",
+                   help="frame head, maskgit: rank by log p of the token drawn (MaskGIT) or log max p")
+    t.add_argument("--uncertain-weight", type=float, default=0.0,
+                   help="frame head: masked positions weigh 1 + this x (1 - the trunk's top probability there)")
     t.set_defaults(fn=lambda a: (cmd_train_denoiser if a.arch == "denoiser" else cmd_train)(a))
 
     e = sub.add_parser("eval", help="evaluate a model directory on held-out episodes")

@@ -37,6 +37,7 @@ from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutReq
 from ..model.protocol import ModelSpec, Noise, WorldModelProtocol, check_model
 from ..runtime.batch import HostOutputs, Sampler, bucket, pad_to, run_fixed_chunks, to_host
 from ..settings import EngineSettings
+from .frames import FramePasses
 from .scheduler import Chunk, Job, Row, Scheduler
 
 log = logging.getLogger("worldserve.engine")
@@ -51,6 +52,8 @@ class Engine:
         self.sampler = sampler or Sampler()
         self.pad_slot = cfg.max_slots  # never allocated: padding rows of a bucket write here
         self.state = model.allocate_state(cfg.max_slots + 1)  # opaque to the engine
+        passes = getattr(self.spec, "decoding", "parallel") != "parallel"  # within-frame decoding, batched by pass
+        self.frames = FramePasses(model, cfg.max_slots + 1, model.device) if passes else None
         self.free: list[int] = list(range(cfg.max_slots))
         self.jobs: dict[str, Job] = {}  # every request taken in and not yet ended: waiting, running or both
         self.running: list[Chunk] = []  # admitted candidates, in admission order
@@ -246,7 +249,9 @@ class Engine:
     def _schedule(self) -> list[Row]:
         rows = []
         for c in self.running:
-            if c.req.session:
+            if c.passes_done:  # a frame in progress: its next pass, no new action
+                rows.extend(Row(c, c.k0 + i, s, None, fresh=False) for i, s in enumerate(c.slots) if s >= 0)
+            elif c.req.session:
                 if c.job.actions:
                     rows.append(Row(c, 0, c.slots[0], c.job.actions.popleft()))
             else:
@@ -258,7 +263,7 @@ class Engine:
         """Execute; on failure isolate the request(s) at fault when the cache was not yet advanced."""
         self._advanced = False
         try:
-            self._update(rows, *self._execute(rows))
+            self._run(rows)
             self._failures = 0
             return
         except Exception as e:
@@ -272,7 +277,7 @@ class Engine:
             mine = [r for r in rows if r.chunk.job is a]
             self._advanced = False
             try:
-                self._update(mine, *self._execute(mine))
+                self._run(mine)
                 self._failures = 0
             except Exception as e:
                 self._failed([a], e, "step")
@@ -295,15 +300,61 @@ class Engine:
         slots = pad_to(torch.tensor([r.slot for r in rows]), nb, self.pad_slot).to(dev)
         if self.spec.action_dim:
             acts = torch.zeros(nb, self.spec.action_dim)  # float32 [nb, A]
-            acts[:b] = torch.from_numpy(np.stack([np.asarray(r.action, np.float32) for r in rows]))
+            acts[:b] = torch.from_numpy(np.stack([np.zeros(self.spec.action_dim, np.float32) if r.action is None
+                                                  else np.asarray(r.action, np.float32) for r in rows]))
         else:
             acts = torch.zeros(nb, dtype=torch.int64)  # int64 [nb]
-            acts[:b] = torch.tensor([int(r.action) for r in rows])
+            acts[:b] = torch.tensor([0 if r.action is None else int(r.action) for r in rows])
         seed = torch.zeros(nb, dtype=torch.int64)
         seed[:b] = torch.tensor([(r.chunk.req.seed + r.candidate) % (1 << 63) for r in rows], dtype=torch.int64)
         stepi = torch.zeros(nb, dtype=torch.int64)
         stepi[:b] = torch.tensor([r.chunk.step for r in rows], dtype=torch.int64)
         return slots, acts.to(dev), seed.to(dev), stepi.to(dev)
+
+    def _run(self, rows: list[Row]) -> None:
+        if self.frames is None:  # one model step makes every row's frame
+            self._update(rows, *self._execute(rows))
+        else:  # passes: the rows whose frame completed this iteration
+            self._update(*self._execute_passes(rows))
+
+    def _execute_passes(self, rows: list[Row]):
+        """4'. Within-frame decoding (engine/frames.py): the trunk for rows starting a frame, then ONE fill over every
+        row at whatever pass it is; the rows whose frame completes are advanced, decoded and returned for update."""
+        b, dev, fp = len(rows), self.device, self.frames
+        nb = bucket(b, self.cfg.max_slots)
+        metrics.BATCH_SIZE.labels(self.spec.name).observe(b)
+        slots, acts, seed, stepi = self._inputs(rows, nb)
+        fresh = [i for i, r in enumerate(rows) if r.fresh]
+        if fresh:  # the trunk once per frame, bucketed too
+            nf, idx = bucket(len(fresh), self.cfg.max_slots), torch.tensor(fresh, device=dev)
+            fp.begin(self.model, self.state, pad_to(slots[idx], nf, self.pad_slot), pad_to(acts[idx], nf, 0))
+        pidx = torch.zeros(nb, dtype=torch.int64)
+        pidx[:b] = torch.tensor([r.chunk.passes_done for r in rows])
+        temp = torch.zeros(nb)
+        temp[:b] = torch.tensor([r.chunk.req.temperature for r in rows], dtype=torch.float32)
+        partial = fp.fill(self.model, self.state, slots, pidx.to(dev), temp.to(dev), seed, stepi)  # [nb, N]
+        last = fp.passes - 1
+        complete = [i for i, r in enumerate(rows) if r.chunk.passes_done == last]
+        for c in {id(r.chunk): r.chunk for r in rows}.values():
+            c.passes_done = 0 if c.passes_done == last else c.passes_done + 1
+        crows = [rows[i] for i in complete]
+        if not crows:
+            return [], None, set(), {}
+        ci = torch.tensor(complete, device=dev)
+        cslots, nxt = slots[ci], partial[ci]
+        self.model.advance(self.state, cslots, nxt)  # only the complete frame enters the context window
+        self._advanced = True
+        return (crows, *self._outputs(crows, nxt, fp.reward[cslots], fp.done[cslots]))
+
+    def _outputs(self, rows: list[Row], nxt: torch.Tensor, reward: torch.Tensor, done: torch.Tensor):
+        """4d-e. Stops at done, frames decoded where asked, one device -> host copy."""
+        ends = self._done_rows(rows, done)  # stop_on_done: rows whose candidate ends at this step
+        want = [i for i, r in enumerate(rows) if self._wants_frame(r.chunk) or (i in ends and r.chunk.req.frames
+                                                                              == FrameMode.LAST)]
+        frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # uint8 [F, H, W, 3]
+        tokens = nxt if any(r.chunk.req.return_tokens for r in rows) and not self.latent_out else None
+        host = to_host(reward, done, tokens, frames)  # one device -> host copy
+        return host, ends, {i: j for j, i in enumerate(want)}
 
     def _execute(self, rows: list[Row]) -> tuple[HostOutputs, set[int], dict[int, int]]:
         """4. One model step for every row: sample, advance, decode where asked, one device -> host copy.
@@ -322,13 +373,7 @@ class Engine:
             nxt = self.sampler(out[:b], temp.to(self.device), seed[:b], zeros[:b], stepi[:b])
         self.model.advance(self.state, slots[:b], nxt)  # 4c. the completed frame enters the context window
         self._advanced = True
-        ends = self._done_rows(rows, done[:b])  # stop_on_done: rows whose candidate ends at this step
-        want = [i for i, r in enumerate(rows) if self._wants_frame(r.chunk) or (i in ends and r.chunk.req.frames
-                                                                              == FrameMode.LAST)]
-        frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # 4d. uint8 [F, H, W, 3]
-        tokens = nxt if any(r.chunk.req.return_tokens for r in rows) and not self.latent_out else None
-        host = to_host(reward[:b], done[:b], tokens, frames)  # 4e. one device -> host copy
-        return host, ends, {i: j for j, i in enumerate(want)}
+        return self._outputs(rows, nxt, reward[:b], done[:b])  # 4d-e
 
     def _update(self, rows: list[Row], host: HostOutputs, ends: set[int], frame_of: dict[int, int]) -> None:
         """5. The step's events (handed over together at its end), stops at done, step counters, finished requests."""

@@ -116,6 +116,7 @@ class Chunk:
     slots: list[int]  # -1: that candidate stopped at done or was given back
     skip: int = 0  # steps below this were sent before a preemption: replayed without events
     step: int = 0
+    passes_done: int = 0  # within-frame decoding (engine/frames.py): passes of the frame in progress; 0 = none
 
     @property
     def req(self) -> RolloutRequest:
@@ -132,7 +133,8 @@ class Row:
     chunk: Chunk
     candidate: int
     slot: int
-    action: object  # discrete int | continuous float32 [A]
+    action: object  # discrete int | continuous float32 [A]; None: a frame in progress takes its next pass
+    fresh: bool = True  # starts a frame (its action goes to the model) rather than continuing one
 
 
 def headroom(max_slots: int) -> int:

@@ -33,6 +33,14 @@ def _ckpt(path: Path, **state) -> None:
     tmp.replace(path)
 
 
+def ckpt_progress(ckpt: Path) -> tuple[int, float]:
+    # (steps done, training seconds summed over resumes) recorded in a checkpoint by fit(); (0, 0.0) without one
+    if not ckpt.exists():
+        return 0, 0.0
+    st = torch.load(ckpt, weights_only=False)
+    return int(st["step"]), float(st.get("elapsed_s", 0.0))
+
+
 def _resume(ckpt: Path, module: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[float]]:
     # -> (steps done, loss history); (0, []) without a checkpoint
     if not ckpt.exists():
@@ -184,12 +192,16 @@ def dynamics_loss(model: WorldModel, cfg: ModelConfig, batch, gen: torch.Generat
 
 def fit(module: torch.nn.Module, batch_loss, steps: int, seed: int, ckpt: Path, lr: float, desc: str,
         weight_decay: float, betas: tuple[float, float], every: int = 100,
-        time_budget_s: float | None = None) -> list[float]:
+        time_budget_s: float | None = None, groups: list[tuple[list, float]] | None = None) -> list[float]:
     """The training loop shared by every model: AdamW, warm-up + cosine lr, clip 1.0, a checkpoint every `every`
     steps (and at a time budget), resumable with the same batch stream. batch_loss(np gen, torch gen) ->
-    (loss to minimise, metric to log)."""
+    (loss to minimise, metric to log). groups: [(parameters, lr scale)] to train (default: all of the module's at
+    lr). The checkpoint records the training seconds so far (ckpt_elapsed_s)."""
     module.train()
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay, betas=betas)
+    groups = [(list(module.parameters()), 1.0)] if groups is None else groups
+    opt = torch.optim.AdamW([{"params": list(ps), "lr_scale": scale} for ps, scale in groups], lr=lr,
+                            weight_decay=weight_decay, betas=betas)
+    elapsed0 = ckpt_progress(ckpt)[1]
     start, losses = _resume(ckpt, module, opt)
     gen = np.random.default_rng(seed + start)
     tgen = torch.Generator().manual_seed(seed + start)
@@ -197,7 +209,7 @@ def fit(module: torch.nn.Module, batch_loss, steps: int, seed: int, ckpt: Path, 
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=5)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr)
+            g["lr"] = lr_at(step, steps, lr) * g["lr_scale"]
         loss, metric = batch_loss(gen, tgen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,7 +220,8 @@ def fit(module: torch.nn.Module, batch_loss, steps: int, seed: int, ckpt: Path, 
             bar.set_postfix(metric=f"{np.mean(losses[-20:]):.4f}", loss=f"{float(loss):.4f}")
         stop = time_budget_s is not None and time.time() - t0 > time_budget_s
         if (step + 1) % every == 0 or step + 1 == steps or stop:
-            _ckpt(ckpt, model=module.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses)
+            _ckpt(ckpt, model=module.state_dict(), opt=opt.state_dict(), step=step + 1, losses=losses,
+                  elapsed_s=elapsed0 + time.time() - t0)
         if stop:
             break
     module.eval()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .spec import CONFIDENCES, DECODINGS, SCHEDULES
+
 
 class ConfigurationError(ValueError):
     """A model, backend, precision or memory configuration that cannot serve. Raised by library code; the
@@ -35,6 +37,22 @@ class ModelConfig:
     action_dim: int = 0
     action_names: tuple[str, ...] = ("left", "right", "forward")
     rope_base: float = 10000.0
+    # within-frame decoding (model/maskgit.py). "parallel": every token of the next frame is sampled from the trunk's
+    # one pass (no head: today's models). "maskgit" | "autoregressive": a small bidirectional transformer (the frame
+    # head, head_layers x head_d_model) fills the frame in `passes` passes (autoregressive: tokens_per_pass tokens a
+    # pass in raster order, 0 = ceil(N / passes)) at decode_temperature x the request's temperature; MaskGIT ranks
+    # the sampled tokens by confidence ("sampled": log p of the token drawn, "max": log max p) + choice_noise x
+    # temperature x Gumbel noise, along a schedule ("cosine", or "sequential": one token a pass at the end).
+    decoding: str = "parallel"
+    passes: int = 1
+    decode_temperature: float = 1.0
+    tokens_per_pass: int = 0
+    choice_noise: float = 1.0
+    schedule: str = "cosine"
+    confidence: str = "sampled"
+    head_layers: int = 0  # 0: no frame head
+    head_d_model: int = 128
+    head_heads: int = 4
 
     @property
     def tokens_per_frame(self) -> int:
@@ -56,6 +74,10 @@ class ModelConfig:
     @property
     def continuous(self) -> bool:
         return self.action_dim > 0
+
+    @property
+    def has_frame_head(self) -> bool:
+        return self.head_layers > 0
 
     @property
     def head_dim(self) -> int:
@@ -90,6 +112,16 @@ class ModelConfig:
             raise ValueError("d_model must split into an even head_dim")
         if (self.n_actions > 0) == (self.action_dim > 0):
             raise ValueError("exactly one of n_actions (discrete) or action_dim (continuous) must be > 0")
+        if self.decoding not in DECODINGS:
+            raise ValueError(f"decoding must be one of {DECODINGS}, got {self.decoding!r}")
+        if self.decoding != "parallel" and self.head_layers <= 0:
+            raise ValueError(f"decoding {self.decoding!r} needs a frame head (head_layers > 0)")
+        if self.passes < 1 or self.tokens_per_pass < 0 or self.decode_temperature < 0 or self.choice_noise < 0:
+            raise ValueError("passes must be >= 1, tokens_per_pass >= 0, decode_temperature and choice_noise >= 0")
+        if self.schedule not in SCHEDULES or self.confidence not in CONFIDENCES:
+            raise ValueError(f"schedule must be one of {SCHEDULES} and confidence one of {CONFIDENCES}")
+        if self.head_layers and (self.head_d_model % self.head_heads):
+            raise ValueError("head_d_model must split into head_heads heads")
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -198,8 +198,10 @@ class Dynamics(nn.Module):
         diff = f[:, None] - f[None, :]
         return (diff >= 0) & (diff < w)
 
-    def forward(self, tokens, actions, known=None, frame_offset: int = 0, return_kv: bool = False):
+    def forward(self, tokens, actions, known=None, frame_offset: int = 0, return_kv: bool = False,
+                return_hidden: bool = False):
         # tokens: int64 [B, T, N]; actions: [B, T] (discrete) or [B, T, A] (continuous)
+        # -> logits, reward, done (+ hidden [B, T, N, d]: the heads' input, if return_hidden) (+ kvs, if return_kv)
         b, t, n = tokens.shape
         x = self.embed(tokens, self.embed_actions(actions, known)).reshape(b, t * n, -1)  # [B, T*N, d]
         fidx = torch.arange(t, device=tokens.device).repeat_interleave(n) + frame_offset
@@ -213,6 +215,8 @@ class Dynamics(nn.Module):
                 kvs.append((k.transpose(1, 2).reshape(b, t, n, -1), v.transpose(1, 2).reshape(b, t, n, -1)))
             x = blk.finish(x, attention(q, k, v, mask))
         out = self.heads(x.view(b, t, n, -1))
+        if return_hidden:
+            out = (*out, x.view(b, t, n, -1))
         return (*out, kvs) if return_kv else out
 
     # ---- cached serving path -----------------------------------------------------------------
@@ -234,7 +238,8 @@ class Dynamics(nn.Module):
         cache.last_tokens[slots] = tokens[:, -1]
         cache.frames[slots] = c - 1
 
-    def step_with(self, tokens: torch.Tensor, frames: torch.Tensor, actions, known, window_kv):
+    def step_with(self, tokens: torch.Tensor, frames: torch.Tensor, actions, known, window_kv,
+                  return_hidden: bool = False):
         """The cached step, written once for every backend: one new frame per row.
 
         tokens int64 [B, N] (the input frame), frames int64 [B] (its index; ring position frames % W),
@@ -242,7 +247,8 @@ class Dynamics(nn.Module):
         keys / values float [B, N, d] (keys rotated) and returns the window to attend to, head-major
         [B, H, W*N, hd] with this frame at its ring position: `step` writes them into the KV cache and reads
         the window back; runtime/graphs.StepGraph (compile, ONNX, TensorRT) selects them without writing.
-        -> logits [B, N, V], reward [B], done_logit [B]
+        -> logits [B, N, V], reward [B], done_logit [B] (+ hidden [B, N, d], the heads' input: the conditioning of
+        a within-frame decoding head, model/maskgit.py, if return_hidden)
         """
         cfg = self.cfg
         b, n, w = tokens.shape[0], cfg.tokens_per_frame, cfg.window
@@ -257,10 +263,11 @@ class Dynamics(nn.Module):
             kk, vv = window_kv(layer, k.transpose(1, 2).reshape(b, n, -1), v.transpose(1, 2).reshape(b, n, -1))
             x = blk.finish(x, attention(q, kk.to(q.dtype), vv.to(q.dtype), mask))
         logits, reward, done = self.heads(x.unsqueeze(1))
-        return logits[:, 0], reward[:, 0], done[:, 0]
+        out = logits[:, 0], reward[:, 0], done[:, 0]
+        return (*out, x) if return_hidden else out
 
     @torch.no_grad()
-    def step(self, cache: KVCache, slots: torch.Tensor, actions, known=None):
+    def step(self, cache: KVCache, slots: torch.Tensor, actions, known=None, return_hidden: bool = False):
         """One frame for every slot in `slots` [B]: returns logits [B, N, V], reward [B], done_logit [B].
 
         Writes the keys/values of the current frame (last_tokens + action) into the ring buffer.
@@ -278,7 +285,7 @@ class Dynamics(nn.Module):
             return (cache.k[layer].view(heads).transpose(1, 2).index_select(0, slots),
                     cache.v[layer].view(heads).transpose(1, 2).index_select(0, slots))
 
-        return self.step_with(cache.last_tokens[slots], t, actions, known, window_kv)
+        return self.step_with(cache.last_tokens[slots], t, actions, known, window_kv, return_hidden)
 
 
 def advance(cache: KVCache, slots: torch.Tensor, next_tokens: torch.Tensor) -> None:

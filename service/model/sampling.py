@@ -13,8 +13,8 @@ logits themselves). Every operation is row-independent: elementwise maps, max, s
 a row, and sums over at most BLOCK contiguous entries (torch reduces a contiguous inner dimension per output row,
 serially below its parallel grain), so a row's token does not depend on the batch or on the chunk it falls in.
 
-    sample(logits float [B, N, V], temperature float [B], seed int64 [B], candidate int64 [B], step int64 [B])
-        -> int64 [B, N] in [0, V)
+    sample(logits float [B, N, V], temperature float [B], seed int64 [B], candidate int64 [B], step int64 [B],
+           draw int64 [B] | None) -> int64 [B, N] in [0, V)
 
 `sample_reference` is the same distribution written plainly (one cumsum over the whole row), the reference the
 chunked path and the Triton kernel (worldserve.kernels.sampling) are tested against.
@@ -39,10 +39,19 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def token_uniform(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """seed, candidate, step: int64 [B] -> float32 [B, n_tokens] in (0, 1): one uniform per token."""
+def token_uniform(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor, n_tokens: int,
+                  draw: torch.Tensor | None = None) -> torch.Tensor:
+    """seed, candidate, step: int64 [B] -> float32 [B, n_tokens] in (0, 1): one uniform per token.
+
+    draw: int64 [B] >= 0 or None. None is the step's own stream (what `sample` draws by default); a draw index
+    selects another stream of the same (seed, candidate, step), per row: the passes of a within-frame sampler
+    (model/maskgit.py) draw their tokens and their Gumbel noise from draws 1, 2, 3, ... of the frame's step.
+    """
     tok = torch.arange(n_tokens, device=seed.device, dtype=torch.int64)[None, :]
-    h = _mix32(_row_hash(seed, candidate, step) ^ ((tok * 0xC2B2AE35) & M32))
+    row = _row_hash(seed, candidate, step)  # uint32 [B, 1]
+    if draw is not None:
+        row = _mix32(row ^ ((draw[:, None] * 0x9E3779B1 + 0x7F4A7C15) & M32))
+    h = _mix32(row ^ ((tok * 0xC2B2AE35) & M32))
     return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 high bits -> (0, 1)
 
 
@@ -120,8 +129,10 @@ def _sample_rows(flat: torch.Tensor, sel: torch.Tensor, t: torch.Tensor, u: torc
     return (blk * bs + torch.minimum(j, last_j)).squeeze(1)
 
 
-def sample(logits, temperature, seed, candidate, step):
-    """logits float [B, N, V]; temperature float [B] (0 = greedy); seed/candidate/step int64 [B] -> int64 [B, N]."""
+def sample(logits, temperature, seed, candidate, step, draw=None):
+    """logits float [B, N, V]; temperature float [B] (0 = greedy); seed/candidate/step int64 [B] -> int64 [B, N].
+
+    draw: int64 [B] or None (the step's own stream): see `token_uniform`."""
     b, n, v = logits.shape
     hot = temperature > 0  # [B] bool
     n_hot = int(hot.sum())
@@ -131,7 +142,7 @@ def sample(logits, temperature, seed, candidate, step):
     for i in (~hot).nonzero().squeeze(1).tolist():  # greedy rows of a mixed batch: argmax on views, no copy
         out[i] = logits[i].argmax(-1)
     rows = hot.nonzero().squeeze(1)  # [S] sampled batch rows
-    u = token_uniform(seed[rows], candidate[rows], step[rows], n).reshape(-1)  # [S * N]
+    u = token_uniform(seed[rows], candidate[rows], step[rows], n, None if draw is None else draw[rows]).reshape(-1)
     t = temperature[rows].float().clamp(min=1e-6).repeat_interleave(n)  # [S * N]
     flat = logits.reshape(b * n, v)  # a view for contiguous logits
     idx = (rows[:, None] * n + torch.arange(n, device=logits.device)).reshape(-1)  # [S * N] rows of flat
