@@ -30,11 +30,8 @@ class ModelLoadError(ConfigurationError):
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_model_dir(model, out: Path, card_body: str, config: dict | None = None) -> str:
