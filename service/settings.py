@@ -93,6 +93,8 @@ class ServerSettings(BaseModel):
     grpc_max_connection_idle_s: float = 600.0
     grpc_min_ping_interval_s: float = 10.0  # clients pinging more often are refused (GOAWAY)
     max_sessions: int = Field(256, ge=1, description="open sessions (WS + gRPC) in this front end")
+    request_timeout_s: float = Field(600.0, gt=0, description="the deadline of a rollout or predict that names none "
+                                     "(every mode): a wedged engine or a long queue never holds a client for ever")
     max_pending_actions: int = Field(32, ge=1, description="actions of one session sent but not yet answered with a "
                                      "frame: past it the front end stops reading the client (backpressure), so the "
                                      "engine, the early-action buffer and the Redis session stream stay bounded")

@@ -381,6 +381,8 @@ class DataPlane:
         if o.deadline_ms:
             d = time.time() + o.deadline_ms / 1000
             deadline = d if deadline is None else min(deadline, d)
+        if deadline is None and not session:  # a backstop in every mode: nothing waits for ever (sessions end idle)
+            deadline = time.time() + self.server.request_timeout_s
         who = inp.principal
         req = RolloutRequest(
             id=uuid.uuid4().hex, model=m.name, context=np.zeros((0, m.height, m.width, 3), np.uint8),

@@ -88,11 +88,13 @@ class Engine:
         self._wake.set()
 
     def act(self, a: SessionAction) -> None:
-        self._inbox.append(("act", a, 0.0))
+        with self._lock:  # the inbox is only touched under the lock (submit scans it)
+            self._inbox.append(("act", a, 0.0))
         self._wake.set()
 
     def cancel(self, request_id: str) -> None:
-        self._inbox.append(("cancel", request_id, 0.0))
+        with self._lock:
+            self._inbox.append(("cancel", request_id, 0.0))
         self._wake.set()
 
     def free_slots(self) -> int:
@@ -104,7 +106,8 @@ class Engine:
 
     def room(self) -> int:
         """Slots left once every request not yet admitted has its slots (a Redis worker reads while > 0)."""
-        inbox = [obj for k, obj, _ in list(self._inbox) if k == "submit"]
+        with self._lock:
+            inbox = [obj for k, obj, _ in self._inbox if k == "submit"]
         return len(self.free) - sum(j.need() for j in list(self.jobs.values())) - sum(r.candidates for r in inbox)
 
     def alive(self) -> bool:
@@ -152,8 +155,9 @@ class Engine:
         return out
 
     def _drain_inbox(self) -> None:
-        while self._inbox:
-            kind, obj, t = self._inbox.popleft()
+        with self._lock:  # taken whole under the lock: submit's duplicate scan never sees it change
+            items, self._inbox = self._inbox, deque()
+        for kind, obj, t in items:
             if kind == "submit":
                 self.jobs[obj.id] = Job(obj, next(self._seq), t, last_seen=t)
             elif kind == "act":
@@ -273,21 +277,31 @@ class Engine:
                 return
             log.warning("engine step of %d requests failed (%s: %s); retrying each alone", len(owners),
                         type(e).__name__, e)
+        served, last = False, None
         for a in owners:  # one request per step: the others are served, the one at fault ends
             mine = [r for r in rows if r.chunk.job is a]
             self._advanced = False
             try:
                 self._run(mine)
-                self._failures = 0
+                served = True
             except Exception as e:
-                self._failed([a], e, "step")
+                self._failed([a], e, "step", count=False)
+                last = e
+        if served:  # the budget counts failing steps, not failing requests of one retried step
+            self._failures = 0
+        elif last is not None:
+            self._count_failure(last)
 
-    def _failed(self, jobs: list[Job], e: Exception, where: str) -> None:
-        self._failures += 1
+    def _failed(self, jobs: list[Job], e: Exception, where: str, count: bool = True) -> None:
         log.error("engine %s failed for %s: %s: %s", where, [j.req.id for j in jobs], type(e).__name__, e,
                   exc_info=e)
         for j in jobs:  # every slot of theirs back, admitted this step or not
             self._finish(j, ErrorCode.INTERNAL, f"engine {where} failed: {type(e).__name__}: {e}")
+        if count:
+            self._count_failure(e)
+
+    def _count_failure(self, e: Exception) -> None:
+        self._failures += 1
         if self._failures >= self.cfg.max_consecutive_failures:
             raise EngineFailed(f"{self._failures} engine steps failed in a row; last: {type(e).__name__}: {e}") from e
 

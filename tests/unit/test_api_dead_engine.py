@@ -40,8 +40,8 @@ def test_dead_engine_is_reported_by_healthz():
         app = create_app(DataPlane(q, ServerSettings()), ServerSettings())
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             assert (await c.get("/healthz")).status_code == 200
-            rs = await asyncio.wait_for(asyncio.gather(*[c.post("/v1/models/tiny/predict", json=body)
-                                                         for _ in range(3)]), 20)
+            rs = [await asyncio.wait_for(c.post("/v1/models/tiny/predict", json=body), 20)
+                  for _ in range(3)]  # three failing steps: the budget (3) is spent
             for r in rs:
                 assert r.status_code == 500 and r.json()["error"]["code"] == "INTERNAL", r.text
             for _ in range(100):

@@ -70,14 +70,14 @@ def test_poisoned_request_ends_internal_and_the_batch_is_served(model):
 def test_an_engine_that_cannot_go_on_ends_everything_and_stops(model):
     eng = Engine(PoisonedModel(model, always=True), EngineSettings(max_slots=4, max_consecutive_failures=3))
     got = []
-    for i in range(4):  # two admitted (2 slots each), two waiting
+    for i in range(8):  # two admitted at a time (2 slots each): three failing steps use six, two still wait
         eng.submit(req(f"r{i}", ctx(1, i), k=2))
     t = threading.Thread(target=eng.run, args=(got.extend,))
     t.start()
     t.join(10)
     assert not t.is_alive(), "run() must return once the engine is fatal"
     assert not eng.alive() and eng.fatal is not None
-    assert sorted(e.request_id for e in got if e.final) == ["r0", "r1", "r2", "r3"]
+    assert sorted(e.request_id for e in got if e.final) == [f"r{i}" for i in range(8)]
     assert all(e.error == ErrorCode.INTERNAL for e in got if e.final)
     with pytest.raises(Unavailable):
         eng.submit(req("late", ctx(1)))
@@ -96,7 +96,8 @@ async def _collect(q, r):
 
 def test_local_queue_reports_engine_death(model):
     async def main():
-        q = LocalQueue(Engine(PoisonedModel(model, always=True), EngineSettings(max_slots=4)), _info(model))
+        engine = Engine(PoisonedModel(model, always=True), EngineSettings(max_slots=4, max_consecutive_failures=1))
+        q = LocalQueue(engine, _info(model))
         await q.start()
         evs = await asyncio.wait_for(asyncio.gather(*[_collect(q, req(f"r{i}", ctx(1, i), k=1)) for i in range(3)]),
                                      10)
@@ -167,3 +168,37 @@ def test_stop_on_done_ends_a_candidate_at_the_done_step():
     fin = ev[-1]
     assert fin.final and fin.error == ErrorCode.OK and f"candidate 0 at step {end}" in fin.message
     assert eng.free_slots() == 4
+
+
+def test_the_failure_budget_counts_failing_steps_not_the_poisoned_requests_of_one_step(model):
+    # three poisoned requests in ONE step with a budget of 3 failing steps: each ends INTERNAL alone, the good one
+    # is served, the engine goes on (it used to count 3 failures and die for everyone)
+    eng = Engine(PoisonedModel(model), EngineSettings(max_slots=16, max_consecutive_failures=3))
+    bad = np.concatenate([ctx(1, 1), poison_frame()[None]])
+    ev = complete(eng, [req(f"bad{i}", bad, k=1) for i in range(3)] + [req("good", ctx(2, 2), k=1)])
+    assert all(final(ev, f"bad{i}").error == ErrorCode.INTERNAL for i in range(3))
+    assert final(ev, "good").error == ErrorCode.OK
+    assert eng.alive() and eng.free_slots() == 16
+
+
+def test_a_request_without_a_deadline_gets_the_backstop_in_embedded_mode(model):
+    # a predict that names no deadline, on a wedged engine: it ends DEADLINE_EXCEEDED at server.request_timeout_s
+    # instead of waiting for ever (Redis mode had its own 600 s bound; embedded mode had none)
+    from worldserve.api.dataplane import DataPlane, RolloutInput, WireFrame
+    from worldserve.errors import DeadlineExceeded
+    from worldserve.settings import ServerSettings
+
+    async def main():
+        wm = Wedged(model)
+        q = LocalQueue(Engine(wm, EngineSettings(max_slots=4)), _info(model))
+        await q.start()
+        dp = DataPlane(q, ServerSettings(request_timeout_s=0.5))
+        frame = WireFrame("raw", ctx(1)[0].tobytes(), 64, 64)
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(dp.predict(RolloutInput("tiny", [frame], [[2, 2]])), 10)
+        assert time.monotonic() - t0 < 4
+        wm.release.set()
+        await q.close()
+
+    asyncio.run(main())
