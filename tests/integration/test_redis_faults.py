@@ -131,11 +131,12 @@ def test_session_survives_its_worker(tmp_path, redis_server, real_frames):
             other.step(1)
         want = g.predict(MODEL, real_frames[:1], actions, seed=5, temperature=1.0)
         np.testing.assert_array_equal(np.stack(frames), want)
-        # the moved sessions end when their clients close: slots and pending entries back to 0 within 5 s
+        # the moved sessions end when their clients close: slots and pending entries back to 0 (within 5 s on a
+        # quiet machine; 20 s allowed here, where CI shares two cores; the leak this catches held them for good)
         r, t0 = redis_server.client(), time.time()
         while metric(st.workers[1].http, "worldserve_active_slots") or \
                 r.xpending(f"worldserve:requests:{MODEL}", f"workers:{MODEL}")["pending"]:
-            assert time.time() - t0 < 5, "moved sessions kept their slots or pending entries after close"
+            assert time.time() - t0 < 20, "moved sessions kept their slots or pending entries after close"
             time.sleep(0.1)
     finally:
         st.stop()
