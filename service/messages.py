@@ -92,6 +92,9 @@ class RolloutEvent:
     done: float  # probability the episode ended at this step
     frame: np.ndarray | None = None  # uint8 [H, W, 3]
     tokens: np.ndarray | None = None  # int64 [N]
+    # how sure the model was of this frame, in [0, 1]: for token models the mean probability of the frame's chosen
+    # tokens (under the distribution each was sampled from); None where the model gives none
+    confidence: float | None = None
     final: bool = False  # last event of the request (may carry an error)
     error: ErrorCode = ErrorCode.OK
     message: str = ""
