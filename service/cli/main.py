@@ -74,6 +74,7 @@ def _train_frame_head(a, data: dict) -> None:
     from ..lab.train import ckpt_progress
     from ..lab.train_maskgit import run, training_seconds
     from ..model.io import load_model_dir, save_model_dir
+    from ..model.maskgit import LOCAL
 
     init_dir = a.init or "models/dynamic"
     name = Path(a.out).name
@@ -110,8 +111,9 @@ def _train_frame_head(a, data: dict) -> None:
         "passes.",
         f"Made from `{init_dir}` ({trunk}) with a new frame head: a bidirectional transformer over the frame's "
         f"{cfg.tokens_per_frame} positions, {cfg.head_layers} layers, d={cfg.head_d_model}, {cfg.head_heads} heads, "
-        "input = the trunk's conditioning + the partial frame's tokens (MASK where unknown, with their 3x3 cells) + "
-        "position; it predicts a correction to the trunk's logits (zero at the start: the parallel model). Loss "
+        "input = the trunk's conditioning + the partial frame's tokens (MASK where unknown) + a "
+        f"{LOCAL}x{LOCAL} window of narrow embeddings of them + position; it predicts a correction to the trunk's "
+        "logits (zero at the start: the parallel model). Loss "
         "(Genie's recipe): per frame pair, a random fraction of the next frame's tokens masked (cosine schedule, at "
         "least one), cross-entropy on the masked positions (weighted 1 + "
         f"{a.uncertain_weight:g} x (1 - the trunk's top probability){losses}.",
