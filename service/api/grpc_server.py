@@ -129,6 +129,8 @@ def _event(ev: RolloutEvent, enc: str) -> pb.RolloutEvent:
         out.frame.CopyFrom(pb.Frame(encoding=ENC_PB[enc], height=h, width=w, data=encode_frame(ev.frame, enc)))
     if ev.tokens is not None:
         out.tokens.extend(ev.tokens.tolist())
+    if ev.confidence is not None:  # proto3 optional: unset when the model gives none
+        out.confidence = ev.confidence
     return out
 
 
@@ -154,7 +156,8 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
         for ev in events:
             e = _event(ev, enc)
             steps.append(pb.StepResult(step=e.step, frame=e.frame if ev.frame is not None else None,
-                                       reward=e.reward, done=e.done, tokens=e.tokens))
+                                       reward=e.reward, done=e.done, tokens=e.tokens,
+                                       confidence=e.confidence if e.HasField("confidence") else None))
         return pb.PredictResponse(request_id=rid, steps=steps)
 
     @maps_errors

@@ -119,6 +119,8 @@ def event_json(ev: RolloutEvent, encoding: str) -> dict:
                       "data": base64.b64encode(encode_frame(ev.frame, encoding)).decode()}
     if ev.tokens is not None:
         d["tokens"] = ev.tokens.tolist()
+    if ev.confidence is not None:  # absent when the model gives none
+        d["confidence"] = ev.confidence
     return d
 
 

@@ -38,6 +38,7 @@ class Event:
     done: float
     frame: np.ndarray | None = None  # uint8 [H, W, 3]
     tokens: list[int] | None = None
+    confidence: float | None = None  # in [0, 1]: how sure the model was of the frame (None: the model gives none)
 
 
 class ServerError(Exception):
@@ -80,7 +81,7 @@ class RestClient:
         frame = None
         if fr:
             frame = decode_any(fr["encoding"], base64.b64decode(fr["data"]), fr["height"], fr["width"])
-        return Event(d["candidate"], d["step"], d["reward"], d["done"], frame, d.get("tokens"))
+        return Event(d["candidate"], d["step"], d["reward"], d["done"], frame, d.get("tokens"), d.get("confidence"))
 
     @staticmethod
     def _raise(r: httpx.Response) -> None:
@@ -238,7 +239,7 @@ class GrpcClient:
         if e.HasField("frame"):
             frame = decode_any(_ENC_NAME[e.frame.encoding], e.frame.data, e.frame.height, e.frame.width)
         return Event(e.candidate if hasattr(e, "candidate") else 0, e.step, e.reward, e.done, frame,
-                     list(e.tokens) or None)
+                     list(e.tokens) or None, e.confidence if e.HasField("confidence") else None)
 
     @staticmethod
     def _wrap(e: grpc.RpcError) -> ServerError:
