@@ -87,8 +87,18 @@ def test_session_actions_are_bounded_and_a_cancelled_session_frees_its_slot(stac
     settled = length()
     time.sleep(2)
     assert settled < 1000 and length() - settled < 100, (settled, length())  # only the transport's buffers fill
+    # what the service holds is on /metrics: the open session and its delivered, unacknowledged entry
+    t0 = time.time()  # (the worker updates both at its heartbeat)
+    while (metric_value(stack.metrics_urls, "worldserve_sessions"),
+           metric_value(stack.metrics_urls, "worldserve_redis_pending")) != (1, 1):
+        assert time.time() - t0 < 5, "/metrics does not show the open session and its pending entry"
+        time.sleep(0.2)
     s.call.cancel()
     t0 = time.time()
     while metric_value(stack.metrics_urls, "worldserve_active_slots") > 0:
         assert time.time() - t0 < 5, "the cancelled session kept its slot"
         time.sleep(0.1)
+    while (metric_value(stack.metrics_urls, "worldserve_sessions"),
+           metric_value(stack.metrics_urls, "worldserve_redis_pending")) != (0, 0):
+        assert time.time() - t0 < 10, "/metrics still shows the cancelled session or its pending entry"
+        time.sleep(0.2)
