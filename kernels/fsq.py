@@ -27,7 +27,7 @@ NO_FMA = {"enable_fp_fusion": False}  # round like PyTorch: no fused multiply-ad
 @triton.jit
 def _fsq_kernel(z_ptr, out_ptr, half_ptr, offset_ptr, shift_ptr, center_ptr, basis_ptr, m_rows, d,
                 stride_m, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit: rows * stride_m
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < m_rows
     cmask = cols < d

@@ -6,6 +6,12 @@ Reference: worldserve.runtime.quantize.int8_linear_reference (dequantize the who
 Here each [BLOCK_K, BLOCK_N] int8 tile is loaded (a quarter of the bytes of fp32), converted to the
 activation dtype in registers and accumulated in fp32; the per-channel scale is applied once to the
 accumulator (sum_k x * (q * s) = s * sum_k x * q) and the bias added before the store.
+
+    torch.ops.worldserve.int8_matmul   the same function as one custom op, so torch.compile keeps the kernel
+                                       (Int8Linear's CUDA path) instead of tracing the dequantize reference
+
+Offsets are 64-bit: row index x stride overflows int32 from 2**31 elements (e.g. 33,555 rows of the
+vocabulary head at 64,000 entries: 525 rows x 64 tokens of base).
 """
 
 from __future__ import annotations
@@ -24,12 +30,12 @@ def _int8_matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, m, n, k,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # 64-bit: rm * stride can pass 2**31
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
-        kk = k0 + rk
+        kk = (k0 + rk).to(tl.int64)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=(rm[:, None] < m) & (kk[None, :] < k), other=0.0)
         w = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
@@ -68,3 +74,15 @@ def int8_matmul(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor, bi
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return out
+
+
+@torch.library.custom_op("worldserve::int8_matmul", mutates_args=())
+def int8_matmul_op(x: torch.Tensor, weight_q: torch.Tensor, scale: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] float, weight_q int8 [N, K], scale fp32 [N], bias [N] | None -> [M, N] (x.dtype): int8_matmul."""
+    return int8_matmul(x.contiguous(), weight_q, scale, bias)
+
+
+@int8_matmul_op.register_fake
+def _(x, weight_q, scale, bias):
+    return x.new_empty(x.shape[0], weight_q.shape[0])

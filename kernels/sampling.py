@@ -11,7 +11,8 @@ One program per (row b, token n) walks the vocabulary in blocks of the reference
 The per-token uniform comes from the same lowbias32 chain as the reference (uint32 arithmetic, wrapping
 multiplies), bit for bit. Block sums are reduced in a different order than torch's, so a token can differ from
 the reference only when u * total falls within float rounding of a boundary between two entries.
-No [B, N, V] temporary is materialised.
+No [B, N, V] temporary is materialised. Element offsets into the logits are 64-bit (_offset): B x N x V
+passes 2**31 from 525 rows of base (64 tokens x 64,000 entries).
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ M32 = 0xFFFFFFFF
 
 
 @triton.jit
+def _offset(i, stride):
+    # 64-bit element offset i * stride: B x N x V passes 2**31 from 525 rows of base (64 tokens x 64,000)
+    return i.to(tl.int64) * stride
+
+
+@triton.jit
 def _mix32(x):
     # uint32 -> uint32 (lowbias32, Wellons); multiplies wrap mod 2**32 like the reference's & 0xFFFFFFFF
     x = x ^ (x >> 16)
@@ -40,7 +47,7 @@ def _mix32(x):
 @triton.jit
 def _uniform(keys_ptr, b, n):
     # keys int64 [B, 4]: uint32 words seed lo, seed hi, candidate, step * STEP_MUL (see _keys) -> float32 in (0, 1)
-    seed_lo = tl.load(keys_ptr + b * 4 + 0).to(tl.uint32)
+    seed_lo = tl.load(keys_ptr + b * 4 + 0).to(tl.uint32)  # b < B: 4 * B stays far below 2**31
     seed_hi = tl.load(keys_ptr + b * 4 + 1).to(tl.uint32)
     cand = tl.load(keys_ptr + b * 4 + 2).to(tl.uint32)
     step_mul = tl.load(keys_ptr + b * 4 + 3).to(tl.uint32)
@@ -59,7 +66,7 @@ def _sample_kernel(logits_ptr, out_ptr, temp_ptr, keys_ptr, n_tokens, vocab, str
     pid = tl.program_id(0)
     b = pid // n_tokens
     n = pid % n_tokens
-    row = logits_ptr + b * stride_b + n * stride_n
+    row = logits_ptr + _offset(b, stride_b) + _offset(n, stride_n)
     # 1. max and its first index
     best = tl.full([], float("-inf"), tl.float32)
     best_i = tl.full([], 0, tl.int32)
