@@ -16,22 +16,10 @@ from ..api.conn import uvicorn_options
 from ..api.dataplane import DataPlane
 from ..api.grpc_server import set_serving, start_grpc
 from ..api.http import create_app
+from ..engine.build import build_engine
 from ..settings import Settings
 
 log = logging.getLogger("worldserve.server")
-
-
-def build_engine(settings: Settings, weights_sha256: str | None = None):
-    """Model + engine in this process (imports torch). `weights_sha256`: an operator's pin of the weights."""
-    from ..engine.engine import Engine
-    from ..runtime.batch import Sampler
-    from ..runtime.loader import prepare
-
-    model = prepare(settings.model, weights_sha256)
-    engine = Engine(model, settings.engine, sampler=Sampler(settings.model.triton_kernels))
-    if settings.model.warmup:
-        warmup(engine)
-    return engine, engine.info(settings.model.backend, settings.model.precision)
 
 
 def repo_dirs(repo) -> list:
@@ -140,21 +128,6 @@ def quiet_server(config: uvicorn.Config) -> uvicorn.Server:
     http.install_signal_handlers = lambda: None
     http.capture_signals = contextlib.nullcontext
     return http
-
-
-def warmup(engine) -> None:
-    """Run every bucket size once so the first real request does not pay for it."""
-    import numpy as np
-
-    from ..engine.engine import complete
-    from ..messages import RolloutRequest
-    from ..runtime.batch import buckets
-
-    s = engine.spec
-    ctx = np.zeros((1, s.height, s.width, 3), np.uint8)
-    for b in buckets(engine.cfg.max_slots):  # one bucket at a time: each batch shape runs once
-        acts = (np.zeros((b, 2, s.action_dim), np.float32) if s.action_dim else np.zeros((b, 2), np.int64))
-        complete(engine, [RolloutRequest(id=f"warmup-{b}", model=s.name, context=ctx, actions=acts)])
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -72,3 +72,197 @@ class EngineHost:
         self.engine.stop()
         if self.thread is not None:
             await asyncio.to_thread(self.thread.join, timeout)
+
+
+class _EngineProxy:
+    """What the local queue calls on an engine, for an engine in another process: submit / act / cancel are sent
+    (a refusal comes back as the request's final event); `fatal` is why the process is gone, while it is."""
+
+    def __init__(self, host: ProcessHost):
+        self._host = self.process_host = host
+
+    @property
+    def fatal(self) -> str | None:
+        return self._host.down
+
+    def submit(self, req) -> None:
+        from ..errors import Unavailable
+
+        if self._host.down is not None or not self._host.started():
+            raise Unavailable(f"engine process of {self._host.name!r} is not running ({self._host.down}); retry")
+        self._host.send_msg(req)
+
+    def act(self, action) -> None:
+        self._host.send_msg(action)
+
+    def cancel(self, request_id: str) -> None:
+        from ..messages import Cancel
+
+        self._host.send_msg(Cancel(request_id))
+
+    def alive(self) -> bool:
+        return self._host.down is None
+
+    def stop(self) -> None:
+        self._host.stop()
+
+
+class ProcessHost:
+    """An engine in its own process (engine/process.py), with EngineHost's interface for the local queue.
+
+    A process that dies (a crash, an OOM kill, SIGKILL) is seen at once as EOF on its socket: `on_exit` runs in the
+    loop (the queue ends that model's open requests with a status), `down` says why (/healthz 503, new work
+    UNAVAILABLE), and the process is started again after `restart_backoff_s` (doubling up to 30 s while it keeps
+    dying before it is ready). Other models' processes are not touched.
+
+        host = ProcessHost("tiny", config)    # config: what engine/process.py needs (settings, weights pin)
+        info = host.spawn()                   # blocking: the process built its engine and said READY
+        host.start(loop, on_events, on_exit)
+    """
+
+    def __init__(self, name: str, config: dict, restart_backoff_s: float = 0.5, ready_timeout_s: float = 600):
+        self.name, self.config = name, config
+        self.backoff, self.ready_timeout_s = restart_backoff_s, ready_timeout_s
+        self.engine = _EngineProxy(self)
+        self.info = None
+        self.error: BaseException | None = None
+        self.down: str | None = "not started"
+        self.restarts = 0
+        self.proc = None
+        self._sock = None
+        self._send_lock = threading.Lock()
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_events: Callable | None = None
+        self._on_exit: Callable | None = None
+        self._reader: threading.Thread | None = None
+
+    # ---- the process ----------------------------------------------------------------------------------------
+    def spawn(self):
+        """Start the process and wait for READY; returns its ModelInfo. Raises RuntimeError if it dies first."""
+        import json
+        import socket
+        import subprocess
+        import sys
+
+        from ..messages import ModelInfo
+        from . import ipc
+
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-m", "worldserve.engine.process", str(theirs.fileno())],
+                                pass_fds=[theirs.fileno()])
+        theirs.close()
+        try:
+            ipc.send(ours, ipc.CONFIG, json.dumps(self.config).encode())
+            ours.settimeout(self.ready_timeout_s)
+            kind, payload = ipc.recv(ours)
+            ours.settimeout(None)
+        except (OSError, ipc.Closed) as e:
+            ours.close()
+            code = _wait(proc, 5)
+            raise RuntimeError(f"engine process of {self.name!r} ended before it was ready (exit code {code}): "
+                               f"{type(e).__name__}: {e}; its log is above") from e
+        if kind != ipc.READY:
+            raise RuntimeError(f"engine process of {self.name!r} answered frame kind {kind} instead of READY")
+        self.info, self.proc, self._sock, self.down = ModelInfo.from_json(payload), proc, ours, None
+        return self.info
+
+    def send_msg(self, msg) -> None:
+        from ..messages import pack
+        from . import ipc
+
+        try:
+            with self._send_lock:  # the engine process reads continuously: a send waits at most for a buffer
+                ipc.send(self._sock, ipc.MSG, pack(msg))
+        except (OSError, AttributeError) as e:
+            from ..errors import Unavailable
+
+            raise Unavailable(f"engine process of {self.name!r} is gone: {e}") from e
+
+    # ---- EngineHost's interface ---------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop, on_events: Callable[[list, bool], None],
+              on_exit: Callable[[], None] | None = None) -> None:
+        self._loop, self._on_events, self._on_exit = loop, on_events, on_exit
+        if self.proc is None:
+            self.spawn()
+        self._start_reader()
+
+    def _start_reader(self) -> None:
+        self._reader = threading.Thread(target=self._read, args=(self._sock, self.proc),
+                                        name=f"engine-proc-{self.name}", daemon=True)
+        self._reader.start()
+
+    def _read(self, sock, proc) -> None:  # reader thread: one per process life
+        from . import ipc
+
+        try:
+            while True:
+                kind, payload = ipc.recv(sock)
+                if kind == ipc.EVENTS:
+                    events, fatal = ipc.decode_events(payload)
+                    if events:
+                        self._loop.call_soon_threadsafe(self._on_events, events, fatal)
+        except (ipc.Closed, OSError):
+            pass
+        code = _wait(proc, 10)
+        self.down = f"engine process exited with code {code}"
+        if not self._stopping:
+            log.error("engine process of %s died (exit code %s): its requests end now; restarting", self.name, code)
+        if self._on_exit is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._on_exit)
+        sock.close()
+        self._respawn()
+
+    def _respawn(self) -> None:  # reader thread, after a death
+        import time
+
+        wait = self.backoff
+        while not self._stopping:
+            time.sleep(wait)
+            if self._stopping:
+                return
+            try:
+                self.spawn()
+            except RuntimeError as e:
+                log.error("%s; next try in %.1f s", e, min(30.0, wait * 2))
+                wait = min(30.0, wait * 2)
+                continue
+            self.restarts += 1
+            log.warning("engine process of %s is back (restart %d)", self.name, self.restarts)
+            self._start_reader()
+            return
+
+    def started(self) -> bool:
+        return self._reader is not None
+
+    def alive(self) -> bool:
+        return self._reader is None or self.down is None
+
+    def dead(self) -> str | None:
+        return self.down if self._reader is not None else None
+
+    def stop(self) -> None:
+        from . import ipc
+
+        self._stopping = True
+        try:
+            with self._send_lock:
+                ipc.send(self._sock, ipc.STOP)
+        except (OSError, AttributeError):
+            pass
+
+    async def close(self, timeout: float = 10) -> None:
+        self.stop()
+        if self.proc is not None:
+            await asyncio.to_thread(_wait, self.proc, timeout)
+
+
+def _wait(proc, timeout: float):
+    """The process's exit code, killing it if it does not end within `timeout`."""
+    import subprocess
+
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

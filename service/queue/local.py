@@ -33,15 +33,17 @@ CONFIG_NAME = "config.json"  # the engine retires expired requests itself; this 
 
 @dataclass
 class Served:
-    """One model in this process: its engine (worldserve.engine.Engine, passed in: no torch here) and its host."""
+    """One served model: its engine (worldserve.engine.Engine, passed in: no torch here) run by an EngineHost (a
+    thread of this process), or the proxy of an engine in its own process with its ProcessHost (engine.isolated)."""
 
     engine: object
     info: ModelInfo
-    host: EngineHost = field(init=False)
+    host: object = None  # EngineHost | ProcessHost
     requests: set[str] = field(default_factory=set)  # open request ids
 
     def __post_init__(self):
-        self.host = EngineHost(self.engine, self.info.name)
+        if self.host is None:  # an engine in another process comes with its host
+            self.host = getattr(self.engine, "process_host", None) or EngineHost(self.engine, self.info.name)
 
     def alive(self) -> bool:
         return self.host.alive()
@@ -66,12 +68,12 @@ class LocalQueue:
         if engine is not None:
             self.served_now(engine, info)
 
-    def served_now(self, engine, info: ModelInfo, weights_sha256: str | None = None) -> None:
+    def served_now(self, engine, info: ModelInfo, weights_sha256: str | None = None, host=None) -> None:
         """Add a model before start(); `weights_sha256`: its model.safetensors' sha256 (None: no weights file,
         e.g. a preset; its name can then not be re-loaded after an unload)."""
         if info.name in self.served:
             raise ValueError(f"two models named {info.name!r}: model names must be unique")
-        self.served[info.name] = Served(engine, info)
+        self.served[info.name] = Served(engine, info, host)
         self.weights[info.name] = (weights_sha256 or "").lower() or None
 
     def check_name(self, name: str, weights_sha256: str | None) -> None:
@@ -128,10 +130,10 @@ class LocalQueue:
             self._loading.discard(name)
         return info
 
-    async def add_model(self, engine, info: ModelInfo, weights_sha256: str | None = None) -> None:
+    async def add_model(self, engine, info: ModelInfo, weights_sha256: str | None = None, host=None) -> None:
         """Serve another model without a restart (its engine built and warmed up by the caller)."""
         self.check_name(info.name, weights_sha256)
-        s = Served(engine, info)
+        s = Served(engine, info, host)
         self.served[info.name] = s
         self.weights[info.name] = (weights_sha256 or "").lower() or None
         if self._loop is not None:

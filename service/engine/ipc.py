@@ -1,0 +1,68 @@
+"""The wire between a front end and an engine process (engine/process.py): length-prefixed frames on a local
+stream socket, each a kind byte and a payload. Payloads are the typed messages of messages.py (pack / unpack: a
+JSON header and the raw buffers of the arrays), never bare tuples. No torch here.
+
+    frame  = u32 payload length | u8 kind | payload
+    CONFIG : JSON {"settings": {"model": ..., "engine": ...}, "weights_sha256": ...}   front end -> engine
+    READY  : ModelInfo JSON                                                            engine -> front end
+    MSG    : pack(RolloutRequest | SessionAction | Cancel)                             front end -> engine
+    EVENTS : u8 fatal | u32 n | n x (u32 length | pack(RolloutEvent))  (one engine step) engine -> front end
+    STOP   : empty                                                                     front end -> engine
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from ..messages import RolloutEvent, pack, unpack
+
+CONFIG, READY, MSG, EVENTS, STOP = 1, 2, 3, 4, 5
+_HEAD = struct.Struct("<IB")
+_U32 = struct.Struct("<I")
+MAX_FRAME = 1 << 30  # a corrupt length ends the connection instead of allocating it
+
+
+class Closed(ConnectionError):
+    """The other end closed the socket (or died)."""
+
+
+def send(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
+    sock.sendall(_HEAD.pack(len(payload), kind) + payload)
+
+
+def _exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise Closed("engine connection closed")
+        got += k
+    return bytes(buf)
+
+
+def recv(sock: socket.socket) -> tuple[int, bytes]:
+    n, kind = _HEAD.unpack(_exactly(sock, _HEAD.size))
+    if n > MAX_FRAME:
+        raise Closed(f"frame of {n} bytes: corrupt stream")
+    return kind, _exactly(sock, n) if n else b""
+
+
+def encode_events(events: list[RolloutEvent], fatal: bool) -> bytes:
+    parts = [bytes([int(fatal)]), _U32.pack(len(events))]
+    for ev in events:
+        b = pack(ev)
+        parts += [_U32.pack(len(b)), b]
+    return b"".join(parts)
+
+
+def decode_events(payload: bytes) -> tuple[list[RolloutEvent], bool]:
+    fatal, (n,) = bool(payload[0]), _U32.unpack_from(payload, 1)
+    off, events = 1 + _U32.size, []
+    for _ in range(n):
+        (size,) = _U32.unpack_from(payload, off)
+        off += _U32.size
+        events.append(unpack(payload[off : off + size]))
+        off += size
+    return events, fatal
