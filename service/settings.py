@@ -43,6 +43,9 @@ class EngineSettings(BaseModel):
     session_idle_s: float = 300.0
     max_consecutive_failures: int = Field(3, ge=1, description="failing steps in a row before the engine gives "
                                           "up (fatal)")
+    isolated: bool = Field(False, description="`serve`: run each model's engine in its own process "
+                           "(engine/process.py), so a model that crashes its process takes down only itself; the "
+                           "front end ends its requests at once and starts it again")
 
 
 class ServerSettings(BaseModel):

@@ -71,15 +71,25 @@ def _weights_sha256(model_dir) -> str | None:
 def build_local_queue(settings: Settings):
     from ..queue.local import LocalQueue
 
+    def build(s: Settings, weights_sha256=None):  # -> (engine, info): in this process, or in one of its own
+        if not s.engine.isolated:
+            return build_engine(s, weights_sha256)
+        from ..engine.host import ProcessHost  # the engine process builds it (engine/process.py)
+
+        host = ProcessHost(s.model.preset or Path(s.model.dir).name, {
+            "settings": {"model": s.model.model_dump(mode="json"), "engine": s.engine.model_dump(mode="json")},
+            "weights_sha256": weights_sha256})
+        return host.engine, host.spawn()
+
     def load(model_dir, weights_sha256=None):  # a model directory -> (engine, info): start-up and the admin API
         ms = type(settings.model).model_validate({**settings.model.model_dump(), "dir": model_dir, "repo": None,
                                                   "preset": None})
-        return build_engine(settings.model_copy(update={"model": ms}), weights_sha256)
+        return build(settings.model_copy(update={"model": ms}), weights_sha256)
 
     admin = settings.server.admin_api
     q = LocalQueue(loader=load, model_roots=admin_roots(settings) if admin else ())
     for d in repo_dirs(settings.model.repo) if settings.model.repo else [None]:
-        engine, info = build_engine(settings) if d is None else load(d)
+        engine, info = build(settings) if d is None else load(d)
         # what each name was first served with: the admin API re-loads a name only with these weights
         src = d if d is not None else (None if settings.model.preset else settings.model.dir)
         q.served_now(engine, info, _weights_sha256(src) if admin and src is not None else None)
