@@ -177,7 +177,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--frames", default="all", choices=["all", "last", "none"])
     p.add_argument("--transports", default="grpc,http")
-    p.add_argument("--modes", default="local", help="local,redis")
+    p.add_argument("--modes", default="local", help="local,isolated,redis")
     p.add_argument("--max-slots", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1, help="alternate raw and served chunks this many times")
     p.add_argument("--tag", default=None)
@@ -251,8 +251,9 @@ def run(a) -> None:
     rows, report = [], {"args": vars(a), "results": []}
     for mode in a.modes.split(","):
         redis = None
-        if mode == "local":
-            srv = start_server(tmp, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024")
+        if mode in ("local", "isolated"):  # isolated: `serve` with each engine in its own process
+            srv = start_server(tmp, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024",
+                               env={"WORLDSERVE_ENGINE__ISOLATED": "true"} if mode == "isolated" else None)
         else:
             redis = start_redis(tmp)
             srv = start_stack(tmp, redis, 1, (*model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024"),
