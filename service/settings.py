@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .wire import BackendName, PrecisionName, PriorityName
@@ -24,7 +24,8 @@ class ModelSettings(BaseModel):
     preset: str | None = Field(None, description="serve a random-weight preset (tiny/base/large) instead of dir")
     device: str = "cpu"
     backend: BackendName = "eager"
-    precision: PrecisionName = "fp32"
+    precision: PrecisionName | None = Field(None, description="unset: the device's default, bf16 on CUDA (TF32 for "
+                                            "any fp32 work), fp32 on the CPU (default_precision)")
     artifact_dir: Path = Path("artifacts")
     triton_kernels: bool = False
     warmup: bool = True
@@ -32,6 +33,21 @@ class ModelSettings(BaseModel):
                                     "architecture `package.module:Class` or a `worldserve.models` entry point): that "
                                     "code runs in the server with its privileges. Off: only the built-in "
                                     "architectures load; turn it on only for model directories you trust")
+
+    @model_validator(mode="after")
+    def _device_default(self):
+        # an unset precision becomes the device's default, still unset (model_fields_set), so that a later
+        # --device override (cli/serve.py re-validates the fields that were set) picks the new device's default
+        if self.precision is None:
+            self.__dict__["precision"] = default_precision(self.device)
+        return self
+
+
+def default_precision(device: str) -> PrecisionName:
+    """bf16 on CUDA: tensor-core matmuls, half the KV cache traffic, within the quality gate (docs/benchmarks-
+    runtime.md). fp32 on the CPU: bf16 pays there only with AVX-512 BF16 / AMX, and the bundled models' tests
+    compare against fp32 references; choose --precision bf16 on such a CPU."""
+    return "bf16" if device.split(":")[0] == "cuda" else "fp32"
 
 
 class EngineSettings(BaseModel):

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..settings import EngineSettings
+
 
 def _say(t0: float):
     def say(msg: str) -> None:
@@ -18,41 +20,33 @@ def _say(t0: float):
 def cmd_export(a) -> None:
     import torch
 
-    from ..runtime.loader import load_model
+    from ..runtime.loader import serving_model
     from ..settings import ModelSettings
 
     torch.set_num_threads(a.threads)
     say = _say(time.perf_counter())
     ms = ModelSettings(dir=Path(a.model_dir), device=a.device, backend=a.backend, precision=a.precision,
                        artifact_dir=Path(a.artifact_dir))
-    say(f"loading {a.model_dir} on {a.device}")
-    ref = load_model(ms)
-    model = ref
-    if a.precision in ("int8", "fp8"):
-        from ..runtime.quantize import quantize_model
-
-        say(f"quantizing to {a.precision}")
-        model = quantize_model(ref, a.precision)
-    elif a.precision in ("fp16", "bf16"):
-        model = ref.to(torch.float16 if a.precision == "fp16" else torch.bfloat16)
-    if a.backend == "onnxruntime":
-        from ..runtime.onnx_backend import OnnxWorldModel
-
-        built = OnnxWorldModel.build(model, ms, say=say)
-    else:
+    say(f"loading {a.model_dir} on {a.device} at {ms.precision}")
+    if a.backend == "tensorrt":
         try:
             import tensorrt  # noqa: F401
         except ImportError as e:
             raise SystemExit("backend 'tensorrt' needs the tensorrt package and an NVIDIA GPU "
                              "(pip install 'worldserve[tensorrt]'); it is not importable here") from e
+    model = serving_model(ms)  # exactly the model `serve` loads at this precision (same weights hash, same key)
+    if a.backend == "onnxruntime":
+        from ..runtime.onnx_backend import OnnxWorldModel
+
+        built = OnnxWorldModel.build(model, ms, say=say)
+    else:
         from ..runtime.trt_backend import TrtWorldModel
 
-        built = TrtWorldModel.build(model, ms, say=say)
-    say(f"artifacts: {built.path}")
+        built = TrtWorldModel.build(model, ms, max_batch=a.max_slots, say=say)  # = serve's engine_max_batch
     if a.check_steps:
         from ..runtime.parity import parity
 
-        say(f"checking against eager {a.precision} ({a.check_steps} greedy steps, batch 4)")
+        say(f"checking against eager {ms.precision} ({a.check_steps} greedy steps, batch 4)")
         r = parity(model, built, a.check_steps)
         say(f"token agreement {100 * r['token_agreement']:.2f}%, max |logit diff| {r['max_logit_diff']:.2e}, "
             f"decoded frames {r['frame_psnr']:.1f} dB PSNR")
@@ -105,8 +99,11 @@ def add_commands(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("model_dir")
     e.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime")
-    e.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "fp8"], default="fp32")
+    e.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "fp8"],
+                   help="default: the device's serving default (bf16 on cuda, fp32 on cpu), as `serve`")
     e.add_argument("--device", default="cpu", help="cpu for onnxruntime, cuda for tensorrt")
+    e.add_argument("--max-slots", type=int, default=EngineSettings().max_slots,
+                   help="the serving engine's max_slots: TensorRT profiles for every bucket up to it (as `serve`)")
     e.add_argument("--artifact-dir", default="artifacts")
     e.add_argument("--check-steps", type=int, default=8, help="greedy steps compared with eager (0: skip)")
     e.add_argument("--threads", type=int, default=2)

@@ -29,8 +29,9 @@ def _settings(a):
     if getattr(a, "name", None):
         over.setdefault("queue", {})["worker_name"] = a.name
     for section, values in over.items():  # validated: a bad flag is an error naming it, not a crash later
-        sub = getattr(s, section)
-        setattr(s, section, type(sub).model_validate({**sub.model_dump(), **values}))
+        sub = getattr(s, section)  # only what was set (env, flags): a default that follows another field
+        # (model.precision follows model.device) is derived again from the new values
+        setattr(s, section, type(sub).model_validate({**sub.model_dump(exclude_unset=True), **values}))
     return s
 
 

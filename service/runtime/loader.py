@@ -38,18 +38,45 @@ def load_model(ms: ModelSettings, weights_sha256: str | None = None) -> WorldMod
     return model.to(ms.device).eval()
 
 
-def with_precision(model: WorldModel, precision: str, use_triton: bool = False, copy: bool = True) -> WorldModel:
-    """The model at `precision`: fp32 is the model itself; fp16 / bf16 convert weights and cache (a copy unless
-    copy=False); int8 / fp8 quantize the dynamics' linears (always a new model)."""
+def with_precision(model: WorldModel, precision: str, copy: bool = True) -> WorldModel:
+    """The model at `precision`, its other tensors in support.compute_dtype(precision, device): fp32 is the model
+    itself; fp16 / bf16 convert weights and cache (a copy unless copy=False); int8 / fp8 quantize the dynamics'
+    linears (always a new model), then on CUDA cast the rest to bf16 (quantized weights and scales keep their
+    dtypes). A model that is already quantized (a `worldserve quantize` directory) is only cast."""
+    import copy as copy_
+
+    from .support import compute_dtype
+
+    device = next(model.parameters()).device
+    dtype = compute_dtype(precision, device)
     if precision in ("int8", "fp8"):
         from .quantize import quantize_model
 
-        return quantize_model(model, precision, use_triton=use_triton)
-    if precision in ("fp16", "bf16"):
-        import copy as copy_
-
-        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        if getattr(model, "quantization", None) is None:
+            model = quantize_model(model, precision)
+        elif copy:
+            model = copy_.deepcopy(model)
+        return model.to(dtype) if dtype != torch.float32 else model
+    if dtype != torch.float32:
         return (copy_.deepcopy(model) if copy else model).to(dtype)
+    return model
+
+
+def serving_model(ms: ModelSettings, weights_sha256: str | None = None) -> WorldModel:
+    """The model `serve` runs before its backend is applied: checked, loaded, at its precision. `worldserve export`
+    builds its artifacts from exactly this (so the artifact key, weights hash included, is the one serve asks for)."""
+    from . import support
+
+    support.check_supported(ms)
+    support.configure_device(ms)
+    for why in support.performance_warnings(ms):
+        log.warning("slow configuration --device %s --backend %s --precision %s: %s", ms.device, ms.backend,
+                    ms.precision, why)
+    model = load_model(ms, weights_sha256)
+    support.check_model_supported(model, ms)  # a non-token model asked for int8 / a compiled backend: refused
+    model = with_precision(model, ms.precision, copy=False)
+    for why in support.model_performance_warnings(model, ms):
+        log.warning("slow configuration --precision %s: %s", ms.precision, why)
     return model
 
 
@@ -59,12 +86,7 @@ def prepare(ms: ModelSettings, weights_sha256: str | None = None) -> WorldModel:
     An unsupported (device, backend, precision) stops here, before anything is loaded (support.py).
     `weights_sha256`: an operator's pin of the weights file (load_model).
     """
-    from .support import check_model_supported, check_supported
-
-    check_supported(ms)
-    model = load_model(ms, weights_sha256)
-    check_model_supported(model, ms)  # a non-token model asked for int8 / a compiled backend: refused by name
-    model = with_precision(model, ms.precision, ms.triton_kernels, copy=False)
+    model = serving_model(ms, weights_sha256)
     if ms.backend == "compile":
         from .compiled import compile_model
 

@@ -10,16 +10,26 @@
                                    (torch._scaled_mm, activations scaled per row). Anywhere else: an error.
 
 The model keeps its interface (encode / prefill / step / decode); the tokenizer, embeddings, LayerNorms and
-the 1-wide reward / done heads stay in full precision. Each quantized module has a plain PyTorch
-reference forward (dequantize the weight, then F.linear); `forward` takes a faster path only where one
-exists (W8A8 FBGEMM on the CPU, the Triton int8 kernel on CUDA when enabled, _scaled_mm for fp8) and uses
-the reference while being exported (ONNX: DequantizeLinear + MatMul for int8) and, for int8, while
-torch.compile traces it (inductor fuses the dequantization into the matmul itself).
+the 1-wide reward / done heads stay in the model's dtype. On CUDA the loader (runtime/loader.py: with_precision)
+then casts everything else to bf16 (support.compute_dtype): activations, attention, the KV cache and the logits
+run in bf16 around the quantized matmuls; a quantized layer keeps its storage (int8 / float8 weights, fp32 scales)
+through any later `.to(dtype)` (`_apply` below restores it), so the cast never re-rounds a weight or a scale.
+
+Each quantized module has a plain PyTorch reference forward (dequantize the weight, then F.linear); `forward`
+takes a faster path where one exists and never the reference on a served device:
+    int8 on the CPU   W8A8 FBGEMM (int8_cpu.py), one custom op: eager and torch.compile alike
+    int8 on CUDA      the Triton weight-only kernel (kernels/int8_matmul.py), one custom op: eager and
+                      torch.compile alike (compile keeps the op; it never traces the dequantize reference)
+    fp8 on CUDA       torch._scaled_mm (compute capability >= 8.9, both dims divisible by 16)
+The reference runs only while exporting (ONNX / TensorRT: DequantizeLinear + MatMul, the Q/DQ form TensorRT
+fuses), in the parity tests, and where no fast path exists (support.model_performance_warnings names the layers
+at start-up).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -42,15 +52,42 @@ def _exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or _exporting()
-
-
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # w float [N, K] -> int8 [N, K], fp32 scale [N] (symmetric per output channel, range -127..127)
     scale = w.detach().float().abs().amax(1).clamp(min=1e-12) / 127.0
     q = torch.round(w.detach().float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
+
+
+class _KeepStorage(nn.Module):
+    """A quantized layer's weight and scale keep their dtypes under module.to(dtype) / .half() / .bfloat16():
+    only device moves apply to them (float8 counts as floating point to torch, so a plain cast would round the
+    weights to bf16 and the scales with them)."""
+
+    STORAGE: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        before = {n: getattr(self, n) for n in self.STORAGE}
+        out = super()._apply(fn, recurse)
+        for n, t in before.items():
+            now = getattr(self, n)
+            if now.dtype != t.dtype:
+                setattr(self, n, t.to(now.device))  # buffers re-registered by name (register_buffer semantics)
+        self._placed()
+        return out
+
+    def _placed(self) -> None:
+        """Decide the fast path for where the weights now live (once: no device query inside a compiled graph)."""
+
+
+@functools.cache
+def _cuda_int8_op():
+    """torch.ops.worldserve.int8_matmul (the Triton kernel as one custom op), or None without Triton."""
+    try:
+        from ..kernels import int8_matmul  # noqa: F401  (registers the op)
+    except ImportError:
+        return None
+    return torch.ops.worldserve.int8_matmul
 
 
 def int8_linear_reference(x, weight_q, scale, bias=None):
@@ -60,16 +97,22 @@ def int8_linear_reference(x, weight_q, scale, bias=None):
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_KeepStorage):
+    STORAGE = ("weight_q", "scale")
+
     def __init__(self, weight_q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = weight_q.shape[1], weight_q.shape[0]
         self.register_buffer("weight_q", weight_q)  # int8 [N, K]
         self.register_buffer("scale", scale.float())  # fp32 [N]
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.use_triton = False
+        self.use_triton = True  # on CUDA: the Triton kernel (False: the reference, for comparisons)
         # CPU: int8 x int8 through FBGEMM with activations quantized per row (int8_cpu.py); False = the reference
         self.w8a8 = self.in_features >= 2 and int8_cpu.available()
+        self._placed()
+
+    def _placed(self) -> None:
+        self.cuda_op = _cuda_int8_op() if self.weight_q.is_cuda else None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Int8Linear:
@@ -81,10 +124,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [..., K] -> [..., N]
-        if self.use_triton and x.is_cuda and not _tracing():
-            from ..kernels.int8_matmul import int8_matmul
-
-            y = int8_matmul(x.reshape(-1, self.in_features), self.weight_q, self.scale, self.bias)
+        if self.use_triton and self.cuda_op is not None and x.is_cuda and not _exporting():  # eager and compile
+            y = self.cuda_op(x.reshape(-1, self.in_features), self.weight_q, self.scale, self.bias)  # [M, N]
             return y.view(*x.shape[:-1], self.out_features)
         if self.w8a8 and x.device.type == "cpu" and not _exporting():  # eager and torch.compile (one custom op)
             return torch.ops.worldserve.w8a8_linear(x, self.weight_q, self.scale, self.bias)
@@ -99,7 +140,9 @@ def fp8_supported(device: torch.device | str) -> bool:
     return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(_KeepStorage):
+    STORAGE = ("weight_f8", "scale")
+
     def __init__(self, weight_f8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = weight_f8.shape[1], weight_f8.shape[0]
@@ -112,10 +155,8 @@ class Fp8Linear(nn.Module):
         # torch._scaled_mm needs both matrix dimensions divisible by 16 (tiny's 125-entry head is not)
         return fp8_supported(self.weight_f8.device) and self.in_features % 16 == 0 and self.out_features % 16 == 0
 
-    def _apply(self, fn, recurse=True):
-        out = super()._apply(fn, recurse)
+    def _placed(self) -> None:
         self.scaled_mm = self._can_scaled_mm()
-        return out
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> Fp8Linear:
@@ -151,7 +192,7 @@ def target_layers(model: WorldModel) -> list[str]:
             if isinstance(mod, nn.Linear) and name.split(".")[-1] not in SKIP]
 
 
-def quantize_model(model: WorldModel, variant: str, inplace: bool = False, use_triton: bool = False,
+def quantize_model(model: WorldModel, variant: str, inplace: bool = False, use_triton: bool = True,
                    progress=None) -> WorldModel:
     """A copy of `model` (or `model` itself with inplace=True) with its dynamics linears quantized.
 

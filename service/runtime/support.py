@@ -9,6 +9,16 @@ first request. What each backend serves:
     compile      as eager
     onnxruntime  cpu: fp32, int8                   (CPUExecutionProvider; no bf16 / fp16 kernels worth serving)
     tensorrt     cuda with tensorrt importable: fp32, fp16, bf16, int8, fp8 (check_trt_precision)
+
+Defaults and what runs in which dtype (settings.default_precision, compute_dtype):
+
+    cuda   bf16 by default; TF32 for any fp32 matmul / convolution (configure_device). int8 and fp8 quantize the
+           dynamics' linears and run everything else in bf16: activations, attention, the KV cache, the logits.
+    cpu    fp32 by default; int8 keeps fp32 activations (its W8A8 FBGEMM path is the one gated in the quality
+           table); bf16 where chosen.
+
+    performance_warnings(ms) / model_performance_warnings(model, ms)   combinations that serve but cannot be fast,
+           named at start-up (the loader logs them as warnings).
 """
 
 from __future__ import annotations
@@ -83,6 +93,69 @@ def problem(ms) -> str | None:
     if getattr(ms, "triton_kernels", False) and dev.type != "cuda" and not _triton_interpreted():
         return "--triton: the Triton kernels run on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for tests)"
     return None
+
+
+def compute_dtype(precision: str, device: str | torch.device) -> torch.dtype:
+    """The dtype activations, attention, the KV cache and the logits run in for a serving precision on a device:
+    bf16 around int8 / fp8 matmuls on CUDA, fp32 around them on the CPU (the gated W8A8 path)."""
+    cuda = torch.device(device).type == "cuda"
+    return {"fp16": torch.float16, "bf16": torch.bfloat16,
+            "int8": torch.bfloat16 if cuda else torch.float32,
+            "fp8": torch.bfloat16}.get(precision, torch.float32)
+
+
+def configure_device(ms) -> None:
+    """Process-wide math settings for serving on ms.device: on CUDA, TF32 tensor cores for whatever runs in fp32
+    (an fp32 model, the reward / done heads, fp32 parts of a user's model). Called once by the loader."""
+    if torch.device(ms.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def performance_warnings(ms, cpu_flags: str | None = None) -> list[str]:
+    """Why `ms` (ModelSettings) serves but cannot be fast, one sentence per reason naming the combination's part."""
+    dev, p, out = torch.device(ms.device).type, ms.precision, []
+    if dev == "cuda":
+        if p == "fp32":
+            out.append("fp32 on CUDA keeps an fp32 KV cache and fp32 logits (TF32 matmuls only): about half of "
+                       "bf16's throughput; bf16 is the CUDA default")
+        if p == "int8":
+            out.append("int8 on CUDA is weight-only (bf16 compute): it halves weight memory but not the step's "
+                       "FLOPs, so at many rows it is no faster than bf16; prefer bf16, or fp8 on compute "
+                       "capability >= 8.9")
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                out.append("int8 on CUDA without Triton dequantizes every weight in every call (the reference); "
+                           "install triton (it ships with the CUDA torch wheel)")
+        if ms.backend == "eager":
+            out.append("backend eager on CUDA launches every kernel from Python each step; --backend compile "
+                       "(CUDA graphs) or tensorrt removes the launch overhead")
+    else:
+        flags = _cpu_flags() if cpu_flags is None else cpu_flags
+        if p == "bf16" and not any(f in flags for f in (" avx512_bf16", " amx_bf16")):
+            out.append("bf16 on a CPU without AVX-512 BF16 / AMX is emulated: slower than fp32 here")
+        if p == "int8" and not any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8")):
+            out.append("int8 on a CPU without VNNI runs FBGEMM's slow path (reduced range, no int8 dot products)")
+    return out
+
+
+def model_performance_warnings(model, ms) -> list[str]:
+    """Layers of the served model with no fast path under `ms`: fp8 layers torch._scaled_mm cannot take (a dimension
+    not divisible by 16) run the dequantize reference."""
+    slow = [n for n, m in model.named_modules() if getattr(m, "scaled_mm", True) is False]
+    if ms.precision == "fp8" and torch.device(ms.device).type == "cuda" and slow:
+        return [f"fp8: {len(slow)} layer(s) have a dimension not divisible by 16 and run the dequantize reference "
+                f"({', '.join(slow[:4])}{', ...' if len(slow) > 4 else ''})"]
+    return []
 
 
 def _triton_interpreted() -> bool:

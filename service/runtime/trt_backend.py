@@ -35,6 +35,14 @@ from .support import Unsupported, precision_flags
 log = logging.getLogger("worldserve.runtime")
 WORKSPACE_BYTES = 8 << 30
 DEFAULT_MAX_BATCH = 64  # EngineSettings.max_slots default; used when something steps before any cache exists
+PAD_SLOTS = 1  # the engine allocates max_slots + 1 slots: one scratch slot that padding rows write into
+
+
+def engine_max_batch(state_slots: int) -> int:
+    """The most rows one step of an engine whose state has `state_slots` slots can carry (its max_slots): the
+    engine pads step batches to bucket(n, max_slots) <= max_slots. `serve` (DeferredTrt) builds for this and
+    `worldserve export --max-slots M` for M, so both ask the artifact cache for the same key."""
+    return max(1, state_slots - PAD_SLOTS)
 
 
 def graph_buckets(graph: str, max_batch: int) -> list[int]:
@@ -107,8 +115,8 @@ def build_engine(onnx_path: Path, plan_path: Path, precision: str, buckets: list
 class _Engine:
     """One deserialized engine: a context per profile; run(inputs) pads to the bucket and returns outputs."""
 
-    def __init__(self, trt, runtime, plan: bytes, buckets: list[int]):
-        self.trt = trt
+    def __init__(self, trt, runtime, plan: bytes, buckets: list[int], device: torch.device):
+        self.trt, self.device = trt, device
         self.engine = runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise RuntimeError("TensorRT could not deserialize the engine plan")
@@ -118,7 +126,7 @@ class _Engine:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == mode]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) != mode]
         self.contexts = []
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = torch.cuda.current_stream(device).cuda_stream
         for i in range(len(buckets)):
             ctx = self.engine.create_execution_context()
             ctx.set_optimization_profile_async(i, stream)
@@ -140,17 +148,17 @@ class _Engine:
             if t.shape[ax] != nb:  # repeat the last row: valid input, results dropped below
                 last = t.narrow(ax, t.shape[ax] - 1, 1)
                 t = torch.cat([t, last.expand(*[nb - b if d == ax else -1 for d in range(t.dim())])], ax)
-            t = t.to(_torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).contiguous()
+            t = t.to(self.device, _torch_dtype(self.trt, self.engine.get_tensor_dtype(name))).contiguous()
             keep.append(t)
             ctx.set_input_shape(name, tuple(t.shape))
             ctx.set_tensor_address(name, t.data_ptr())
         outs = []
         for name in self.outputs:
             shape = tuple(ctx.get_tensor_shape(name))
-            o = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)), device="cuda")
+            o = torch.empty(shape, dtype=_torch_dtype(self.trt, self.engine.get_tensor_dtype(name)), device=self.device)
             ctx.set_tensor_address(name, o.data_ptr())
             outs.append(o)
-        if not ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream):
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         return {n: o.narrow(batch_axis_of(n), 0, b) for n, o in zip(self.outputs, outs, strict=True)}
 
@@ -164,8 +172,10 @@ class TrtWorldModel(BackendModel):
         super().__init__(model)
         self.path = Path(path)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engines = {g: _Engine(trt, runtime, (self.path / f"{g}.plan").read_bytes(), graph_buckets(g, max_batch))
-                        for g in GRAPHS}
+        dev = next(model.parameters()).device  # the model's GPU (cuda:N), never a hard-coded "cuda"
+        with torch.cuda.device(dev):
+            self.engines = {g: _Engine(trt, runtime, (self.path / f"{g}.plan").read_bytes(),
+                                       graph_buckets(g, max_batch), dev) for g in GRAPHS}
         self.max_encode = graph_buckets("encoder", max_batch)[-1]
 
     @classmethod
@@ -178,7 +188,7 @@ class TrtWorldModel(BackendModel):
             return DeferredTrt(model, ms, say)
         import tensorrt as trt
 
-        device = torch.device(ms.device)
+        device = next(model.parameters()).device
         if device.type != "cuda" or not torch.cuda.is_available():
             raise Unsupported(f"backend 'tensorrt' needs an NVIDIA GPU (device cuda), not {ms.device}")
         precision = quantization_of(model)
@@ -203,12 +213,12 @@ class TrtWorldModel(BackendModel):
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         # uint8 [B, H, W, 3] -> int64 [B, N]
-        return self._chunks(frames.cuda(), "encoder", self.max_encode).to(torch.int64)
+        return self._chunks(frames.to(self.device), "encoder", self.max_encode).to(torch.int64)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         # int64 [B, N] -> uint8 [B, H, W, 3]
-        return self._chunks(tokens.cuda(), "decoder", self.engines["decoder"].buckets[-1])
+        return self._chunks(tokens.to(self.device), "decoder", self.engines["decoder"].buckets[-1])
 
     @torch.no_grad()
     def step(self, cache, slots, actions, known=None):
@@ -224,7 +234,8 @@ class TrtWorldModel(BackendModel):
 
 class DeferredTrt(BackendModel):
     """TensorRT engines built once the slot count is known: the first allocate_cache(slots) builds profiles for
-    every bucket up to `slots` (the engine allocates max_slots + 1, one padding slot), then delegates."""
+    every bucket up to the engine's max_slots (engine_max_batch: the cache has one padding slot more), then
+    delegates."""
 
     backend = "tensorrt"
 
@@ -239,7 +250,7 @@ class DeferredTrt(BackendModel):
         return self.built
 
     def allocate_cache(self, slots: int, device=None, dtype=None):
-        self._ensure(slots)
+        self._ensure(engine_max_batch(slots))  # max_slots, as `worldserve export --max-slots` builds it
         return self.model.allocate_cache(slots, device, dtype)
 
     def encode(self, frames):
@@ -249,4 +260,4 @@ class DeferredTrt(BackendModel):
         return self._ensure(DEFAULT_MAX_BATCH).decode(tokens)
 
     def step(self, cache, slots, actions, known=None):
-        return self._ensure(cache.slots).step(cache, slots, actions, known)
+        return self._ensure(engine_max_batch(cache.slots)).step(cache, slots, actions, known)
