@@ -6,6 +6,7 @@ KEDA trigger against the Redis stream and consumer group the code uses."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from importlib import resources
@@ -255,6 +256,25 @@ def test_compose_services(monkeypatch) -> None:
     assert svc["worker-gpu"]["environment"]["WORLDSERVE_MODEL__DEVICE"] == "cuda"
     assert svc["worker-gpu"]["build"]["target"] == "gpu" and svc["worker"]["build"]["target"] == "cpu"
     assert "./monitoring/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in svc["prometheus"]["volumes"]
+
+
+def _compose_defaults(env: dict) -> dict[str, str]:
+    """Compose's ${NAME:-default} substitutions resolved to their defaults (what runs with no .env)."""
+    return {k: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(v)) for k, v in env.items()}
+
+
+def test_gpu_workers_serve_the_fast_default(monkeypatch) -> None:
+    """issue 21: the GPU workers (compose and k8s) serve bf16 on CUDA, never the slow fp32 default of old."""
+    env = _compose_defaults(compose()["services"]["worker-gpu"]["environment"])
+    env["WORLDSERVE_QUEUE__PASSWORD"] = "pw"
+    s = check_setting_values(env, monkeypatch)
+    assert (s.model.device, s.model.precision) == ("cuda", "bf16")
+    (worker,) = [d for d in find(k8s_docs(), "Deployment") if "gpu" in d["spec"]["template"]["spec"]["containers"][0]
+                 ["image"]]
+    k8s_env = {e["name"]: e["value"] for e in worker["spec"]["template"]["spec"]["containers"][0]["env"]
+               if "value" in e}
+    s = check_setting_values(k8s_env, monkeypatch)
+    assert (s.model.device, s.model.precision) == ("cuda", "bf16")
 
 
 def test_prometheus_scrapes_the_api_and_every_worker() -> None:
