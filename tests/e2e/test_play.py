@@ -27,8 +27,14 @@ def canvas_pixels(page) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
 
 
+def first_start(model: str) -> str:
+    """The start frame /play opens `model` from: the first of its world's (index.json, lab/starts.py)."""
+    index = json.loads((STARTS / "index.json").read_text())
+    return index["worlds"][index["models"].get(model, index["default"])][0]["file"]
+
+
 def test_play_page_runs_a_session_from_a_real_start_frame(server, request):
-    first = json.loads((STARTS / "index.json").read_text())["starts"][0]["file"]
+    first = first_start("tiny")
     start = np.asarray(Image.open(STARTS / first).convert("RGB"))
     # what the model answers to "turn left" from that frame (greedy, so the page must draw exactly this)
     with server.rest().session("tiny", [start]) as s:

@@ -138,34 +138,55 @@ for (const b of document.querySelectorAll("button[data-action]")) {
   b.addEventListener("click", () => send(Number(b.dataset.action)));
 }
 $("restart").addEventListener("click", openSession);
-$("model").addEventListener("change", openSession);
+$("model").addEventListener("change", () => { showStarts($("model").value); openSession(); });
 $("auto").addEventListener("change", pump);
 setInterval(updateFps, 500);
+
+// Start frames per world (static/starts/index.json, written by `python -m worldserve.lab.starts`): a model starts
+// from frames of the world it was trained on. Its world: the model info's `world` where the API serves one, else
+// the index's map of shipped models, else the index's default world.
+let startIndex = null;
+const modelWorlds = {};
+
+function worldOf(model) {
+  const w = modelWorlds[model] || startIndex.models[model];
+  return w && startIndex.worlds[w] ? w : startIndex.default;
+}
+
+function showStarts(model) {
+  const world = worldOf(model);
+  const list = startIndex.worlds[world];
+  $("starts").replaceChildren();
+  $("starts").dataset.world = world;
+  for (const s of list) {
+    const img = new Image();
+    img.src = `/static/starts/${s.file}`;
+    img.alt = img.title = `${world} layout seed ${s.seed}`;
+    img.addEventListener("click", () => {
+      for (const o of document.querySelectorAll(".starts img")) o.classList.remove("chosen");
+      img.classList.add("chosen");
+      startFile = s.file;
+      openSession();
+    });
+    $("starts").append(img);
+  }
+  document.querySelector(".starts img").classList.add("chosen");
+  startFile = list[0].file;
+}
 
 async function init() {
   try {
     const models = (await (await fetch("/v1/models", { headers: AUTH_HEADERS })).json()).models
       .filter((m) => m.action_dim === 0);
     if (!models.length) { setStatus("no discrete-action model is served", true); return; }
-    for (const m of models) $("model").add(new Option(`${m.name} (${m.action_names.join("/")})`, m.name));
+    for (const m of models) {
+      $("model").add(new Option(`${m.name} (${m.action_names.join("/")})`, m.name));
+      if (m.world) modelWorlds[m.name] = m.world;
+    }
     const wanted = new URLSearchParams(location.search).get("model");  // /play?model=NAME picks the model
     if (wanted && models.some((m) => m.name === wanted)) $("model").value = wanted;
-    const starts = (await (await fetch("/static/starts/index.json")).json()).starts;
-    for (const s of starts) {
-      const img = new Image();
-      img.src = `/static/starts/${s.file}`;
-      img.alt = img.title = `layout seed ${s.seed}`;
-      img.addEventListener("click", () => {
-        for (const o of document.querySelectorAll(".starts img")) o.classList.remove("chosen");
-        img.classList.add("chosen");
-        startFile = s.file;
-        openSession();
-      });
-      $("starts").append(img);
-    }
-    const first = document.querySelector(".starts img");
-    first.classList.add("chosen");
-    startFile = starts[0].file;
+    startIndex = await (await fetch("/static/starts/index.json")).json();
+    showStarts($("model").value);
     await openSession();
   } catch (err) {
     setStatus(String(err), true);
