@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import MODEL_DIR
 from worldserve.engine.host import ProcessHost
 from worldserve.errors import Unavailable
-from worldserve.messages import ErrorCode, FrameMode, RolloutRequest
+from worldserve.messages import ErrorCode, FrameMode, RolloutRequest, SessionAction
 from worldserve.queue.local import LocalQueue
 from worldserve.settings import EngineSettings, ModelSettings
 
@@ -78,6 +78,25 @@ def test_killed_engine_process_ends_its_requests_others_serve_and_it_comes_back(
             a.send_msg(req("dup", ctx, h=1, k=1))  # behind the queue's back: the engine itself refuses it
             ends = await asyncio.wait_for(dup, 20)
             assert ends[-1].final and ends[-1].error == ErrorCode.INVALID_ARGUMENT, ends[-1]
+            # a slow consumer (a stream nobody reads) holds up no one
+            slow = await q.submit(req("slow", ctx, h=60, k=4, frames=FrameMode.ALL))
+            quick = await asyncio.wait_for(events(q, req("quick", ctx, h=3, k=4)), 20)
+            assert quick[-1].error == ErrorCode.OK
+            await slow.aclose()
+            # sessions hold their slots until they close; their clients going away cancels them in the engine
+            # process, so the next request runs at once (else it would wait for the 300 s idle timeout)
+            sessions = []
+            for i in range(8):  # every slot
+                sid = f"sess{i}"
+                sessions.append(await q.submit(RolloutRequest(sid, "tiny", ctx, np.zeros((1, 0), np.int64),
+                                                              session=True)))
+                await q.act(SessionAction(sid, np.asarray(2, np.int64)))
+            for it in sessions:
+                first = await asyncio.wait_for(it.__anext__(), 20)
+                assert not first.final and first.step == 0
+                await it.aclose()
+            after_close = await asyncio.wait_for(events(q, req("after-close", ctx, h=2, k=1)), 15)
+            assert after_close[-1].error == ErrorCode.OK
         finally:
             await q.close()
 
