@@ -33,11 +33,11 @@ import torch
 
 from .. import metrics
 from ..errors import InvalidArgument, QueueFull, Unavailable
-from ..messages import ErrorCode, FrameMode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
-from ..model.protocol import ModelSpec, Noise, WorldModelProtocol, check_model
-from ..runtime.batch import HostOutputs, Sampler, bucket, pad_to, run_fixed_chunks, to_host
+from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
+from ..model.protocol import ModelSpec, WorldModelProtocol, check_model
+from ..runtime.batch import Sampler, run_fixed_chunks
 from ..settings import EngineSettings
-from .frames import FramePasses
+from .execute import Executor, StepOutputs
 from .scheduler import Chunk, Job, Row, Scheduler
 
 log = logging.getLogger("worldserve.engine")
@@ -48,12 +48,11 @@ class Engine:
         check_model(model)
         self.model, self.cfg = model, cfg
         self.spec = model.spec
-        self.latent_out = self.spec.output == "latent"  # the model returns the next latent; else logits to sample
         self.sampler = sampler or Sampler()
         self.pad_slot = cfg.max_slots  # never allocated: padding rows of a bucket write here
         self.state = model.allocate_state(cfg.max_slots + 1)  # opaque to the engine
-        passes = getattr(self.spec, "decoding", "parallel") != "parallel"  # within-frame decoding, batched by pass
-        self.frames = FramePasses(model, cfg.max_slots + 1, model.device) if passes else None
+        self.exec = Executor(model, self.state, cfg, self.sampler, self.pad_slot)  # 4: the device's work
+        self.frames = self.exec.frames  # within-frame decoding's per-slot state (None: one step makes a frame)
         self.free: list[int] = list(range(cfg.max_slots))
         self.jobs: dict[str, Job] = {}  # every request taken in and not yet ended: waiting, running or both
         self.running: list[Chunk] = []  # admitted candidates, in admission order
@@ -136,14 +135,14 @@ class Engine:
 
     # ---- the step ------------------------------------------------------------------------------
     def step(self) -> list[RolloutEvent]:
-        """One iteration; returns its events (on an exception they stay for `_die` to hand over)."""
+        """One iteration, schedule -> execute -> update; returns its events (on an exception they stay for `_die`)."""
         t0 = time.perf_counter()
-        self._drain_inbox()  # 1
-        self._retire(time.time())  # 2
-        self._admit()  # 3
-        rows = self._schedule()
+        self._drain_inbox()  # 1. requests, session actions, cancels in
+        self._retire(time.time())  # 2. cancelled / expired requests out: their slots free for this very step
+        self._admit()  # 3. waiting requests into free slots: encode + prefill batched, fork the candidates
+        rows = self._schedule()  # the step's rows: one per slot with work
         if rows:
-            self._guarded(rows)  # 4 + 5
+            self._guarded(rows)  # 4. execute (engine/execute.py) + 5. update (events, stops, counters, finished)
             metrics.STEP_SECONDS.labels(self.spec.name).observe(time.perf_counter() - t0)
         metrics.QUEUE_DEPTH.labels(self.spec.name).set(self.queued())
         metrics.ACTIVE_SLOTS.labels(self.spec.name).set(self.cfg.max_slots - len(self.free))
@@ -226,7 +225,7 @@ class Engine:
     def _prefill(self, admitted: list[Chunk]) -> None:
         # encode every context frame of every admitted request in one batch
         ctx = torch.from_numpy(np.concatenate([a.req.context for a in admitted])).to(self.device)
-        tokens = run_fixed_chunks(self.model.encode, ctx)  # int64 [sum(C), N], batch-invariant
+        tokens = run_fixed_chunks(self.model.encode, ctx, self.exec.chunk)  # int64 [sum(C), N], batch-invariant
         groups: dict[int, list[tuple[Chunk, torch.Tensor]]] = {}
         off = 0
         for a in admitted:
@@ -265,14 +264,14 @@ class Engine:
 
     def _guarded(self, rows: list[Row]) -> None:
         """Execute; on failure isolate the request(s) at fault when the cache was not yet advanced."""
-        self._advanced = False
+        self.exec.advanced = False
         try:
             self._run(rows)
             self._failures = 0
             return
         except Exception as e:
             owners = list({id(r.chunk.job): r.chunk.job for r in rows}.values())
-            if self._advanced or len(owners) == 1:
+            if self.exec.advanced or len(owners) == 1:
                 self._failed(owners, e, "step")
                 return
             log.warning("engine step of %d requests failed (%s: %s); retrying each alone", len(owners),
@@ -280,7 +279,7 @@ class Engine:
         served, last = False, None
         for a in owners:  # one request per step: the others are served, the one at fault ends
             mine = [r for r in rows if r.chunk.job is a]
-            self._advanced = False
+            self.exec.advanced = False
             try:
                 self._run(mine)
                 served = True
@@ -305,92 +304,15 @@ class Engine:
         if self._failures >= self.cfg.max_consecutive_failures:
             raise EngineFailed(f"{self._failures} engine steps failed in a row; last: {type(e).__name__}: {e}") from e
 
-    def _inputs(self, rows: list[Row], nb: int):
-        """4a. The rows' inputs, padded to the bucket nb: slots, actions and the counter-based sampling keys.
-
-        Candidate k of a request seeded s draws from stream s + k, so a fork equals K separate requests seeded
-        s .. s+K-1, alone or in any batch (padding rows: zeros)."""
-        b, dev = len(rows), self.device
-        slots = pad_to(torch.tensor([r.slot for r in rows]), nb, self.pad_slot).to(dev)
-        if self.spec.action_dim:
-            acts = torch.zeros(nb, self.spec.action_dim)  # float32 [nb, A]
-            acts[:b] = torch.from_numpy(np.stack([np.zeros(self.spec.action_dim, np.float32) if r.action is None
-                                                  else np.asarray(r.action, np.float32) for r in rows]))
-        else:
-            acts = torch.zeros(nb, dtype=torch.int64)  # int64 [nb]
-            acts[:b] = torch.tensor([0 if r.action is None else int(r.action) for r in rows])
-        seed = torch.zeros(nb, dtype=torch.int64)
-        seed[:b] = torch.tensor([(r.chunk.req.seed + r.candidate) % (1 << 63) for r in rows], dtype=torch.int64)
-        stepi = torch.zeros(nb, dtype=torch.int64)
-        stepi[:b] = torch.tensor([r.chunk.step for r in rows], dtype=torch.int64)
-        return slots, acts.to(dev), seed.to(dev), stepi.to(dev)
-
     def _run(self, rows: list[Row]) -> None:
-        if self.frames is None:  # one model step makes every row's frame
-            self._update(rows, *self._execute(rows))
-        else:  # passes: the rows whose frame completed this iteration
-            self._update(*self._execute_passes(rows))
+        out = self.exec.run(rows)  # 4. None: no frame completed this iteration (within-frame decoding)
+        if out is not None:
+            self._update(out)  # 5
 
-    def _execute_passes(self, rows: list[Row]):
-        """4'. Within-frame decoding (engine/frames.py): the trunk for rows starting a frame, then ONE fill over every
-        row at whatever pass it is; the rows whose frame completes are advanced, decoded and returned for update."""
-        b, dev, fp = len(rows), self.device, self.frames
-        nb = bucket(b, self.cfg.max_slots)
-        metrics.BATCH_SIZE.labels(self.spec.name).observe(b)
-        slots, acts, seed, stepi = self._inputs(rows, nb)
-        fresh = [i for i, r in enumerate(rows) if r.fresh]
-        if fresh:  # the trunk once per frame, bucketed too
-            nf, idx = bucket(len(fresh), self.cfg.max_slots), torch.tensor(fresh, device=dev)
-            fp.begin(self.model, self.state, pad_to(slots[idx], nf, self.pad_slot), pad_to(acts[idx], nf, 0))
-        pidx = torch.zeros(nb, dtype=torch.int64)
-        pidx[:b] = torch.tensor([r.chunk.passes_done for r in rows])
-        temp = torch.zeros(nb)
-        temp[:b] = torch.tensor([r.chunk.req.temperature for r in rows], dtype=torch.float32)
-        partial = fp.fill(self.model, self.state, slots, pidx.to(dev), temp.to(dev), seed, stepi)  # [nb, N]
-        last = fp.passes - 1
-        complete = [i for i, r in enumerate(rows) if r.chunk.passes_done == last]
-        for c in {id(r.chunk): r.chunk for r in rows}.values():
-            c.passes_done = 0 if c.passes_done == last else c.passes_done + 1
-        crows = [rows[i] for i in complete]
-        if not crows:
-            return [], None, set(), {}
-        ci = torch.tensor(complete, device=dev)
-        cslots, nxt = slots[ci], partial[ci]
-        self.model.advance(self.state, cslots, nxt)  # only the complete frame enters the context window
-        self._advanced = True
-        return (crows, *self._outputs(crows, nxt, fp.reward[cslots], fp.done[cslots]))
-
-    def _outputs(self, rows: list[Row], nxt: torch.Tensor, reward: torch.Tensor, done: torch.Tensor):
-        """4d-e. Stops at done, frames decoded where asked, one device -> host copy."""
-        ends = self._done_rows(rows, done)  # stop_on_done: rows whose candidate ends at this step
-        want = [i for i, r in enumerate(rows) if self._wants_frame(r.chunk) or (i in ends and r.chunk.req.frames
-                                                                              == FrameMode.LAST)]
-        frames = run_fixed_chunks(self.model.decode, nxt[want]) if want else None  # uint8 [F, H, W, 3]
-        tokens = nxt if any(r.chunk.req.return_tokens for r in rows) and not self.latent_out else None
-        host = to_host(reward, done, tokens, frames)  # one device -> host copy
-        return host, ends, {i: j for j, i in enumerate(want)}
-
-    def _execute(self, rows: list[Row]) -> tuple[HostOutputs, set[int], dict[int, int]]:
-        """4. One model step for every row: sample, advance, decode where asked, one device -> host copy.
-        Returns the host outputs, the rows that end at done and {row: its frame's index}."""
-        b = len(rows)
-        nb = bucket(b, self.cfg.max_slots)
-        metrics.BATCH_SIZE.labels(self.spec.name).observe(b)
-        slots, acts, seed, stepi = self._inputs(rows, nb)  # 4a
-        zeros = torch.zeros(nb, dtype=torch.int64, device=self.device)
-        if self.latent_out:  # 4b. the model draws its own noise from the rows' streams and returns the next latent
-            out, reward, done = self.model.step(self.state, slots, acts, noise=Noise(seed, zeros, stepi))
-            nxt = out[:b]
-        else:  # 4b. logits [nb, N, V] -> the engine samples int64 [b, N]
-            out, reward, done = self.model.step(self.state, slots, acts)
-            temp = torch.tensor([r.chunk.req.temperature for r in rows], dtype=torch.float32)
-            nxt = self.sampler(out[:b], temp.to(self.device), seed[:b], zeros[:b], stepi[:b])
-        self.model.advance(self.state, slots[:b], nxt)  # 4c. the completed frame enters the context window
-        self._advanced = True
-        return self._outputs(rows, nxt, reward[:b], done[:b])  # 4d-e
-
-    def _update(self, rows: list[Row], host: HostOutputs, ends: set[int], frame_of: dict[int, int]) -> None:
+    def _update(self, out: StepOutputs) -> None:
         """5. The step's events (handed over together at its end), stops at done, step counters, finished requests."""
+        rows, host, ends, frame_of = out.rows, out.host, out.ends, out.frame_of
+        conf = host.confidence
         now = time.monotonic()
         for i, r in enumerate(rows):
             c, j = r.chunk, r.chunk.job
@@ -403,6 +325,7 @@ class Engine:
                 j.req.id, r.candidate, c.step, float(host.reward[i]), float(host.done[i]),
                 frame=host.frames[frame_of[i]] if i in frame_of else None,
                 tokens=host.tokens[i].astype(np.int64) if j.req.return_tokens and host.tokens is not None else None,
+                confidence=None if conf is None else float(conf[i]),
             ))
         metrics.FRAMES.labels(self.spec.name).inc(len(rows))
         for i in ends:  # a candidate whose world ended: no more steps, its slot freed now
@@ -419,19 +342,6 @@ class Engine:
                 if not j.chunks and not j.pending:
                     said = ", ".join(f"candidate {k} at step {s}" for k, s in sorted(j.stopped.items()))
                     self._finish(j, ErrorCode.OK, f"stopped at done: {said}" if said else "")
-
-    def _done_rows(self, rows: list[Row], done: torch.Tensor) -> set[int]:
-        """Rows of stop_on_done requests whose done probability is > 0.5 (one small copy, only when asked)."""
-        ask = [i for i, r in enumerate(rows) if r.chunk.req.stop_on_done and not r.chunk.req.session]
-        if not ask:
-            return set()
-        d = done.float().cpu().numpy()
-        return {i for i in ask if d[i] > 0.5}
-
-    def _wants_frame(self, c: Chunk) -> bool:
-        m = c.req.frames
-        return c.step >= c.skip and (m == FrameMode.ALL or (m == FrameMode.LAST and (c.req.session or
-                                                                                     c.step == c.req.horizon - 1)))
 
     def _end(self, request_id: str, code: ErrorCode, message: str) -> None:
         metrics.REQUESTS.labels(self.spec.name, code.name.lower()).inc()

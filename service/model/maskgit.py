@@ -179,7 +179,7 @@ def schedule(scheme: str, n: int, passes: int, tokens_per_pass: int = 0, shape: 
 def unmask_pass(logits: torch.Tensor, partial: torch.Tensor, known: torch.Tensor, n_known_after: torch.Tensor,
                 temperature: torch.Tensor, seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor,
                 pass_idx: torch.Tensor, order: str = "sampled",
-                noise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                noise: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoding pass for B rows, each at its own pass. A pure function: rows never interact.
 
     logits        float [B, N, V]  fill's logits for the rows' current partial frames
@@ -197,28 +197,33 @@ def unmask_pass(logits: torch.Tensor, partial: torch.Tensor, known: torch.Tensor
                   "raster": the first unknown positions in raster order (autoregressive).
     -> partial int64 [B, N], known bool [B, N]: row b has exactly n_known_after[b] known tokens, the known ones
        unchanged; unknown positions hold 0.
+       kept float32 [B]: the sum over the tokens this pass kept of their probability under the distribution they were
+       sampled from (softmax(logits / t); greedy rows: t = 1): the engine sums it over a frame's passes and divides
+       by N, the frame's confidence (RolloutEvent.confidence).
     """
     b, n, _ = logits.shape
     t = temperature.to(torch.float32)
     draw = 2 * pass_idx + 1  # this pass's token stream; 2 * pass_idx + 2: its Gumbel noise
     tok = sample(logits, t, seed, candidate, step, draw)  # int64 [B, N]: a token for every position
     pos = torch.arange(n, device=logits.device)
+    if order not in CONFIDENCES and order != "raster":
+        raise ValueError(f"unknown order {order!r}")
+    t_lp = torch.where(t > 0, t, torch.ones_like(t))[:, None, None]  # greedy rows: log p at temperature 1
+    logp = torch.log_softmax(logits.float() / t_lp, -1)  # [B, N, V]
+    chosen = logp.gather(-1, tok[..., None]).squeeze(-1)  # [B, N] <= 0: log p of the token each position drew
     if order == "raster":
         conf = -pos.to(torch.float32).expand(b, n)  # earlier positions first
-    elif order in CONFIDENCES:
-        t_lp = torch.where(t > 0, t, torch.ones_like(t))[:, None, None]  # greedy rows: log p at temperature 1
-        logp = torch.log_softmax(logits.float() / t_lp, -1)  # [B, N, V]
-        logp = logp.gather(-1, tok[..., None]).squeeze(-1) if order == "sampled" else logp.amax(-1)  # [B, N] <= 0
-        u = token_uniform(seed, candidate, step, n, draw + 1)  # [B, N] in (0, 1)
-        conf = logp + (noise * t)[:, None] * -torch.log(-torch.log(u))  # + temperature-scaled Gumbel noise
     else:
-        raise ValueError(f"unknown order {order!r}")
+        lp = chosen if order == "sampled" else logp.amax(-1)  # [B, N] <= 0
+        u = token_uniform(seed, candidate, step, n, draw + 1)  # [B, N] in (0, 1)
+        conf = lp + (noise * t)[:, None] * -torch.log(-torch.log(u))  # + temperature-scaled Gumbel noise
     conf = conf.masked_fill(known, float("inf"))  # the known tokens rank first and stay
     ranked = torch.sort(conf, dim=1, descending=True, stable=True).indices  # [B, N] positions, most confident first
     rank = torch.empty_like(ranked).scatter_(1, ranked, pos.expand(b, n))  # [B, N] each position's place
     new_known = (rank < n_known_after[:, None]) | known
     partial = torch.where(known, partial, torch.where(new_known, tok, torch.zeros_like(tok)))
-    return partial, new_known
+    kept = torch.where(new_known & ~known, chosen.exp(), torch.zeros_like(chosen)).sum(1)  # float32 [B]
+    return partial, new_known, kept
 
 
 # ---- the reference sampler ------------------------------------------------------------------------------------
@@ -249,7 +254,7 @@ def sample_frame(model, state, slots: torch.Tensor, seed: torch.Tensor, candidat
     for p, k in enumerate(schedule(scheme, n, passes, tpp, shape or spec.schedule)):
         logits = model.fill(state, slots, partial, known)  # [B, N, V]
         after = torch.full((b,), k, dtype=torch.int64, device=device)
-        partial, known = unmask_pass(logits, partial, known, after, t, seed, candidate, step,
+        partial, known, _ = unmask_pass(logits, partial, known, after, t, seed, candidate, step,
                                      torch.full((b,), p, dtype=torch.int64, device=device), order,
                                      spec.choice_noise if noise is None else noise)
     return partial

@@ -132,8 +132,12 @@ def _sample_rows(flat: torch.Tensor, sel: torch.Tensor, t: torch.Tensor, u: torc
 def sample(logits, temperature, seed, candidate, step, draw=None):
     """logits float [B, N, V]; temperature float [B] (0 = greedy); seed/candidate/step int64 [B] -> int64 [B, N].
 
-    draw: int64 [B] or None (the step's own stream): see `token_uniform`."""
+    draw: int64 [B] or None (the step's own stream): see `token_uniform`.
+    On the CPU greedy rows skip the draws (which rows are greedy is read on the host); on a GPU that read would be a
+    synchronisation, so every row is drawn and greedy rows take their argmax by `where` (the same tokens)."""
     b, n, v = logits.shape
+    if logits.is_cuda:
+        return _sample_all(logits, temperature, seed, candidate, step, draw)
     hot = temperature > 0  # [B] bool
     n_hot = int(hot.sum())
     if n_hot == 0:
@@ -155,6 +159,47 @@ def sample(logits, temperature, seed, candidate, step, draw=None):
         got[i : i + sel.shape[0]] = _sample_rows(flat, sel, t[i : i + size], u[i : i + size], scratch)
     out[rows] = got.view(n_hot, n)
     return out
+
+
+def _sample_all(logits, temperature, seed, candidate, step, draw):
+    # every row drawn, no data-dependent shapes (no host read: nothing waits for the device) -> int64 [B, N]
+    b, n, v = logits.shape
+    u = token_uniform(seed, candidate, step, n, draw).reshape(-1)  # [B * N]
+    t = temperature.float().clamp(min=1e-6).repeat_interleave(n)  # [B * N]
+    flat = logits.reshape(b * n, v)
+    idx = torch.arange(b * n, device=logits.device)
+    size = chunk_rows(v)
+    nb_bs = -(-v // block_size(v)) * block_size(v)
+    scratch = torch.zeros(min(size, b * n), nb_bs, dtype=torch.float32, device=logits.device)
+    got = torch.empty(b * n, dtype=torch.int64, device=logits.device)
+    for i in range(0, b * n, size):
+        sel = idx[i : i + size]
+        got[i : i + sel.shape[0]] = _sample_rows(flat, sel, t[i : i + size], u[i : i + size], scratch)
+    return torch.where((temperature > 0)[:, None], got.view(b, n), logits.argmax(-1))
+
+
+def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """How sure the model was of each row's frame: the mean over its N tokens of the probability of the chosen token
+    under the distribution it was sampled from, softmax(logits / t) (greedy rows, t = 0: t = 1, the model's own
+    distribution). logits float [B, N, V]; tokens int64 [B, N]; temperature float [B] -> float32 [B] in [0, 1].
+
+    On the device, no host read (part of the step's one packed copy); rows in chunks that bound the float32 scratch."""
+    b, n, v = logits.shape
+    t = torch.where(temperature > 0, temperature.float(), torch.ones_like(temperature, dtype=torch.float32))
+    out = torch.empty(b, dtype=torch.float32, device=logits.device)
+    rows = max(1, CHUNK_BYTES // (4 * n * v))
+    for i in range(0, b, rows):
+        x = logits[i : i + rows].float() / t[i : i + rows, None, None]  # [R, N, V]
+        chosen = x.gather(-1, tokens[i : i + rows, :, None]).squeeze(-1)  # [R, N]
+        out[i : i + rows] = (chosen - torch.logsumexp(x, -1)).exp().mean(-1)
+    return out
+
+
+def token_confidence_reference(logits, tokens, temperature):
+    """The same, plainly: float64 softmax over the whole row, the chosen tokens' probabilities, their mean."""
+    t = torch.where(temperature > 0, temperature.double(), torch.ones_like(temperature, dtype=torch.float64))
+    p = torch.softmax(logits.double() / t[:, None, None], -1)
+    return p.gather(-1, tokens[..., None]).squeeze(-1).mean(-1)
 
 
 def sample_reference(logits, temperature, seed, candidate, step):

@@ -1,10 +1,11 @@
 """How a batch runs on the device, shared by the engine and the runtime backends:
 - shape buckets: step batches are padded to 1, 2, 4, ... max so compiled graphs and TensorRT profiles are reused;
-- fixed chunks: encode / decode in chunks of exactly CHUNK rows (batch invariance);
+- fixed chunks: encode / decode in chunks of exactly CHUNK rows on the CPU, GPU_CHUNK on CUDA (batch invariance:
+  a row's frame never depends on how many rows were decoded with it);
 - the token sampler: the chunked PyTorch sampler (worldserve.model.sampling.sample) or the Triton kernel (on CUDA
   tensors the default: one program per token, no [B, N, V] temporaries; `use_triton=True` forces it, tests run
   it on the CPU under TRITON_INTERPRET=1);
-- the one device -> host copy of a step's outputs.
+- the one device -> host copy of a step's outputs (pinned, side stream, one event wait).
 """
 
 from __future__ import annotations
@@ -45,7 +46,13 @@ def pad_to(x: torch.Tensor, n: int, value) -> torch.Tensor:
     return torch.cat([x, pad])
 
 
-CHUNK = 8
+CHUNK = 8  # rows per encode / decode call on the CPU
+GPU_CHUNK = 64  # on CUDA: one call for up to 64 rows (a 64-row step decodes in one call), still a fixed shape
+
+
+def decode_chunk(device: torch.device) -> int:
+    """Rows per encode / decode call: fixed either way, so a row's frame does not depend on the batch it is in."""
+    return GPU_CHUNK if device.type == "cuda" else CHUNK
 
 
 def run_fixed_chunks(fn, x: torch.Tensor, size: int = CHUNK) -> torch.Tensor:
@@ -94,33 +101,65 @@ class Sampler:
 class HostOutputs:
     reward: np.ndarray  # float32 [b]
     done: np.ndarray  # float32 [b]
+    confidence: np.ndarray | None  # float32 [b] in [0, 1]: token models only (engine/execute.py)
     tokens: np.ndarray | None  # int32 [b, N], only when a row asked for its tokens
     frames: np.ndarray | None  # uint8 [F, H, W, 3]
 
 
-def to_host(reward: torch.Tensor, done: torch.Tensor, tokens: torch.Tensor | None,
-            frames: torch.Tensor | None) -> HostOutputs:
-    """reward, done [b]; tokens int [b, N] | None; frames uint8 [F, H, W, 3] | None -> host arrays.
+SYNCS = [0]  # the waits `to_host` made (one a step on CUDA): engine/syncs.py adds them to the counted ones
+_STREAMS: dict = {}  # device index -> its copy stream
 
-    On a GPU everything is packed into one byte buffer on the device and moved in ONE copy (one synchronisation
-    per step); on the CPU the arrays are views, no copy at all.
+
+def _side_stream(device: torch.device):
+    # one copy stream per device, made on first use (no import-time CUDA work)
+    s = _STREAMS.get(device.index)
+    if s is None:
+        s = _STREAMS[device.index] = torch.cuda.Stream(device)
+    return s
+
+
+def to_host(reward: torch.Tensor, done: torch.Tensor, confidence: torch.Tensor | None, tokens: torch.Tensor | None,
+            frames: torch.Tensor | None) -> HostOutputs:
+    """reward, done, confidence float [b] (confidence may be None); tokens int [b, N] | None; frames uint8
+    [F, H, W, 3] | None -> host arrays.
+
+    On a GPU everything is packed into one byte buffer on the device and moved in ONE non_blocking copy into pinned
+    memory on a side stream, after an event on the compute stream; the host waits on the copy's event only (the
+    step's one synchronisation: no pageable copy, no stream synchronize, so set_sync_debug_mode("error") passes).
+    On the CPU the arrays are views, no copy at all.
     """
     b = reward.shape[0]
     parts = [reward.float().reshape(b), done.float().reshape(b)]
+    if confidence is not None:
+        parts.append(confidence.float().reshape(b))
     tok = None if tokens is None else tokens.to(torch.int32).reshape(b, -1)
     if not reward.is_cuda:
-        return HostOutputs(parts[0].numpy(), parts[1].numpy(), None if tok is None else tok.numpy(),
-                           None if frames is None else frames.numpy())
+        return HostOutputs(parts[0].numpy(), parts[1].numpy(), None if confidence is None else parts[2].numpy(),
+                           None if tok is None else tok.numpy(), None if frames is None else frames.numpy())
     chunks = [torch.cat(parts).view(torch.uint8)]
     if tok is not None:
         chunks.append(tok.reshape(-1).view(torch.uint8))
     if frames is not None:
         chunks.append(frames.reshape(-1))
-    buf = torch.cat(chunks).cpu().numpy()  # the one device -> host transfer of a step
-    f32, off = buf[: 8 * b].view(np.float32), 8 * b
+    packed = torch.cat(chunks)  # uint8 [bytes] on the device
+    host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
+    ready = torch.cuda.Event()
+    ready.record()  # the compute stream has produced `packed`
+    side = _side_stream(packed.device)
+    with torch.cuda.stream(side):
+        side.wait_event(ready)
+        host.copy_(packed, non_blocking=True)  # the one device -> host transfer of a step
+        packed.record_stream(side)  # the allocator keeps it until the copy is done
+        copied = torch.cuda.Event()
+        copied.record(side)
+    copied.synchronize()  # the step's one wait: its outputs are on the host
+    SYNCS[0] += 1
+    buf = host.numpy()
+    f32, off = buf[: 4 * len(parts) * b].view(np.float32), 4 * len(parts) * b
     tok_h = None
     if tok is not None:
         tok_h = buf[off : off + tok.numel() * 4].view(np.int32).reshape(tok.shape)
         off += tok.numel() * 4
     fr = None if frames is None else buf[off:].reshape(frames.shape)
-    return HostOutputs(f32[:b], f32[b:], tok_h, fr)
+    conf = f32[2 * b : 3 * b] if confidence is not None else None
+    return HostOutputs(f32[:b], f32[b : 2 * b], conf, tok_h, fr)

@@ -69,7 +69,7 @@ def test_unmask_pass_fills_exactly_n_known_after_and_keeps_the_known_tokens():
         after = have + (torch.rand(B, generator=g) * (n - have + 1)).long().clamp(max=n - have)
         temp = torch.tensor([0.0, 1.0, 0.5, 2.0] * 2)
         seed, cand, step = keys(B)
-        new, new_known = unmask_pass(logits, partial, known, after, temp, seed, cand, step, torch.arange(B), order)
+        new, new_known, _ = unmask_pass(logits, partial, known, after, temp, seed, cand, step, torch.arange(B), order)
         assert torch.equal(new_known.sum(1), after)
         assert bool(new_known[known].all()) and torch.equal(new[known], partial[known])
         assert int(new[~new_known].abs().sum()) == 0 and int(new.max()) < V
@@ -84,8 +84,8 @@ def test_greedy_rows_take_the_argmax():
     logits = torch.randn(2, 64, V, generator=torch.Generator().manual_seed(2))
     seed, cand, step = keys(2)
     nothing = torch.zeros(2, 64, dtype=torch.int64)
-    out, known = unmask_pass(logits, nothing, nothing.bool(), torch.tensor([64, 64]), torch.zeros(2), seed, cand, step,
-                             torch.zeros(2, dtype=torch.int64))
+    out, known, _ = unmask_pass(logits, nothing, nothing.bool(), torch.tensor([64, 64]), torch.zeros(2), seed, cand,
+                                step, torch.zeros(2, dtype=torch.int64))
     assert bool(known.all()) and torch.equal(out, logits.argmax(-1))
 
 
@@ -97,7 +97,7 @@ def test_autoregressive_fills_in_raster_order(small):
     assert sched == [12, 24, 36, 48, 60, 64]
     for p, k in enumerate(sched):
         logits = model.fill(state, slots, partial, known)
-        partial, known = unmask_pass(logits, partial, known, torch.full((B,), k), torch.ones(B), seed, cand, step,
+        partial, known, _ = unmask_pass(logits, partial, known, torch.full((B,), k), torch.ones(B), seed, cand, step,
                                      torch.full((B,), p), "raster")
         assert bool(known[:, :k].all()) and not bool(known[:, k:].any())
 

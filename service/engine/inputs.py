@@ -1,0 +1,133 @@
+"""4a. A step's inputs: every per-row value packed on the host into ONE buffer (pinned on CUDA), copied to the device
+ONCE with `non_blocking`, and read there as views. No Python list ever indexes a device tensor (that is a copy and a
+wait each time): which rows start a frame, complete one or want their frame decoded are index tensors in the same
+buffer.
+
+    slots        int64 [nb]       the rows' slots; padding rows (up to the bucket nb) write into the scratch slot
+    actions      int64 [nb] | float32 [nb, A]   padding rows: 0
+    seed         int64 [nb]       (request seed + candidate) mod 2^63: candidate k of a request seeded s draws from
+                                  stream s + k, so a fork equals K requests seeded s .. s+K-1, alone or in any batch
+    step         int64 [nb]       the frame's index in its rollout
+    temperature  float32 [nb]     >= 0 (0: greedy)
+    want         int64 [F]        rows (of the frames this step completes) whose frame is decoded, in order
+  within-frame decoding (engine/frames.py) only:
+    pass_idx     int64 [nb]       each row's pass of its frame
+    fresh_slots  int64 [nf]       rows starting a frame (their trunk pass), bucketed, padded with the scratch slot
+    fresh_actions                 their actions, [nf] | [nf, A]
+    complete     int64 [C]        rows whose frame completes this iteration
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..messages import FrameMode
+from ..runtime.batch import bucket
+from .scheduler import Chunk, Row
+
+_ALIGN = 8  # every array starts on an 8-byte boundary (an int64 view needs it)
+_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
+
+
+def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Host arrays (int64 / float32) -> device tensors of the same shapes, through one byte buffer and one copy."""
+    layout, off = [], 0
+    for name, a in arrays.items():
+        layout.append((name, a, off))
+        off += -(-a.nbytes // _ALIGN) * _ALIGN
+    cuda = device.type == "cuda"
+    host = torch.empty(max(off, _ALIGN), dtype=torch.uint8, pin_memory=cuda)
+    hb = host.numpy()
+    for _, a, o in layout:
+        hb[o : o + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    dev = host.to(device, non_blocking=True) if cuda else host  # the step's one host -> device copy
+    return {name: dev[o : o + a.nbytes].view(_DTYPES[a.dtype]).view(a.shape) for name, a, o in layout}
+
+
+@dataclass
+class StepInputs:
+    b: int  # rows
+    nb: int  # their bucket
+    slots: torch.Tensor
+    actions: torch.Tensor
+    seed: torch.Tensor
+    step: torch.Tensor
+    temperature: torch.Tensor
+    want: torch.Tensor
+    want_rows: list[int]  # host copy of `want`: frame j of the step is row want_rows[j]
+    if_end: set[int]  # rows decoded only in case they end at done this step (stop_on_done + frames LAST)
+    pass_idx: torch.Tensor | None = None
+    fresh_slots: torch.Tensor | None = None
+    fresh_actions: torch.Tensor | None = None
+    complete: torch.Tensor | None = None
+    complete_rows: list[int] | None = None  # host copy of `complete`
+
+
+def wants_frame(c: Chunk) -> bool:
+    """The frame of chunk c's current step goes to the client (not a replayed step; frames ALL, or LAST at its end)."""
+    m = c.req.frames
+    return c.step >= c.skip and (m == FrameMode.ALL or (m == FrameMode.LAST and (c.req.session or
+                                                                                 c.step == c.req.horizon - 1)))
+
+
+def ends_at_done(r: Row) -> bool:
+    """A row whose candidate stops when the model says done (the host reads done after the step's copy)."""
+    return r.chunk.req.stop_on_done and not r.chunk.req.session
+
+
+def frame_rows(rows: list[Row]) -> tuple[list[int], set[int]]:
+    """Rows whose frame is decoded: those that want it, and, decoded in case (the host learns `done` only with the
+    step's one copy), stop_on_done rows with frames LAST that would want it if they ended now."""
+    want, maybe = [], set()
+    for i, r in enumerate(rows):
+        c = r.chunk
+        if wants_frame(c):
+            want.append(i)
+        elif c.req.frames == FrameMode.LAST and ends_at_done(r) and c.step >= c.skip:
+            want.append(i)
+            maybe.add(i)
+    return want, maybe
+
+
+def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch.device, max_slots: int,
+         passes: int = 0) -> StepInputs:
+    """The rows' inputs, padded to the bucket nb, on the device in one copy. passes: the model's passes per frame
+    (within-frame decoding), 0 for a model whose step makes the frame."""
+    b = len(rows)
+    slots = np.full(nb, pad_slot, np.int64)
+    seed = np.zeros(nb, np.int64)
+    step = np.zeros(nb, np.int64)
+    temp = np.zeros(nb, np.float32)
+    acts = np.zeros((nb, action_dim) if action_dim else nb, np.float32 if action_dim else np.int64)
+    for i, r in enumerate(rows):
+        c = r.chunk
+        slots[i], step[i], temp[i] = r.slot, c.step, c.req.temperature
+        seed[i] = (c.req.seed + r.candidate) % (1 << 63)
+        if r.action is not None:
+            acts[i] = r.action
+    arrays = {"slots": slots, "actions": acts, "seed": seed, "step": step, "temperature": temp}
+    complete_rows = None
+    if passes:
+        last = passes - 1
+        arrays["pass_idx"] = np.array([r.chunk.passes_done for r in rows] + [0] * (nb - b), np.int64)
+        fresh = [i for i, r in enumerate(rows) if r.fresh]
+        if fresh:
+            nf = bucket(len(fresh), max_slots)
+            fs = np.full(nf, pad_slot, np.int64)
+            fs[: len(fresh)] = slots[fresh]
+            fa = np.zeros((nf, *acts.shape[1:]), acts.dtype)
+            fa[: len(fresh)] = acts[fresh]
+            arrays["fresh_slots"], arrays["fresh_actions"] = fs, fa
+        complete_rows = [i for i, r in enumerate(rows) if r.chunk.passes_done == last]
+        arrays["complete"] = np.array(complete_rows, np.int64)
+        want, maybe = frame_rows([rows[i] for i in complete_rows])  # indices among the completing rows
+    else:
+        want, maybe = frame_rows(rows)
+    arrays["want"] = np.array(want, np.int64)
+    d = to_device(arrays, device)
+    return StepInputs(b, nb, d["slots"], d["actions"], d["seed"], d["step"], d["temperature"], d["want"], want, maybe,
+                      d.get("pass_idx"), d.get("fresh_slots"), d.get("fresh_actions"), d.get("complete"),
+                      complete_rows)
