@@ -39,6 +39,7 @@ from ..errors import InvalidArgument, NotFound, Unavailable, from_code
 from ..messages import ErrorCode, FrameMode, ModelInfo, Priority, RolloutEvent, RolloutRequest, SessionAction
 from ..settings import ServerSettings
 from ..wire import ENCODINGS
+from .anytime import Reach, anytime
 from .auth import Principal, capped_priority, take_slots
 from .errors import RateLimited
 from .images import decode_frame
@@ -77,6 +78,7 @@ class Options:
     return_tokens: bool = False
     frame_encoding: str = "png"
     stop_on_done: bool = False  # a candidate stops once the model says done (rollouts; sessions ignore it)
+    anytime: bool = False  # at deadline_ms the rollout ends OK with the steps reached so far (see Reach)
 
 
 @dataclass
@@ -313,6 +315,10 @@ class DataPlane:
             raise InvalidArgument(f"{where}: action {_short(a)} out of range [0, {m.n_actions - 1}]", where)
         return int(a)
 
+    def check_action(self, m: ModelInfo, a, where: str) -> object:
+        """One action, checked (InvalidArgument naming `where`). -> float32 [A] | int."""
+        return self._action(m, a, where)
+
     def _actions(self, m: ModelInfo, seq: list, where: str) -> np.ndarray:
         vals = [self._action(m, a, f"{where}[{i}]") for i, a in enumerate(seq)]
         if m.continuous:
@@ -375,6 +381,9 @@ class DataPlane:
         if isinstance(dl, bool) or not isinstance(dl, int) or not 0 <= dl <= MAX_DEADLINE_MS:
             raise InvalidArgument(f"options.deadline_ms must be an integer in [0, {MAX_DEADLINE_MS}] (24 h), got "
                                   f"{_short(o.deadline_ms)}", "options.deadline_ms")
+        if o.anytime and not session and not (isinstance(dl, int) and dl > 0):
+            raise InvalidArgument("options.anytime needs options.deadline_ms (> 0): the deadline it answers at",
+                                  "options.anytime")
         if o.frame_encoding not in ENCODINGS:
             raise InvalidArgument("options.frame_encoding must be raw, png or jpeg", "options.frame_encoding")
         deadline = inp.deadline
@@ -433,13 +442,25 @@ class DataPlane:
 
     async def rollout(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         """Validate and enqueue (errors raise here, before any event); events end with a final one."""
-        return await self._start(inp)
+        req, events, _ = await self.start_rollout(inp)
+        return req, events
 
-    async def predict(self, inp: RolloutInput) -> tuple[str, list[RolloutEvent]]:
+    async def start_rollout(self, inp: RolloutInput
+                            ) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent], Reach | None]:
+        """rollout(), and with options.anytime the Reach that says at the end how far each candidate got (else
+        None): the adapters put it on the final NDJSON line / the last gRPC message."""
+        req, events = await self._start(inp)
+        if not inp.options.anytime:
+            return req, events, None
+        reach = Reach.of(req)
+        return req, anytime(events, reach), reach
+
+    async def predict(self, inp: RolloutInput) -> tuple[str, list[RolloutEvent], bool]:
+        """-> (request id, its events, truncated: an anytime deadline came before the last step)."""
         if len(inp.candidates) != 1:
             raise InvalidArgument("actions: predict takes exactly one action sequence", "actions")
         inp.single = True
-        req, events = await self.rollout(inp)
+        req, events, reach = await self.start_rollout(inp)
         out = []
         try:
             async for ev in events:
@@ -449,7 +470,7 @@ class DataPlane:
                     out.append(ev)
         finally:  # cancelled (client gone): closing the stream cancels the request and frees its slots
             await events.aclose()
-        return req.id, out
+        return req.id, out, bool(reach and reach.truncated and reach.truncated[0])
 
     async def open_session(self, inp: RolloutInput) -> tuple[RolloutRequest, AsyncIterator[RolloutEvent]]:
         return await self._start(inp, session=True)

@@ -25,6 +25,7 @@ from .gen import worldserve_pb2_grpc as pbg
 from .images import encode_frame
 from .pb_guard import check, guarded
 from .session import session_events
+from .vector import EnvStart, VectorSessions
 
 ENC_PB = proto_map(pb.Frame.Encoding, "", ENCODINGS, PROTO_ENCODING)
 ENC_NAME = {v: k for k, v in ENC_PB.items()}
@@ -96,7 +97,7 @@ def _options(o: pb.RolloutOptions) -> Options:
         raise InvalidArgument(f"options.frame_encoding: unknown encoding {o.frame_encoding}", "options.frame_encoding")
     enc = ENC_NAME[o.frame_encoding] if o.HasField("frame_encoding") else DEFAULT.frame_encoding
     return Options(FRAMES[o.frames], int(o.seed), float(o.temperature), int(o.deadline_ms),
-                   PRIORITY[o.priority], bool(o.return_tokens), enc, bool(o.stop_on_done))
+                   PRIORITY[o.priority], bool(o.return_tokens), enc, bool(o.stop_on_done), bool(o.anytime))
 
 
 def _frames(frames) -> list[WireFrame]:
@@ -150,7 +151,7 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
         inp = RolloutInput(request.model, _frames(request.context), [_seq(request.actions, "actions")],
                            _seq(request.context_actions, "context_actions") or None, _options(request.options),
                            deadline=_deadline(context), principal=current_principal(), info=m)
-        rid, events = await self.dp.predict(inp)
+        rid, events, truncated = await self.dp.predict(inp)
         enc = inp.options.frame_encoding
         steps = []
         for ev in events:
@@ -158,7 +159,7 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
             steps.append(pb.StepResult(step=e.step, frame=e.frame if ev.frame is not None else None,
                                        reward=e.reward, done=e.done, tokens=e.tokens,
                                        confidence=e.confidence if e.HasField("confidence") else None))
-        return pb.PredictResponse(request_id=rid, steps=steps)
+        return pb.PredictResponse(request_id=rid, steps=steps, truncated=truncated)
 
     @maps_errors
     async def Rollout(self, request, context):
@@ -169,13 +170,16 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
         inp = RolloutInput(request.model, _frames(request.context), cands,
                            _seq(request.context_actions, "context_actions") or None, _options(request.options),
                            deadline=_deadline(context), principal=current_principal(), info=m)
-        _, events = await self.dp.rollout(inp)
+        _, events, reach = await self.dp.start_rollout(inp)
         enc = inp.options.frame_encoding
         async for ev in events:  # a cancelled RPC closes this iterator, which cancels the request
             if ev.final:
                 raise_for(ev)
                 if ev.message:  # e.g. stop_on_done: which candidates ended early, in the trailing metadata
                     context.set_trailing_metadata((("worldserve-final-message", ev.message),))
+                if reach is not None:  # anytime: the last message says how far each candidate got
+                    yield pb.RolloutEvent(request_id=ev.request_id,
+                                          end=pb.RolloutEnd(steps=reach.steps, truncated=reach.truncated))
                 return
             yield _event(ev, enc)
 
@@ -216,6 +220,58 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
         async for ev in session_events(self.dp, req, events, inbox()):
             yield _event(ev, enc)
 
+    @maps_errors
+    async def VectorSession(self, request_iterator, context):
+        """N sessions in lockstep: the first message opens them (open + a reset per env), each later message steps or
+        resets every env; one answer per message, all N computed in one engine step."""
+        it = request_iterator.__aiter__()
+        wait = self.dp.server.session_open_timeout_s
+        try:
+            first = await asyncio.wait_for(it.__anext__(), wait)
+        except StopAsyncIteration:
+            raise InvalidArgument("the VectorSession stream ended before its `open` message", "open") from None
+        except TimeoutError:
+            raise InvalidArgument(f"no `open` message within the session open deadline of {wait:g} s "
+                                  "(server.session_open_timeout_s)", "open") from None
+        check(first)
+        if not first.HasField("open"):
+            raise InvalidArgument("the first VectorSession message must carry `open`", "open")
+        o = first.open
+        m = self.dp.model(o.model)
+        opts = _options(o.options)
+        vec = VectorSessions(self.dp, m, opts, int(o.num_envs), current_principal(), _deadline(context))
+        try:
+            msg = first
+            while True:
+                outs = await vec.exchange(self._env_inputs(msg, m))
+                yield pb.VectorResponse(envs=[pb.EnvOutput(opened=x) if isinstance(x, str)
+                                              else pb.EnvOutput(step=_event(x, opts.frame_encoding)) for x in outs])
+                try:
+                    msg = await it.__anext__()
+                except StopAsyncIteration:
+                    return
+                check(msg)
+                if msg.HasField("open"):
+                    raise InvalidArgument("a second `open`: a VectorSession takes one `open`, then steps", "open")
+        finally:
+            await vec.close()
+
+    def _env_inputs(self, msg: pb.VectorRequest, m: ModelInfo) -> list:
+        out = []
+        for i, e in enumerate(msg.envs):
+            kind = e.WhichOneof("kind")
+            if kind == "action":
+                out.append(_action(e.action, f"envs[{i}].action"))
+            elif kind == "reset":
+                r = e.reset
+                where = f"envs[{i}].reset"
+                self.dp.precheck(m.name, len(r.context), None, len(r.context_actions.actions))
+                out.append(EnvStart(_frames(r.context), _seq(r.context_actions, f"{where}.context_actions") or None,
+                                    int(r.seed)))
+            else:
+                raise InvalidArgument(f"envs[{i}]: neither an action nor a reset", f"envs[{i}]")
+        return out
+
 
 def _handlers(servicer: WorldModelServicer, max_items: int) -> dict:
     """The generated table, with deserializers that count a request's items before parsing it."""
@@ -232,6 +288,9 @@ def _handlers(servicer: WorldModelServicer, max_items: int) -> dict:
         "Session": grpc.stream_stream_rpc_method_handler(
             servicer.Session, request_deserializer=guarded(pb.SessionMessage, max_items),
             response_serializer=pb.RolloutEvent.SerializeToString),
+        "VectorSession": grpc.stream_stream_rpc_method_handler(
+            servicer.VectorSession, request_deserializer=guarded(pb.VectorRequest, max_items),
+            response_serializer=pb.VectorResponse.SerializeToString),
     }
 
 

@@ -131,21 +131,22 @@ def models(dp: DataPlane) -> APIRouter:
                 await asyncio.gather(work, return_exceptions=True)
         if work.cancelled():
             return Response(status_code=499)
-        rid, events = work.result()
+        rid, events, truncated = work.result()
         enc = body.options.frame_encoding
-        return {"request_id": rid, "steps": [event_json(e, enc) for e in events]}
+        out = {"request_id": rid, "steps": [event_json(e, enc) for e in events]}
+        return {**out, "truncated": truncated} if body.options.anytime else out
 
     @r.post("/v1/models/{name}/rollouts")
     async def rollouts(name: str, body: RolloutIn):
         m = dp.precheck(name, len(body.context), [len(c) for c in body.candidates], len(body.context_actions or ()))
         inp = RolloutInput(name, frames_in(body.context), body.candidates, body.context_actions,
                            options_in(body.options), principal=current_principal(), info=m)
-        req, events = await dp.rollout(inp)
+        req, events, reach = await dp.start_rollout(inp)
         enc = body.options.frame_encoding
 
         async def lines():
             async for ev in events:  # closing this generator (client gone) cancels the request
-                yield json.dumps(event_json(ev, enc)) + "\n"
+                yield json.dumps(event_json(ev, enc, reach)) + "\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"x-request-id": req.id})
 

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import InvalidArgument
 from ..messages import ErrorCode, RolloutEvent
 from ..wire import FRAME_MODES, PRIORITIES, EncodingName, FrameModeName, PriorityName, name_of
+from .anytime import Reach
 from .dataplane import MAX_DEADLINE_MS, Options, WireFrame
 from .images import encode_frame
 
@@ -41,6 +42,9 @@ class OptionsIn(BaseModel):
     frame_encoding: EncodingName = DEFAULT.frame_encoding
     stop_on_done: bool = Field(DEFAULT.stop_on_done, description="stop stepping a candidate once the model says done "
                                "(the world is absorbing after done); the final line names each stop")
+    anytime: bool = Field(DEFAULT.anytime, description="with deadline_ms: at the deadline the rollout ends OK with the "
+                          "steps reached so far; the final line gives `steps_reached` and `truncated` per candidate "
+                          "(predict: `truncated`) instead of a DEADLINE_EXCEEDED error")
 
 
 class LoadModelIn(BaseModel):
@@ -90,7 +94,7 @@ def frames_in(frames: list[FrameIn]) -> list[WireFrame]:
 
 def options_in(o: OptionsIn) -> Options:
     return Options(FRAME_MODES[o.frames], o.seed, o.temperature, o.deadline_ms, PRIORITIES[o.priority],
-                   o.return_tokens, o.frame_encoding, o.stop_on_done)
+                   o.return_tokens, o.frame_encoding, o.stop_on_done, o.anytime)
 
 
 def describe(errors: list[dict], skip: int = 0) -> tuple[str, str]:
@@ -107,10 +111,13 @@ def validation_error(ve: ValidationError) -> InvalidArgument:
     return InvalidArgument(msg, where)
 
 
-def event_json(ev: RolloutEvent, encoding: str) -> dict:
+def event_json(ev: RolloutEvent, encoding: str, reach: Reach | None = None) -> dict:
     if ev.final:
         if ev.error == ErrorCode.OK:  # an OK end may still say something (stop_on_done: which candidates stopped)
-            return {"final": True, "error": None, **({"message": ev.message} if ev.message else {})}
+            d = {"final": True, "error": None, **({"message": ev.message} if ev.message else {})}
+            if reach is not None:  # anytime: how far each candidate got, and whether the deadline cut it
+                d.update(steps_reached=reach.steps, truncated=reach.truncated)
+            return d
         return {"final": True, "error": {"code": ev.error.name, "message": ev.message}}
     d: dict = {"candidate": ev.candidate, "step": ev.step, "reward": ev.reward, "done": ev.done}
     if ev.frame is not None:

@@ -41,6 +41,15 @@ class Event:
     confidence: float | None = None  # in [0, 1]: how sure the model was of the frame (None: the model gives none)
 
 
+@dataclass
+class RolloutEnd:
+    """The last item of an anytime rollout (anytime=True): steps reached and whether the deadline cut each
+    candidate (index = candidate)."""
+
+    steps: list[int]
+    truncated: list[bool]
+
+
 class ServerError(Exception):
     def __init__(self, code: str, message: str, status: int | None = None):
         super().__init__(f"{code}: {message}")
@@ -48,9 +57,9 @@ class ServerError(Exception):
 
 
 def _opts(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal", return_tokens=False,
-          frame_encoding="png", stop_on_done=False) -> dict:
+          frame_encoding="png", stop_on_done=False, anytime=False) -> dict:
     return dict(frames=frames, seed=seed, temperature=temperature, deadline_ms=deadline_ms, priority=priority,
-                return_tokens=return_tokens, frame_encoding=frame_encoding, stop_on_done=stop_on_done)
+                return_tokens=return_tokens, frame_encoding=frame_encoding, stop_on_done=stop_on_done, anytime=anytime)
 
 
 # ---------------------------------------------------------------------------------------------- REST
@@ -107,7 +116,8 @@ class RestClient:
     def predict(self, model: str, context, actions, **kw) -> np.ndarray:
         return np.stack([e.frame for e in self.predict_events(model, context, actions, **kw)])
 
-    def rollout(self, model: str, context, candidates, context_actions=None, **opts) -> Iterator[Event]:
+    def rollout(self, model: str, context, candidates, context_actions=None, **opts) -> Iterator[Event | RolloutEnd]:
+        """Events per candidate and step; with anytime=True the last item is a RolloutEnd."""
         body = {"context": [self._frame_json(f) for f in context], "candidates": plain(candidates),
                 "context_actions": plain(context_actions), "options": _opts(**opts)}
         with self.http.stream("POST", f"/v1/models/{model}/rollouts", json=body) as r:
@@ -121,6 +131,8 @@ class RestClient:
                 if d.get("final"):
                     if d["error"]:
                         raise ServerError(d["error"]["code"], d["error"]["message"])
+                    if "steps_reached" in d:
+                        yield RolloutEnd(d["steps_reached"], d["truncated"])
                     return
                 yield self._event(d)
 
@@ -172,10 +184,10 @@ def _pb_seq(seq) -> pb.ActionSequence:
 
 
 def _pb_options(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal", return_tokens=False,
-                frame_encoding="raw", stop_on_done=False) -> pb.RolloutOptions:
+                frame_encoding="raw", stop_on_done=False, anytime=False) -> pb.RolloutOptions:
     return pb.RolloutOptions(frames=_MODES[frames], seed=seed, temperature=temperature, deadline_ms=deadline_ms,
                              priority=_PRIO[priority], return_tokens=return_tokens,
-                             frame_encoding=_ENC[frame_encoding], stop_on_done=stop_on_done)
+                             frame_encoding=_ENC[frame_encoding], stop_on_done=stop_on_done, anytime=anytime)
 
 
 class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
@@ -266,10 +278,14 @@ class GrpcClient:
                                 context_actions=_pb_seq(context_actions), options=_pb_options(**opts))
         return self.stub.Rollout(req, timeout=timeout)
 
-    def rollout(self, model, context, candidates, **kw) -> Iterator[Event]:
+    def rollout(self, model, context, candidates, **kw) -> Iterator[Event | RolloutEnd]:
+        """Events per candidate and step; with anytime=True the last item is a RolloutEnd."""
         call = self.rollout_call(model, context, candidates, **kw)
         try:
             for e in call:
+                if e.HasField("end"):
+                    yield RolloutEnd(list(e.end.steps), list(e.end.truncated))
+                    continue
                 yield self._event(e)
         except grpc.RpcError as e:
             raise self._wrap(e) from None
@@ -280,6 +296,70 @@ class GrpcClient:
         return GrpcSession(self, pb.SessionOpen(model=model, context=[self._frame(f) for f in context],
                                                 context_actions=_pb_seq(context_actions),
                                                 options=_pb_options(**opts)))
+
+
+    def vector_session(self, model, num_envs: int, **opts) -> GrpcVectorSession:
+        """N sessions stepped in lockstep over one stream (one round trip per vector step); see GrpcVectorSession."""
+        return GrpcVectorSession(self, pb.VectorOpen(model=model, num_envs=num_envs, options=_pb_options(**opts)))
+
+
+@dataclass
+class Reset:
+    """A vector-session input: restart this env from these context frames with this sampling seed."""
+
+    context: np.ndarray  # uint8 [C, H, W, 3]
+    context_actions: list | None = None
+    seed: int = 0
+
+
+class GrpcVectorSession:
+    """    with c.vector_session("tiny", 16, frames="all") as v:
+            ids = v.exchange([Reset(ctx, seed=i) for i in range(16)])      # -> 16 session ids
+            out = v.exchange([2] * 16)                                      # -> 16 Events (candidate = env)
+
+    Each exchange carries one input per env (an action, or a Reset) and returns one output per env (an Event, or
+    the new session id of a reset env), all N computed in one engine step on the server."""
+
+    def __init__(self, client: GrpcClient, open_msg: pb.VectorOpen):
+        import queue
+
+        self.client, self.open_msg = client, open_msg
+        self._q: queue.Queue = queue.Queue()
+        self._first = True
+
+    def _requests(self):
+        while True:
+            m = self._q.get()
+            if m is None:
+                return
+            yield m
+
+    def __enter__(self) -> GrpcVectorSession:
+        self.call = self.client.stub.VectorSession(self._requests())
+        return self
+
+    def exchange(self, inputs: list) -> list:
+        envs = []
+        for x in inputs:
+            if isinstance(x, Reset):
+                envs.append(pb.EnvInput(reset=pb.EnvReset(context=[self.client._frame(f) for f in x.context],
+                                                          context_actions=_pb_seq(x.context_actions), seed=x.seed)))
+            else:
+                envs.append(pb.EnvInput(action=_pb_action(x)))
+        msg = pb.VectorRequest(envs=envs)
+        if self._first:
+            msg.open.CopyFrom(self.open_msg)
+            self._first = False
+        self._q.put(msg)
+        try:
+            resp = next(self.call)
+        except grpc.RpcError as e:
+            raise GrpcClient._wrap(e) from None
+        return [o.opened if o.WhichOneof("kind") == "opened" else GrpcClient._event(o.step) for o in resp.envs]
+
+    def __exit__(self, *exc) -> None:
+        self._q.put(None)
+        self.call.cancel()
 
 
 class GrpcSession:

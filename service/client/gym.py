@@ -9,10 +9,13 @@ reset(seed) starts a session from real context frames (by default: the first fra
 drawn with that seed) with the session's sampling seed derived from it, so a seeded episode replays exactly.
 Observations are uint8 [H, W, 3]; terminated is the model's done probability > 0.5; truncated after `max_steps`.
 
-`RemoteVectorEnv` is gymnasium's vector env over N such sessions on one gRPC channel: a step sends the N actions
-first and then takes the N frames, so the server computes them in one engine step (one round trip for all N, not
-N round trips), with gymnasium's next-step autoreset; it behaves exactly as `SyncVectorEnv` of N RemoteWorldEnvs
-with the same seeds.
+`RemoteVectorEnv` is gymnasium's vector env over N sessions stepped in lockstep over ONE gRPC stream
+(VectorSession): each vector step is one message of N inputs (actions, and resets for the envs that autoreset) and
+one answer of N outputs, computed in the same engine step on the server (one round trip for all N, not N), with
+gymnasium's next-step autoreset; it behaves exactly as `SyncVectorEnv` of N RemoteWorldEnvs with the same seeds.
+
+Each world starts from its own frames: by default the start frames come from the environment the model was trained
+on (`world_of`: `dynamic` and `maskgit` are the stochastic ball world, the other shipped models plain MiniGrid).
 """
 
 from __future__ import annotations
@@ -22,12 +25,21 @@ from collections.abc import Callable
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
+from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
 
-from .client import GrpcClient
+from .client import GrpcClient, Reset
 
 ContextFn = Callable[[int], tuple[np.ndarray, np.ndarray | None]]  # seed -> frames [C,H,W,3], actions [C-1] | None
+
+
+WORLDS = {"dynamic": "dynamic", "maskgit": "dynamic"}  # shipped models trained on the stochastic ball world
+
+
+def world_of(model: str) -> str:
+    """The environment (lab/data/envs.ENVS) a shipped model was trained on; plain MiniGrid for any other model."""
+    return WORLDS.get(model, "minigrid")
 
 
 def minigrid_context(env: str = "minigrid") -> ContextFn:
@@ -43,6 +55,30 @@ def minigrid_context(env: str = "minigrid") -> ContextFn:
     return fn
 
 
+def start(rng: np.random.Generator, context_fn: ContextFn) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """An episode's start: the layout and the session seed follow the env's seeded generator (replayable)."""
+    layout = int(rng.integers(0, 2**31 - 1))
+    frames, actions = context_fn(layout)
+    return layout, frames, actions
+
+
+def wire_action(space: spaces.Space, action):
+    return np.asarray(action, np.float32).tolist() if isinstance(space, spaces.Box) else int(action)
+
+
+def ends(ev, t: int, max_steps: int) -> tuple[bool, bool]:
+    """-> (terminated: the model's done probability > 0.5, truncated: `max_steps` reached without it)."""
+    terminated = bool(ev.done > 0.5)
+    return terminated, not terminated and t >= max_steps
+
+
+def step_info(ev) -> dict:
+    info = {"done_probability": ev.done}
+    if ev.confidence is not None:
+        info["confidence"] = ev.confidence
+    return info
+
+
 class RemoteWorldEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 8}
 
@@ -54,7 +90,7 @@ class RemoteWorldEnv(gym.Env):
         if info is None:
             raise ValueError(f"model {model!r} is not served at {target}")
         self.model, self.temperature, self.max_steps, self.render_mode = model, temperature, max_steps, render_mode
-        self.context_fn = context_fn or minigrid_context()
+        self.context_fn = context_fn or minigrid_context(world_of(model))
         self.observation_space = spaces.Box(0, 255, (info.height, info.width, 3), np.uint8)
         if info.action_dim:
             self.action_space = spaces.Box(-1.0, 1.0, (info.action_dim,), np.float32)
@@ -65,31 +101,19 @@ class RemoteWorldEnv(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._close_session()
-        layout = int(self.np_random.integers(0, 2**31 - 1))  # the layout and the session seed follow reset's seed
-        frames, actions = self.context_fn(layout)
+        layout, frames, actions = start(self.np_random, self.context_fn)
         self._session = self.client.session(self.model, frames, actions, frames="all", seed=layout,
                                             temperature=self.temperature, priority="interactive").__enter__()
         self._frame, self._t = np.asarray(frames[-1], np.uint8), 0
         return self._frame.copy(), {"layout_seed": layout}
 
     def step(self, action):
-        self.send(action)
-        return self.receive()
-
-    def send(self, action) -> None:
-        """The first half of step(): the action goes out, nothing is waited for."""
         if self._session is None:
             raise RuntimeError("call reset() before step()")
-        a = np.asarray(action, np.float32).tolist() if isinstance(self.action_space, spaces.Box) else int(action)
-        self._session.send(a)
-
-    def receive(self):
-        """The second half of step(): its frame, reward, terminated, truncated, info."""
-        ev = self._session.receive()
+        ev = self._session.step(wire_action(self.action_space, action))
         self._frame, self._t = ev.frame, self._t + 1
-        terminated = bool(ev.done > 0.5)
-        truncated = not terminated and self._t >= self.max_steps
-        return self._frame.copy(), float(ev.reward), terminated, truncated, {"done_probability": ev.done}
+        terminated, truncated = ends(ev, self._t, self.max_steps)
+        return self._frame.copy(), float(ev.reward), terminated, truncated, step_info(ev)
 
     def render(self):
         return None if self._frame is None else self._frame.copy()
@@ -106,7 +130,8 @@ class RemoteWorldEnv(gym.Env):
 
 
 class RemoteVectorEnv(VectorEnv):
-    """N sessions of a served world model stepped together (gymnasium's vector API, next-step autoreset).
+    """N sessions of a served world model stepped in lockstep over one gRPC VectorSession stream (gymnasium's vector
+    API, next-step autoreset): one message and one answer per vector step, N frames from one engine step.
 
         envs = RemoteVectorEnv("127.0.0.1:50051", "tiny", num_envs=16)
         obs, infos = envs.reset(seed=0)              # uint8 [16, H, W, 3]; env i is seeded seed + i
@@ -116,55 +141,83 @@ class RemoteVectorEnv(VectorEnv):
     metadata = {"render_modes": ["rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(self, target: str, model: str, num_envs: int, context_fn: ContextFn | None = None,
-                 temperature: float = 1.0, max_steps: int = 64):
-        self.client = GrpcClient(target)
-        self.envs = [RemoteWorldEnv(target, model, context_fn, temperature, max_steps, client=self.client)
-                     for _ in range(num_envs)]
-        self.num_envs = num_envs
-        self.single_observation_space = self.envs[0].observation_space
-        self.single_action_space = self.envs[0].action_space
+                 temperature: float = 1.0, max_steps: int = 64, client: GrpcClient | None = None):
+        self._own_client = client is None
+        self.client = client or GrpcClient(target)
+        info = next((m for m in self.client.models() if m.name == model), None)
+        if info is None:
+            raise ValueError(f"model {model!r} is not served at {target}")
+        self.model, self.num_envs, self.max_steps = model, num_envs, max_steps
+        self.context_fn = context_fn or minigrid_context(world_of(model))
+        self.single_observation_space = spaces.Box(0, 255, (info.height, info.width, 3), np.uint8)
+        self.single_action_space = (spaces.Box(-1.0, 1.0, (info.action_dim,), np.float32) if info.action_dim
+                                    else spaces.Discrete(info.n_actions))
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.render_mode = "rgb_array"
+        self._vec = self.client.vector_session(model, num_envs, frames="all", temperature=temperature,
+                                               priority="interactive", frame_encoding="raw")
+        self._open = False
+        self._rngs: list[np.random.Generator | None] = [None] * num_envs  # per env, as each RemoteWorldEnv's
+        self._t = np.zeros(num_envs, np.int64)
         self._autoreset = np.zeros(num_envs, bool)
         self._obs = create_empty_array(self.single_observation_space, num_envs)
 
+    def _start(self, i: int, seed: int | None) -> tuple[Reset, np.ndarray, dict]:
+        if seed is not None or self._rngs[i] is None:
+            self._rngs[i], _ = seeding.np_random(seed)
+        layout, frames, actions = start(self._rngs[i], self.context_fn)
+        self._t[i] = 0
+        return Reset(frames, actions, layout), np.asarray(frames[-1], np.uint8), {"layout_seed": layout}
+
+    def _exchange(self, inputs: list) -> list:
+        if not self._open:
+            self._vec.__enter__()
+            self._open = True
+        return self._vec.exchange(inputs)
+
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
-        seeds = [None if seed is None else seed + i for i in range(self.num_envs)] if not isinstance(seed, list) \
-            else seed
+        seeds = seed if isinstance(seed, list) else [None if seed is None else seed + i for i in range(self.num_envs)]
+        starts = [self._start(i, s) for i, s in enumerate(seeds)]
+        self._exchange([r for r, _, _ in starts])
         infos: dict = {}
-        obs = []
-        for i, (env, s) in enumerate(zip(self.envs, seeds, strict=True)):
-            o, info = env.reset(seed=s, options=options)
-            obs.append(o)
+        for i, (_, _, info) in enumerate(starts):
             infos = self._add_info(infos, info, i)
         self._autoreset[:] = False
-        return concatenate(self.single_observation_space, obs, self._obs).copy(), infos
+        return concatenate(self.single_observation_space, [o for _, o, _ in starts], self._obs).copy(), infos
 
     def step(self, actions):
-        actions = list(actions) if not isinstance(actions, np.ndarray) else actions
-        for i, env in enumerate(self.envs):  # 1. every action goes out before any frame is waited for
-            if not self._autoreset[i]:
-                env.send(actions[i])
-        obs, infos = [], {}
+        inputs, obs, starts = [], [None] * self.num_envs, {}
+        for i in range(self.num_envs):  # next-step autoreset: an env that ended last step restarts, its action ignored
+            if self._autoreset[i]:
+                starts[i] = self._start(i, None)
+                inputs.append(starts[i][0])
+            else:
+                inputs.append(wire_action(self.single_action_space, actions[i]))
+        outs = self._exchange(inputs)  # one round trip: N actions out, N frames back from one engine step
         rewards = np.zeros(self.num_envs, np.float64)
         terminated = np.zeros(self.num_envs, bool)
         truncated = np.zeros(self.num_envs, bool)
-        for i, env in enumerate(self.envs):  # 2. then the frames, computed together in one engine step
-            if self._autoreset[i]:  # next-step autoreset: this step resets the env, its action is ignored
-                o, info = env.reset()
+        infos: dict = {}
+        for i, out in enumerate(outs):
+            if i in starts:
+                _, obs[i], info = starts[i]
             else:
-                o, rewards[i], terminated[i], truncated[i], info = env.receive()
-            obs.append(o)
+                self._t[i] += 1
+                obs[i], rewards[i] = out.frame, out.reward
+                terminated[i], truncated[i] = ends(out, int(self._t[i]), self.max_steps)
+                info = step_info(out)
             infos = self._add_info(infos, info, i)
         self._autoreset = terminated | truncated
         return (concatenate(self.single_observation_space, obs, self._obs).copy(), rewards, terminated, truncated,
                 infos)
 
     def render(self):
-        return tuple(env.render() for env in self.envs)
+        return tuple(self._obs)
 
     def close_extras(self, **kwargs) -> None:
-        for env in self.envs:
-            env.close()
-        self.client.close()
+        if self._open:
+            self._vec.__exit__(None, None, None)
+            self._open = False
+        if self._own_client:
+            self.client.close()

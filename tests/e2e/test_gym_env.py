@@ -75,3 +75,77 @@ def test_vector_env_equals_gymnasiums_sync_vector_env_over_the_same_sessions(srv
     finally:
         fast.close()
         ref.close()
+
+
+def test_vector_env_steps_all_envs_in_one_engine_step_and_replays_seeded(srv):
+    from tests.conftest import metric_value
+    from worldserve.client.gym import RemoteVectorEnv
+
+    n, steps = 6, 8
+    env = RemoteVectorEnv(srv.grpc, "tiny", num_envs=n, max_steps=10**6)
+    try:
+        first, _ = env.reset(seed=3)
+        env.step(np.zeros(n, int))  # every session admitted
+        c0 = metric_value(srv.http, "worldserve_batch_size_count")
+        rng = np.random.default_rng(1)
+        acts = [rng.integers(0, 3, n) for _ in range(steps)]
+        run1 = [env.step(a)[0] for a in acts]
+        engine_steps = metric_value(srv.http, "worldserve_batch_size_count") - c0
+        # one message of N actions -> one engine step for all N (N round trips would give about N x steps)
+        assert engine_steps <= 1.5 * steps, engine_steps
+        again, _ = env.reset(seed=3)  # seeded replay: the same starts and the same sampled worlds
+        np.testing.assert_array_equal(again, first)
+        env.step(np.zeros(n, int))
+        for a, want in zip(acts, run1, strict=True):
+            np.testing.assert_array_equal(env.step(a)[0], want)
+    finally:
+        env.close()
+
+
+def test_vector_env_runs_under_gymnasiums_vector_wrappers(srv):
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+    from worldserve.client.gym import RemoteVectorEnv
+
+    env = RecordEpisodeStatistics(RemoteVectorEnv(srv.grpc, "tiny", num_envs=3, max_steps=3))
+    try:
+        obs, _ = env.reset(seed=0)
+        ended = []
+        for _ in range(4):
+            obs, r, term, trunc, info = env.step(env.action_space.sample())
+            assert env.observation_space.contains(obs) and r.shape == (3,)
+            if "episode" in info:
+                ended.append(info["_episode"])
+        assert ended and np.any(ended), "every env truncates at 3 steps: the wrapper must have seen episodes end"
+    finally:
+        env.close()
+
+
+def test_vector_session_refuses_what_it_cannot_serve(srv):
+    """num_envs over the model's max_candidates, a wrong number of inputs, a bad action, an action before a reset:
+    INVALID_ARGUMENT naming the field; every session of the stream is closed after it (no slot held)."""
+    import time
+
+    from tests.conftest import metric_value
+    from worldserve.client.client import GrpcClient, Reset, ServerError
+    from worldserve.lab.data.minigrid_env import Simulator
+
+    ctx = Simulator(seed=1).frame()[None]
+    c = GrpcClient(srv.grpc)
+    cap = next(m for m in c.models() if m.name == "tiny").max_candidates
+    cases = [(cap + 1, [Reset(ctx)] * (cap + 1), None, "num_envs"),
+             (2, [Reset(ctx)], None, "envs"),
+             (2, [Reset(ctx), Reset(ctx)], [0, 7], "envs[1].action"),
+             (2, [Reset(ctx), 1], None, "envs[1]")]
+    try:
+        for n, first, second, field in cases:
+            with c.vector_session("tiny", n) as v, pytest.raises(ServerError) as ei:
+                v.exchange(first)
+                v.exchange(second)
+            assert ei.value.code == "INVALID_ARGUMENT" and field in ei.value.message, (field, ei.value)
+    finally:
+        c.close()
+    t0 = time.time()
+    while metric_value(srv.http, "worldserve_active_slots") and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert metric_value(srv.http, "worldserve_active_slots") == 0

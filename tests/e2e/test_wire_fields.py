@@ -63,3 +63,54 @@ def test_confidence_absent_not_null_in_json_when_none(server, real_frames):
     assert c is None or (isinstance(c, float) and 0.0 <= c <= 1.0)
     assert "confidence" not in step or c is not None
     assert np.isfinite(step["reward"])
+
+
+def _check_anytime(items, k: int, horizon: int):
+    from worldserve.client.client import Event, RolloutEnd
+
+    *events, end = items
+    assert isinstance(end, RolloutEnd) and all(isinstance(e, Event) for e in events)
+    assert len(end.steps) == len(end.truncated) == k
+    for c in range(k):
+        steps = [e.step for e in events if e.candidate == c]
+        assert steps == list(range(end.steps[c])), "each candidate's steps arrive in order, none missing"
+        assert end.truncated[c] == (end.steps[c] < horizon)
+    assert all(e.frame is not None and e.frame.shape == (64, 64, 3) for e in events)
+    return end
+
+
+def test_anytime_rollout_ends_ok_at_its_deadline_with_the_steps_reached(server, real_frames):
+    """A deadline far too short for K=32 x H=64 with frames: with anytime the stream ends OK at the deadline, every
+    event delivered is well-formed, and the end says how far each candidate got (REST and gRPC)."""
+    import time
+
+    from worldserve.api.gen import worldserve_pb2 as pb
+    from worldserve.client.client import ServerError, _pb_options, _pb_seq
+
+    k, h = 32, 64
+    cands = [[2, 1, 2, 0][i % 4:] + [2] * (h - 4 + i % 4) for i in range(k)]
+    rest, g = server.rest(), server.grpc_client()
+    try:
+        t0 = time.time()
+        end = _check_anytime(list(rest.rollout(MODEL, real_frames[:2], cands, deadline_ms=1500, anytime=True)), k, h)
+        assert time.time() - t0 < 10 and any(end.truncated)
+        end = _check_anytime(list(g.rollout(MODEL, real_frames[:2], cands, deadline_ms=1500, anytime=True,
+                                            timeout=30)), k, h)
+        assert any(end.truncated)
+        # a deadline that leaves room: every candidate reaches its horizon, none truncated
+        end = _check_anytime(list(g.rollout(MODEL, real_frames[:2], [[2, 2]] * 2, deadline_ms=60_000,
+                                            anytime=True)), 2, 2)
+        assert end.steps == [2, 2] and end.truncated == [False, False]
+        # predict: the steps reached and `truncated`
+        body = g.stub.Predict(pb.PredictRequest(model=MODEL, context=[g._frame(f) for f in real_frames[:2]],
+                                                actions=_pb_seq([2] * h),
+                                                options=_pb_options(deadline_ms=1, anytime=True)), timeout=30)
+        assert body.truncated and len(body.steps) < h
+        # anytime without a deadline to answer at: refused, naming the option
+        with pytest.raises(ServerError) as ei:
+            list(rest.rollout(MODEL, real_frames[:2], [[2]], anytime=True))
+        assert ei.value.code == "INVALID_ARGUMENT" and "anytime" in ei.value.message
+    finally:
+        rest.close()
+        g.close()
+

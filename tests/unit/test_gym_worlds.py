@@ -1,0 +1,31 @@
+"""Each world starts from its own frames (issue 19 item 6): the gymnasium envs start a model of the stochastic ball
+world (`dynamic`, `maskgit`) from frames of that world, with its two blue balls in them, and other models from plain
+MiniGrid frames."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from worldserve.client.gym import minigrid_context, world_of
+from worldserve.lab.data.envs import ENVS
+
+BLUE = np.array([0, 0, 255])  # minigrid's blue: the balls
+
+
+def _blue_cells(frame: np.ndarray) -> int:
+    cells = frame.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(64, 64, 3)  # [cell, pixel, rgb]
+    return int((np.abs(cells.astype(int) - BLUE).sum(-1) < 60).any(-1).sum())
+
+
+def test_each_model_starts_from_its_own_world():
+    assert world_of("dynamic") == world_of("maskgit") == "dynamic"
+    assert world_of("tiny") == world_of("denoiser") == world_of("someone-elses-model") == "minigrid"
+    for seed in range(5):
+        ball, _ = minigrid_context(world_of("maskgit"))(seed)
+        plain, _ = minigrid_context(world_of("tiny"))(seed)
+        assert ball.shape == plain.shape == (1, 64, 64, 3) and ball.dtype == np.uint8
+        env = ENVS["dynamic"]()
+        env.reset(seed=seed)
+        assert len(env.obstacle_cells()) == 2
+        assert _blue_cells(ball[0]) == 2, "the ball world's start frame shows its two balls"
+        assert _blue_cells(plain[0]) == 0
