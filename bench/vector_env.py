@@ -1,5 +1,9 @@
 """RL users' env-steps/s: N sessions stepped one by one (N RemoteWorldEnvs, one blocking round trip each) vs the
-vectorized env (RemoteVectorEnv: the N actions go out together, one engine step computes them), in one run.
+vectorized env (RemoteVectorEnv: one VectorSession message carries the N actions, one engine step computes them), in
+one run, and the engine's own ceiling: the same model in this process (no server, 1 torch thread) stepping 1 and N
+rows with a frame every step (a rollout of K = 1 and K = N, temperature 1). The vectorized env cannot beat the
+engine at N rows, and one by one is bounded by the engine at 1 row: on a CPU where a step of N rows costs about N
+times a step of one, that bounds the ratio, whatever the wire does.
 
     .venv/bin/python -m bench.vector_env [--envs 16] [--steps 64] [--target HOST:PORT]
 
@@ -75,6 +79,26 @@ def vectorized(target: str, n: int, steps: int) -> float:
     return n * steps / dt
 
 
+def engine_alone(n: int, steps: int) -> float:
+    """Frames/s of the engine itself (no server): a K = n rollout of `steps` steps, a frame every step."""
+    import torch
+
+    from worldserve.client.gym import minigrid_context
+    from worldserve.engine.engine import Engine, complete
+    from worldserve.messages import RolloutRequest
+    from worldserve.model.io import load_model_dir
+    from worldserve.settings import EngineSettings
+
+    torch.set_num_threads(1)
+    eng = Engine(load_model_dir(ROOT / "models" / "tiny"), EngineSettings(max_slots=64))
+    ctx, _ = minigrid_context()(0)
+    acts = np.random.default_rng(0).integers(0, 3, (n, steps))
+    complete(eng, [RolloutRequest("warm", "tiny", ctx, acts[:, :2], seed=1, temperature=1.0)])
+    t0 = time.perf_counter()
+    complete(eng, [RolloutRequest("r", "tiny", ctx, acts, seed=1, temperature=1.0)])
+    return n * steps / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--envs", type=int, default=16)
@@ -90,10 +114,17 @@ def main() -> None:
         if proc is not None:
             proc.terminate()
             proc.wait(20)
+    one, many = engine_alone(1, a.steps), engine_alone(a.envs, a.steps)  # after the server is gone: no contention
     text = (f"# Vectorized env vs N envs stepped one by one\n\n`python -m bench.vector_env --envs {a.envs} --steps "
-            f"{a.steps}` (tiny, serve --max-slots 64, 1 torch thread)\n\n| N | one by one (env-steps/s) | "
-            f"RemoteVectorEnv (env-steps/s) | ratio |\n|---|---|---|---|\n| {a.envs} | {slow:.0f} | {fast:.0f} | "
-            f"{fast / slow:.1f}x |\n")
+            f"{a.steps}` (tiny, serve --max-slots 64, 1 torch thread; one run on a shared CPU)\n\n"
+            f"| N | one by one (env-steps/s) | RemoteVectorEnv (env-steps/s) | ratio |\n|---|---|---|---|\n"
+            f"| {a.envs} | {slow:.0f} | {fast:.0f} | {fast / slow:.1f}x |\n\n"
+            f"The engine alone (same model, this process, no server), frames every step: {one:.0f} frames/s at 1 row, "
+            f"{many:.0f} at {a.envs} rows ({many / one:.1f}x). One by one reaches {slow / one:.2f} of the 1-row "
+            "engine, "
+            f"the vectorized env {fast / many:.2f} of the {a.envs}-row engine: the round trips are gone, what is left "
+            f"is the model's own cost per row (on this CPU a step of {a.envs} rows costs "
+            f"{a.envs * one / many:.1f}x a step of one).\n")
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.write_text(text)
     print(text)
