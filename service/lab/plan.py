@@ -135,11 +135,18 @@ class CEMPlanner:
 # ---------------------------------------------------------------------------------------------- worlds
 class RemoteWorld:
     """The served world model: latent-only Rollouts per tick through a worldserve client, at most `max_rows`
-    candidate rows each (the server's max_candidates); rows beyond it go in further Rollouts of the same tick."""
+    candidate rows each (the server's max_candidates); rows beyond it go in further Rollouts of the same tick.
+
+    tick_ms > 0: a fixed control rate. Each tick's Rollouts are anytime rollouts whose deadline is what is left of
+    the tick: at the deadline the server ends them with the steps reached so far, and the planner scores every
+    candidate on the steps it reached (a step not reached adds no reward and no risk). `reached` keeps, per tick,
+    the fraction of candidate-steps that came back."""
 
     def __init__(self, client, model: str = "tiny", context_window: int | None = None, temperature: float = 0.0,
-                 max_rows: int = 64):
+                 max_rows: int = 64, tick_ms: int = 0):
         self.client, self.model, self.temperature, self.max_rows = client, model, temperature, max_rows
+        self.tick_ms = tick_ms
+        self.reached: list[float] = []
         if context_window is None:
             info = [m for m in client.models() if _field(m, "name") == model]
             if not info:
@@ -159,12 +166,24 @@ class RemoteWorld:
         rewards, dones = np.zeros((k, h)), np.zeros((k, h))
         self.tick += 1
         seed = (self.seed * 1000 + self.tick) * 4096  # row r of this tick draws from stream seed + r
+        end = time.monotonic() + self.tick_ms / 1000
+        got = 0
         for lo in range(0, k, self.max_rows):
             chunk = cands[lo : lo + self.max_rows]
+            budget = {}
+            if self.tick_ms:
+                left = int((end - time.monotonic()) * 1000)
+                if left < 1:
+                    break  # the tick is spent: the rest of the candidates are scored on nothing
+                budget = dict(deadline_ms=left, anytime=True)
             for ev in self.client.rollout(self.model, np.stack(ctx), chunk.tolist(), context_actions=ctx_actions,
-                                          frames="none", seed=seed + lo, temperature=self.temperature):
+                                          frames="none", seed=seed + lo, temperature=self.temperature, **budget):
+                if hasattr(ev, "truncated"):  # an anytime rollout's end (client.RolloutEnd): steps reached
+                    continue
                 rewards[lo + ev.candidate, ev.step] = ev.reward
                 dones[lo + ev.candidate, ev.step] = ev.done
+                got += 1
+        self.reached.append(got / (k * h))
         return rewards, dones
 
 
@@ -268,6 +287,7 @@ class Summary:
     latencies: list[float]  # seconds per planning tick
     candidates: int = 0
     horizon: int = 0
+    reached: list[float] = field(default_factory=list)  # per tick: fraction of candidate-steps back (tick budget)
 
     @property
     def success_rate(self) -> float:
@@ -288,11 +308,12 @@ class Summary:
             cells += [f"{1000 * p50:.0f} / {1000 * p95:.0f}", f"{per_s:.0f} ({per_s * self.horizon:.0f})"]
         else:
             cells += ["-", "-"]
+        cells.append(f"{100 * statistics.fmean(self.reached):.0f}%" if self.reached else "-")
         return "| " + " | ".join(cells) + " |"
 
 
 TABLE_HEADER = ("| policy | episodes | success | mean return | mean steps | tick latency p50 / p95 (ms) "
-                "| candidates/s (candidate-steps/s) |\n|---|---|---|---|---|---|---|")
+                "| candidates/s (candidate-steps/s) | candidate-steps reached |\n|---|---|---|---|---|---|---|---|")
 
 
 def evaluate(name: str, policy, seeds: list[int], max_steps: int = 64, cfg: PlanConfig | None = None,
@@ -304,7 +325,8 @@ def evaluate(name: str, policy, seeds: list[int], max_steps: int = 64, cfg: Plan
             e = eps[-1]
             log(f"{name} seed {s}: {'success' if e.success else 'fail'} return {e.ret:.3f} steps {e.steps}")
     lat = list(getattr(policy, "latencies", []))
-    return Summary(name, eps, lat, cfg.candidates if cfg else 0, cfg.horizon if cfg else 0)
+    reached = list(getattr(getattr(policy, "world", None), "reached", []))
+    return Summary(name, eps, lat, cfg.candidates if cfg else 0, cfg.horizon if cfg else 0, reached)
 
 
 def eval_seeds(n: int, seed0: int = HELDOUT_PLAN_SEED0) -> list[int]:

@@ -69,3 +69,26 @@ def test_remote_planner_beats_random_on_the_real_environment(server, request):
     # the planner on the served model solves (nearly) what the planner on the true simulator solves
     assert planned.success_rate >= 0.8 and planned.success_rate > rnd.success_rate and wins, report
     assert planned.mean_return > rnd.mean_return + 0.3, report
+
+
+def test_planner_at_a_fixed_tick_scores_what_came_back(server, real_frames):
+    """--tick-ms: every tick's Rollout is an anytime rollout with the tick's budget. A budget far too short for
+    K=64 x H=64 still answers (no DEADLINE_EXCEEDED): the steps reached come back, the rest stay unscored; a
+    generous budget gets every step."""
+    cands = np.resize(primitive_library(64), (64, 64))
+    frames, actions = [real_frames[0], real_frames[1]], [2]
+    short = RemoteWorld(server.grpc_client(), "tiny", tick_ms=300)
+    short.reset(None, 1)
+    rewards, dones = short.evaluate(frames, actions, cands)
+    assert rewards.shape == dones.shape == (64, 64)
+    assert 0.0 <= short.reached[0] < 1.0  # cut by the tick (64 x 64 steps take seconds here)
+    full = RemoteWorld(server.grpc_client(), "tiny", tick_ms=60_000)
+    full.reset(None, 1)
+    small = cands[:4, :6]
+    r_full, d_full = full.evaluate(frames, actions, small)
+    assert full.reached == [1.0]
+    plain = RemoteWorld(server.grpc_client(), "tiny")  # no tick: the same answer, the same seeds
+    plain.reset(None, 1)
+    r_plain, d_plain = plain.evaluate(frames, actions, small)
+    np.testing.assert_array_equal(r_full, r_plain)
+    np.testing.assert_array_equal(d_full, d_plain)
