@@ -6,6 +6,10 @@ sequences in ONE latent-only Rollout, score the predicted rewards / dones, do th
     .venv/bin/worldserve serve --model-dir models/tiny &          # REST :8000, gRPC :50051
     .venv/bin/python examples/plan_minigrid.py --grpc 127.0.0.1:50051 --episodes 3
 
+At a fixed control rate, --tick-ms 500 makes every tick's Rollout an anytime rollout: at the budget the server ends
+it with the steps reached so far, and the planner scores those. --model dynamic (or maskgit) plans in the ball world
+its model was trained on (client.gym.world_of).
+
 The full evaluation (random policy, this planner, the planner on the true simulator) is `worldserve plan`.
 """
 
@@ -16,6 +20,8 @@ import time
 from functools import partial
 
 from worldserve.client.client import GrpcClient
+from worldserve.client.gym import world_of
+from worldserve.lab.data.envs import ENVS
 from worldserve.lab.data.minigrid_env import ACTION_NAMES, Simulator
 from worldserve.lab.plan import HELDOUT_PLAN_SEED0, CEMPlanner, PlanConfig, RemoteWorld
 
@@ -28,12 +34,13 @@ def main() -> None:
     p.add_argument("--seed0", type=int, default=HELDOUT_PLAN_SEED0)
     p.add_argument("--candidates", type=int, default=64)
     p.add_argument("--horizon", type=int, default=16)
+    p.add_argument("--tick-ms", type=int, default=0, help="control tick budget (0: wait for every step)")
     a = p.parse_args()
 
     cfg = PlanConfig(candidates=a.candidates, horizon=a.horizon)
-    world = RemoteWorld(GrpcClient(a.grpc), a.model)  # reads context_window from ListModels
+    world = RemoteWorld(GrpcClient(a.grpc), a.model, tick_ms=a.tick_ms)  # reads context_window from ListModels
     for seed in range(a.seed0, a.seed0 + a.episodes):
-        env = Simulator(seed)  # the real environment
+        env = Simulator(seed, env_cls=ENVS[world_of(a.model)])  # the real environment the model learned
         world.reset(env, seed)  # (the remote world ignores the simulator: it only ever sees frames)
         planner = CEMPlanner(cfg, seed=seed)
         frames, actions, ret = [env.frame()], [], 0.0

@@ -1,7 +1,7 @@
 """Train a small policy inside the served world, then evaluate it on the real environment.
 
     worldserve serve --model-repo models &                      # tiny, denoiser, dynamic on :50051
-    python examples/rl_in_world.py --model tiny --episodes 300  # or --model dynamic --env dynamic
+    python examples/rl_in_world.py --model tiny --episodes 300  # or --model dynamic (the ball world)
 
 The agent never touches the real environment while it learns: every episode is a session with the served world
 model through `worldserve.client.gym.RemoteWorldEnv` (reset from a real start frame, then predicted frames, rewards
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from worldserve.client.gym import RemoteWorldEnv, minigrid_context
+from worldserve.client.gym import RemoteWorldEnv, minigrid_context, world_of
 from worldserve.lab.data.collect import ENVS
 from worldserve.lab.data.minigrid_env import DIR_VEC, EMPTY, GOAL, Simulator, read_agent, read_cells
 
@@ -118,7 +118,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grpc", default="127.0.0.1:50051")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--env", choices=tuple(ENVS), default="minigrid", help="the real environment the model learned")
+    p.add_argument("--env", choices=tuple(ENVS), help="the real environment the model learned (default: the model's "
+                   "own world, client.gym.world_of: dynamic and maskgit = the ball world)")
     p.add_argument("--episodes", type=int, default=300, help="training episodes inside the served world")
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.5)
@@ -127,6 +128,7 @@ def main() -> None:
     p.add_argument("--eval-layouts", type=int, default=50, help="held-out real layouts (seeds 2,000,000 on)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    a.env = a.env or world_of(a.model)  # each world starts from its own frames
 
     world = RemoteWorldEnv(a.grpc, a.model, context_fn=minigrid_context(a.env), max_steps=a.max_steps)
     policy = LinearPolicy(a.seed)
