@@ -312,20 +312,23 @@ class Engine:
     def _update(self, out: StepOutputs) -> None:
         """5. The step's events (handed over together at its end), stops at done, step counters, finished requests."""
         rows, host, ends, frame_of = out.rows, out.host, out.ends, out.frame_of
-        conf = host.confidence
+        reward, done = host.reward.tolist(), host.done.tolist()  # Python floats, once
+        conf = [None] * len(rows) if host.confidence is None else host.confidence.tolist()
         now = time.monotonic()
         for i, r in enumerate(rows):
-            c, j = r.chunk, r.chunk.job
+            c = r.chunk
             if c.step < c.skip:  # replayed after a preemption: this step was sent already
                 continue
+            j = c.job
+            req = j.req
             if not j.first_event:
                 j.first_event = True
                 metrics.TTFF.labels(self.spec.name).observe(now - j.submitted)
             self._out.append(RolloutEvent(
-                j.req.id, r.candidate, c.step, float(host.reward[i]), float(host.done[i]),
+                req.id, r.candidate, c.step, reward[i], done[i],
                 frame=host.frames[frame_of[i]] if i in frame_of else None,
-                tokens=host.tokens[i].astype(np.int64) if j.req.return_tokens and host.tokens is not None else None,
-                confidence=None if conf is None else float(conf[i]),
+                tokens=host.tokens[i].astype(np.int64) if req.return_tokens and host.tokens is not None else None,
+                confidence=conf[i],
             ))
         metrics.FRAMES.labels(self.spec.name).inc(len(rows))
         for i in ends:  # a candidate whose world ended: no more steps, its slot freed now

@@ -33,17 +33,19 @@ _DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
 
 
 def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Host arrays (int64 / float32) -> device tensors of the same shapes, through one byte buffer and one copy."""
+    """Host arrays (int64 / float32) -> device tensors of the same shapes, through one byte buffer and one copy
+    (on the CPU the arrays themselves, shared: nothing to copy)."""
+    if device.type != "cuda":
+        return {name: torch.from_numpy(a) for name, a in arrays.items()}
     layout, off = [], 0
     for name, a in arrays.items():
         layout.append((name, a, off))
         off += -(-a.nbytes // _ALIGN) * _ALIGN
-    cuda = device.type == "cuda"
-    host = torch.empty(max(off, _ALIGN), dtype=torch.uint8, pin_memory=cuda)
+    host = torch.empty(max(off, _ALIGN), dtype=torch.uint8, pin_memory=True)
     hb = host.numpy()
     for _, a, o in layout:
         hb[o : o + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    dev = host.to(device, non_blocking=True) if cuda else host  # the step's one host -> device copy
+    dev = host.to(device, non_blocking=True)  # the step's one host -> device copy
     return {name: dev[o : o + a.nbytes].view(_DTYPES[a.dtype]).view(a.shape) for name, a, o in layout}
 
 
@@ -82,13 +84,17 @@ def frame_rows(rows: list[Row]) -> tuple[list[int], set[int]]:
     """Rows whose frame is decoded: those that want it, and, decoded in case (the host learns `done` only with the
     step's one copy), stop_on_done rows with frames LAST that would want it if they ended now."""
     want, maybe = [], set()
+    last, verdict = None, (False, False)
     for i, r in enumerate(rows):
         c = r.chunk
-        if wants_frame(c):
+        if c is not last:  # rows of a chunk are adjacent and share the verdict
+            last = c
+            w = wants_frame(c)
+            verdict = (w, not w and c.req.frames == FrameMode.LAST and ends_at_done(r) and c.step >= c.skip)
+        if verdict[0] or verdict[1]:
             want.append(i)
-        elif c.req.frames == FrameMode.LAST and ends_at_done(r) and c.step >= c.skip:
-            want.append(i)
-            maybe.add(i)
+            if verdict[1]:
+                maybe.add(i)
     return want, maybe
 
 
@@ -96,18 +102,19 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
          passes: int = 0) -> StepInputs:
     """The rows' inputs, padded to the bucket nb, on the device in one copy. passes: the model's passes per frame
     (within-frame decoding), 0 for a model whose step makes the frame."""
-    b = len(rows)
-    slots = np.full(nb, pad_slot, np.int64)
-    seed = np.zeros(nb, np.int64)
-    step = np.zeros(nb, np.int64)
-    temp = np.zeros(nb, np.float32)
-    acts = np.zeros((nb, action_dim) if action_dim else nb, np.float32 if action_dim else np.int64)
-    for i, r in enumerate(rows):
-        c = r.chunk
-        slots[i], step[i], temp[i] = r.slot, c.step, c.req.temperature
-        seed[i] = (c.req.seed + r.candidate) % (1 << 63)
-        if r.action is not None:
-            acts[i] = r.action
+    b, pad = len(rows), nb - len(rows)
+    slots = np.array([r.slot for r in rows] + [pad_slot] * pad, np.int64)
+    keys = [(c.req.seed, c.step, c.req.temperature) for c in (r.chunk for r in rows)]
+    seed = np.array([(k[0] + r.candidate) % (1 << 63) for k, r in zip(keys, rows, strict=True)] + [0] * pad, np.int64)
+    step = np.array([k[1] for k in keys] + [0] * pad, np.int64)
+    temp = np.array([k[2] for k in keys] + [0.0] * pad, np.float32)
+    if action_dim:  # float32 [nb, A]; a row without an action (a frame in progress) gets zeros
+        acts = np.zeros((nb, action_dim), np.float32)
+        for i, r in enumerate(rows):
+            if r.action is not None:
+                acts[i] = r.action
+    else:  # int64 [nb]
+        acts = np.array([0 if r.action is None else r.action for r in rows] + [0] * pad, np.int64)
     arrays = {"slots": slots, "actions": acts, "seed": seed, "step": step, "temperature": temp}
     complete_rows = None
     if passes:

@@ -185,14 +185,13 @@ def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, temperature: to
 
     On the device, no host read (part of the step's one packed copy); rows in chunks that bound the float32 scratch."""
     b, n, v = logits.shape
-    t = torch.where(temperature > 0, temperature.float(), torch.ones_like(temperature, dtype=torch.float32))
-    out = torch.empty(b, dtype=torch.float32, device=logits.device)
+    inv_t = torch.where(temperature > 0, temperature.float(), 1.0).reciprocal()[:, None, None]  # [B, 1, 1]
     rows = max(1, CHUNK_BYTES // (4 * n * v))
+    out = []
     for i in range(0, b, rows):
-        x = logits[i : i + rows].float() / t[i : i + rows, None, None]  # [R, N, V]
-        chosen = x.gather(-1, tokens[i : i + rows, :, None]).squeeze(-1)  # [R, N]
-        out[i : i + rows] = (chosen - torch.logsumexp(x, -1)).exp().mean(-1)
-    return out
+        logp = torch.log_softmax(logits[i : i + rows].float() * inv_t[i : i + rows], -1)  # [R, N, V]
+        out.append(logp.gather(-1, tokens[i : i + rows, :, None]).exp().mean((1, 2)))  # [R]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def token_confidence_reference(logits, tokens, temperature):

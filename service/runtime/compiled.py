@@ -7,8 +7,11 @@
             bucket compiles once (at warmup) and is replayed after.
     mode    "reduce-overhead" (CUDA graphs) on a GPU, inductor's default on the CPU.
 
-CUDA graph outputs live in memory the next replay overwrites, so outputs are cloned before they are returned
-(callers such as evaluate.open_loop keep rewards across steps). Prefill stays eager (once per request).
+CUDA graph outputs live in memory the next replay overwrites. The step's small outputs (reward, done) are cloned
+(callers such as evaluate.open_loop keep rewards across steps); its logits ([B, N, V]: 0.5 GB at base, 64 rows) are
+NOT: they are valid until the next call of this model (the engine samples them and takes their confidence before
+it decodes), and its new keys / values go into the cache before `step` returns. Encode / decode outputs are cloned
+(a batch over GPU_CHUNK rows is several replays). Prefill stays eager (once per request).
 """
 
 from __future__ import annotations
@@ -70,11 +73,14 @@ class CompiledWorldModel(BackendModel):
                 torch._dynamo.mark_static_address(t)
         return cache
 
-    def _run(self, fn, *args):
+    def _run(self, fn, *args, keep=None):
+        # keep: indices of the outputs cloned out of CUDA graph memory (None: all of them)
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
         out = fn(*args)
-        return tuple(o.clone() for o in out) if self.cudagraphs else out
+        if not self.cudagraphs:
+            return out
+        return tuple(o.clone() if keep is None or i in keep else o for i, o in enumerate(out))
 
     @torch.no_grad()
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
@@ -96,7 +102,8 @@ class CompiledWorldModel(BackendModel):
         acts, known = step_inputs(self.model, actions, known)
         args = (cache.k, cache.v, cache.last_tokens, cache.frames, slots, acts)
         args += (known,) if known is not None else ()
-        logits, reward, done, k_new, v_new, frames = self._run(self._step, *args)
+        # logits stay in graph memory (valid until the next call); k_new / v_new / frames are scattered right here
+        logits, reward, done, k_new, v_new, frames = self._run(self._step, *args, keep=(1, 2))
         scatter(cache, slots, frames, k_new, v_new)
         return logits, reward, done
 
