@@ -52,10 +52,14 @@ def graph_buckets(graph: str, max_batch: int) -> list[int]:
     return buckets(max_batch * 8) if graph == "encoder" else buckets(max_batch)
 
 
-def profile_plan(max_batch: int) -> dict[str, list[int]]:
-    """{graph: profile batch sizes} built for an engine of max_batch slots."""
+def profile_plan(max_batch: int, only: list[int] | None = None) -> dict[str, list[int]]:
+    """{graph: profile batch sizes} built for an engine of max_batch slots. only: a reduced set of sizes for every
+    graph (bench/gpu_check: one profile, built in a fraction of the time; a batch runs in the smallest profile that
+    holds it, larger encode / decode batches in chunks of the largest)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    if only:
+        return {g: sorted(set(only)) for g in GRAPHS}
     return {g: graph_buckets(g, max_batch) for g in GRAPHS}
 
 
@@ -166,7 +170,7 @@ class _Engine:
 class TrtWorldModel(BackendModel):
     backend = "tensorrt"
 
-    def __init__(self, model: WorldModel, path: Path, max_batch: int):
+    def __init__(self, model: WorldModel, path: Path, plan: dict[str, list[int]]):
         import tensorrt as trt
 
         super().__init__(model)
@@ -175,12 +179,12 @@ class TrtWorldModel(BackendModel):
         dev = next(model.parameters()).device  # the model's GPU (cuda:N), never a hard-coded "cuda"
         with torch.cuda.device(dev):
             self.engines = {g: _Engine(trt, runtime, (self.path / f"{g}.plan").read_bytes(),
-                                       graph_buckets(g, max_batch), dev) for g in GRAPHS}
-        self.max_encode = graph_buckets("encoder", max_batch)[-1]
+                                       plan[g], dev) for g in GRAPHS}
+        self.max_encode = plan["encoder"][-1]
 
     @classmethod
-    def build(cls, model: WorldModel, ms, max_batch: int = DEFAULT_MAX_BATCH,
-              say: Callable[[str], None] = log.info, defer: bool = False) -> TrtWorldModel | DeferredTrt:
+    def build(cls, model: WorldModel, ms, max_batch: int = DEFAULT_MAX_BATCH, say: Callable[[str], None] = log.info,
+              defer: bool = False, only: list[int] | None = None) -> TrtWorldModel | DeferredTrt:
         """Engines with a profile for every bucket up to max_batch. defer=True (the serving loader): built when the
         engine allocates its cache (Engine.__init__, still at start-up), for as many rows as the cache has slots,
         so the profiles follow max_slots whatever it is set to."""
@@ -193,16 +197,19 @@ class TrtWorldModel(BackendModel):
             raise Unsupported(f"backend 'tensorrt' needs an NVIDIA GPU (device cuda), not {ms.device}")
         precision = quantization_of(model)
         gpu = torch.cuda.get_device_name(device).replace(" ", "_")
-        key = export_key(model, cls.backend, gpu, precision) | {"max_batch": max_batch}
+        plan = profile_plan(max_batch, only)
+        key = export_key(model, cls.backend, gpu, precision) | {"max_batch": max_batch, "profiles": plan}
         timing = Path(ms.artifact_dir) / f"trt-timing-{trt.__version__}-{gpu}.cache"
 
         def build_all(out: Path) -> None:
             export_graphs(model, out, say)
             for g in GRAPHS:
-                build_engine(out / f"{g}.onnx", out / f"{g}.plan", precision, graph_buckets(g, max_batch), timing, say)
+                build_engine(out / f"{g}.onnx", out / f"{g}.plan", precision, plan[g], timing, say)
 
-        path = load_or_build(Path(ms.artifact_dir), f"{model.cfg.name}-tensorrt-{precision}-{gpu}", key, build_all, say)
-        return cls(model, path, max_batch)
+        label = f"{model.cfg.name}-tensorrt-{precision}-{gpu}" + (f"-only{'-'.join(map(str, plan['step']))}"
+                                                                  if only else "")  # never evicts serve's plans
+        path = load_or_build(Path(ms.artifact_dir), label, key, build_all, say)
+        return cls(model, path, plan)
 
     def _chunks(self, x: torch.Tensor, graph: str, size: int) -> torch.Tensor:
         # run a graph over any batch: chunks of at most the largest profile
