@@ -5,8 +5,11 @@
 Per preset (random weights, bf16 unless --dtype says otherwise) and variant:
     eager      the PyTorch model
     compile    torch.compile mode reduce-overhead (CUDA graphs), static cache addresses
-    fp8        fp8 weights + fp8 activations (torch._scaled_mm), compiled the same way; needs capability >= 8.9
-it reports single-stream frames/s (batch 1: step + sampling + decode per frame), and at --batch the step
+    fp8        `serve --precision fp8 --backend compile`: fp8 weights, activations scaled to fp8 per row inside
+               each matmul (torch._scaled_mm), bf16 everywhere else; needs capability >= 8.9
+Every variant is built by runtime.loader.prepare, as `serve` builds it. bench/gpu_check.py is the short check
+(<= 6 min, through the engine); this is the longer model-level sweep.
+It reports single-stream frames/s (batch 1: step + sampling + decode per frame), and at --batch the step
 latency, frames/s and MFU = dynamics FLOPs per step / step time / peak dense bf16 FLOP/s of the GPU.
 Then each Triton kernel against its PyTorch reference (time and agreement): sampling, FSQ, int8 matmul.
 Writes bench/out/gpu.json and bench/out/gpu.md. Without CUDA it stops at once with a clear message.
@@ -63,15 +66,14 @@ def timed(fn, warmup: int, reps: int) -> float:
 
 
 def make(preset: str, variant: str, dtype: torch.dtype):
-    from worldserve.model.config import PRESETS
-    from worldserve.model.world_model import build
-    from worldserve.runtime.compiled import compile_model
-    from worldserve.runtime.quantize import quantize_model
+    """The model exactly as `serve` builds it (runtime.loader.prepare): eager / compile at --dtype, fp8 = `serve
+    --precision fp8 --backend compile` (fp8 weights, bf16 activations / attention / KV cache / logits)."""
+    from worldserve.runtime.loader import prepare
+    from worldserve.settings import ModelSettings
 
-    model = build(PRESETS[preset], seed=0).to("cuda", dtype)
-    if variant == "fp8":
-        model = quantize_model(model, "fp8", inplace=True)
-    return model if variant == "eager" else compile_model(model)
+    precision = "fp8" if variant == "fp8" else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    backend = "eager" if variant == "eager" else "compile"
+    return prepare(ModelSettings(preset=preset, device="cuda", backend=backend, precision=precision, warmup=False))
 
 
 @torch.no_grad()
