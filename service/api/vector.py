@@ -72,15 +72,17 @@ class VectorSessions:
             if self.envs[i] is None:
                 raise InvalidArgument(f"envs[{i}]: an action before the env's first reset", f"envs[{i}]")
             acts[i] = self.dp.check_action(self.info, x, f"envs[{i}].action")
-        starts = {i: x for i, x in enumerate(inputs) if isinstance(x, EnvStart)}
-        opened = await asyncio.gather(*(self._reset(i, s) for i, s in starts.items()))
+        out: list = [None] * self.n
+        for i, x in enumerate(inputs):  # one after the other: a failed open leaves no other open half-made
+            if isinstance(x, EnvStart):  # (cheap: open_session submits, the engine prefills in its next step)
+                out[i] = await self._reset(i, x)
         for i, a in acts.items():  # no await between them: the engine takes them in one step
             self.envs[i].inbox.put_nowait(a)
-        events = await asyncio.gather(*(self._next(i) for i in acts))
-        out: list = [None] * self.n
-        for i, rid in zip(starts, opened, strict=True):
-            out[i] = rid
+        # every env's answer is awaited, errors included, before one is raised: no pump is left mid-step
+        events = await asyncio.gather(*(self._next(i) for i in acts), return_exceptions=True)
         for i, ev in zip(acts, events, strict=True):
+            if isinstance(ev, BaseException):
+                raise ev
             ev.candidate = i
             out[i] = ev
         return out

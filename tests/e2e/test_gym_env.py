@@ -149,3 +149,21 @@ def test_vector_session_refuses_what_it_cannot_serve(srv):
     while metric_value(srv.http, "worldserve_active_slots") and time.time() - t0 < 10:
         time.sleep(0.1)
     assert metric_value(srv.http, "worldserve_active_slots") == 0
+
+
+def test_vector_env_closed_right_after_an_autoreset_holds_no_slot(srv):
+    """Envs reset by the last step (their new sessions never stepped) and the client gone: every session ends."""
+    import time
+
+    from tests.conftest import metric_value
+    from worldserve.client.gym import RemoteVectorEnv
+
+    env = RemoteVectorEnv(srv.grpc, "tiny", num_envs=3, max_steps=1)
+    env.reset(seed=0)
+    env.step(np.zeros(3, int))  # every env truncates at 1 step
+    env.step(np.zeros(3, int))  # ... so this step resets them all: new sessions, never stepped
+    env.close()
+    t0 = time.time()
+    while metric_value(srv.http, "worldserve_active_slots") and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert metric_value(srv.http, "worldserve_active_slots") == 0
