@@ -49,6 +49,16 @@ def apply_rope_pairs(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch
     return x * cf + x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2) * sf
 
 
+def rowwise_linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
+    """lin(x) for x [..., K] -> [..., out] as products and a contiguous sum over K for each output: batch-invariant.
+
+    A GEMM whose M is the batch picks its kernel by M: on the CPU at base's sizes a row's continuous-action embedding
+    rounds differently at M = 1, 2-3 and >= 4 (1e-6 in the logits, 6e-8 in the reward), so a rollout alone and in a
+    batch differed. The small layers whose M is the batch (continuous actions, the reward / done heads) use this;
+    K x out is small there (4 x d, d x 1)."""
+    return (x.to(lin.weight.dtype).unsqueeze(-2) * lin.weight).sum(-1) + lin.bias
+
+
 def _in_graph() -> bool:
     return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
@@ -164,7 +174,7 @@ class Dynamics(nn.Module):
         # discrete: int64 [...] (n_actions = unknown); continuous: float [..., A] + known bool [...]
         if not self.cfg.continuous:
             return self.act_emb(actions)
-        e = self.act_emb(actions.to(self.act_emb.weight.dtype))
+        e = rowwise_linear(actions, self.act_emb)  # not a GEMM over the batch: batch-invariant
         if known is not None:
             e = torch.where(known.unsqueeze(-1), e, self.act_unknown.to(e.dtype))
         return e
@@ -186,9 +196,9 @@ class Dynamics(nn.Module):
         # h: [B, T, N, d] -> logits [B, T, N, V] (model dtype), reward [B, T], done_logit [B, T] (float32 whatever
         # the model dtype: small, and callers turn them into numbers)
         h = self.ln_f(h)
-        pooled = h.mean(2)
-        return (self.head(h), self.reward_head(pooled).squeeze(-1).float(),
-                self.done_head(pooled).squeeze(-1).float())
+        pooled = h.mean(2)  # [B, T, d]; the heads below are not GEMMs over the batch (rowwise_linear)
+        return (self.head(h), rowwise_linear(pooled, self.reward_head).squeeze(-1).float(),
+                rowwise_linear(pooled, self.done_head).squeeze(-1).float())
 
     # ---- full sequence (training, prefill, reference) ----------------------------------------
     def block_mask(self, t: int, device) -> torch.Tensor:
