@@ -20,7 +20,6 @@ import platform
 import subprocess
 import sys
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -241,24 +240,6 @@ def phase_invariance(res: Results, a) -> None:
         del eng, model
 
 
-def _sync_counter():
-    """Context manager counting the host<->device syncs inside it (torch.cuda.set_sync_debug_mode 'warn')."""
-
-    @contextmanager
-    def count():
-        box = [0]
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as w:
-            warnings.simplefilter("always")
-            try:
-                yield box
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-                box[0] = sum("synchroniz" in str(x.message) for x in w)
-
-    return count()
-
-
 def _gpu_busy_ms(fn, n: int) -> float:
     """Device time of the kernels fn() runs, per call (torch.profiler, n calls)."""
     from torch.profiler import ProfilerActivity, profile
@@ -335,15 +316,16 @@ def measure_engine(res: Results, a, model, backend: str, precision: str, t0: flo
     row = {"ms_step": eng_ms, "frames_s": rows / eng_ms * 1e3, "mfu": step_flops / (eng_ms / 1e3) / peak,
            "engine_vs_bare": bare_ms / eng_ms}
     busy_err = ""
-    if dev.type == "cuda":
-        with _sync_counter() as n:
-            for _ in range(3):
-                eng.step()
-        row["syncs_step"] = n[0] / 3
+    if dev.type == "cuda":  # (engine.syncs counts nothing on the CPU: no row there)
+        from worldserve.engine.syncs import syncs_per_step
+
+        c = syncs_per_step(eng, steps=3)  # sync debug mode's flagged calls + the step's one device -> host wait
+        row["syncs_step"] = c.per_step
+        busy_err = f"syncs: {c.flagged} flagged + {c.waits} waits in 3 steps; "
         try:
             row["gpu_busy"] = _gpu_busy_ms(eng.step, 3) / eng_ms
         except Exception as e:
-            busy_err = f"GPU busy n/a (profiler: {type(e).__name__}: {str(e)[:80]}); "
+            busy_err += f"GPU busy n/a (profiler: {type(e).__name__}: {str(e)[:80]}); "
     res.add(config=f"{a.preset} {backend} {precision} @ {rows} rows", **row,
             note=f"{busy_err}bare {bare_ms:.2f} ms/step; MFU vs {peak_src}; median of {steps} interleaved steps "
                  f"after {warm}; {time.perf_counter() - t0:.0f} s incl. build")
