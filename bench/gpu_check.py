@@ -47,10 +47,11 @@ def plan(a) -> list[tuple[list[str], float]]:
     cuda = a.device.startswith("cuda")
     engines = [(["engine", "--config", f"{b}:{p}"], (150 if b == "compile" else 75) if cuda else
                 (300 if b == "compile" else 60)) for b, p in served_configs(a.device, a.quick)]
-    # the goal figures first (the engine at the default bf16, eager and compiled), then parity, then the rest
+    # the goal figures first (the engine at the default bf16, eager and compiled), then parity and invariance,
+    # then the other configurations; TensorRT last (optional: skipped at once where it is not installed)
     first = [e for e in engines if e[0][2] in ("eager:bf16", "compile:bf16")]
     rest = [e for e in engines if e not in first]
-    return [(["env"], 60), *first, (["parity"], 100 if cuda else 90), (["invariance"], 60), *rest,
+    return [(["env"], 60), *first, (["parity"], 120 if cuda else 90), (["invariance"], 60), *rest,
             (["tensorrt"], 150)]
 
 
@@ -60,7 +61,8 @@ def run_phases(a) -> list[dict]:
     results = out / "results.jsonl"
     results.write_text("")
     deadline = time.monotonic() + a.budget
-    common = ["--device", a.device, "--preset", a.preset, "--rows", str(a.rows), "--out", str(out)]
+    common = ["--device", a.device, "--preset", a.preset, "--rows", str(a.rows), "--out", str(out),
+              "--artifact-dir", a.artifact_dir]
     common += (["--quick"] if a.quick else []) + (["--threads", str(a.threads)] if a.threads else [])
     for args, own in plan(a):
         name = " ".join(args)
@@ -125,6 +127,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", type=int, help="engine rows (default 64; 8 with --quick)")
     p.add_argument("--budget", type=float, help="seconds for all phases (default 330 on CUDA, 170 on the CPU)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per phase (0: torch's default)")
+    p.add_argument("--artifact-dir", default=str(HERE.parent / "artifacts"), help="TensorRT / ONNX build cache")
     p.add_argument("--report", action="store_true", help="also write bench/reports/gpu_check-<device>.md")
     p.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase (a subprocess of the check)
     p.add_argument("--config", help=argparse.SUPPRESS)
