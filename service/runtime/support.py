@@ -136,9 +136,6 @@ def performance_warnings(ms, cpu_flags: str | None = None) -> list[str]:
             except ImportError:
                 out.append("int8 on CUDA without Triton dequantizes every weight in every call (the reference); "
                            "install triton (it ships with the CUDA torch wheel)")
-        if ms.backend == "eager":
-            out.append("backend eager on CUDA launches every kernel from Python each step; --backend compile "
-                       "(CUDA graphs) or tensorrt removes the launch overhead")
     else:
         flags = _cpu_flags() if cpu_flags is None else cpu_flags
         if p == "bf16" and not any(f in flags for f in (" avx512_bf16", " amx_bf16")):

@@ -74,7 +74,8 @@ def test_slow_combinations_are_named():
     assert any("fp32 on CUDA" in w for w in performance_warnings(cuda))
     assert any("int8 on CUDA is weight-only" in w
                for w in performance_warnings(ModelSettings(device="cuda", precision="int8", backend="compile")))
-    assert not performance_warnings(ModelSettings(device="cuda", backend="compile"))  # bf16 + CUDA graphs: fast
+    assert not performance_warnings(ModelSettings(device="cuda"))  # the default: bf16
+    assert not performance_warnings(ModelSettings(device="cuda", backend="compile"))  # bf16 + CUDA graphs
     assert any("emulated" in w for w in performance_warnings(ModelSettings(precision="bf16"), cpu_flags=" avx2"))
     assert not performance_warnings(ModelSettings(precision="bf16"), cpu_flags=" avx512_bf16")
     assert any("VNNI" in w for w in performance_warnings(ModelSettings(precision="int8"), cpu_flags=" avx2"))
