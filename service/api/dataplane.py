@@ -453,7 +453,7 @@ class DataPlane:
         if not inp.options.anytime:
             return req, events, None
         reach = Reach.of(req)
-        return req, anytime(events, reach), reach
+        return req, anytime(events, reach, req), reach
 
     async def predict(self, inp: RolloutInput) -> tuple[str, list[RolloutEvent], bool]:
         """-> (request id, its events, truncated: an anytime deadline came before the last step)."""
