@@ -73,9 +73,10 @@ class VectorSessions:
                 raise InvalidArgument(f"envs[{i}]: an action before the env's first reset", f"envs[{i}]")
             acts[i] = self.dp.check_action(self.info, x, f"envs[{i}].action")
         out: list = [None] * self.n
-        for i, x in enumerate(inputs):  # one after the other: a failed open leaves no other open half-made
-            if isinstance(x, EnvStart):  # (cheap: open_session submits, the engine prefills in its next step)
-                out[i] = await self._reset(i, x)
+        starts = [i for i, x in enumerate(inputs) if isinstance(x, EnvStart)]
+        await asyncio.gather(*(self._end(i) for i in starts))  # old sessions end together (one engine step)
+        for i in starts:  # one after the other: a failed open leaves no other open half-made
+            out[i] = await self._open(i, inputs[i])  # (cheap: open_session submits, the engine prefills)
         for i, a in acts.items():  # no await between them: the engine takes them in one step
             self.envs[i].inbox.put_nowait(a)
         # every env's answer is awaited, errors included, before one is raised: no pump is left mid-step
@@ -87,8 +88,7 @@ class VectorSessions:
             out[i] = ev
         return out
 
-    async def _reset(self, i: int, s: EnvStart) -> str:
-        await self._end(i)
+    async def _open(self, i: int, s: EnvStart) -> str:
         o = self.options
         opts = Options(frames=o.frames, seed=s.seed, temperature=o.temperature, priority=o.priority,
                        return_tokens=o.return_tokens, frame_encoding=o.frame_encoding)
