@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -74,13 +76,17 @@ def run_phases(a) -> list[dict]:
         before = _count(results)
         t0 = time.monotonic()
         print(f"[gpu_check] {name} (timeout {limit:.0f} s)", flush=True)
+        # its own process group: a timeout kills the phase with whatever it started (inductor's compile workers)
+        p = subprocess.Popen([sys.executable, "-m", "bench.gpu_check", "--phase", *args, *common], cwd=HERE.parent,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            p = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--phase", *args, *common], cwd=HERE.parent,
-                               timeout=limit, capture_output=True, text=True)
+            stdout, stderr = p.communicate(timeout=limit)
             status = "ok" if p.returncode == 0 else f"failed (rc {p.returncode})"
-            tail = (p.stderr or p.stdout).strip().splitlines()[-1:] if p.returncode else []
-        except subprocess.TimeoutExpired as e:
-            status, tail = f"timeout after {limit:.0f} s", [(e.stderr or b"").decode(errors="replace")[-200:]]
+            tail = (stderr or stdout).strip().splitlines()[-1:] if p.returncode else []
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            stdout, stderr = p.communicate()
+            status, tail = f"timeout after {limit:.0f} s", (stderr or stdout).strip().splitlines()[-1:]
         if status != "ok" or _count(results) == before:  # killed or failed: say so next to whatever it left
             _append(results, {"phase": args[0], "config": name, "status": status,
                               "note": " ".join(tail)[-200:].replace("|", "/")})

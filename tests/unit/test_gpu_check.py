@@ -45,3 +45,16 @@ def test_a_phase_past_its_budget_is_reported(tmp_path):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert rows and all(r["status"].startswith(("skipped", "timeout")) for r in rows), rows
     assert {r["phase"] for r in rows} == set(PHASES)
+
+
+def test_a_phase_that_outlives_its_timeout_is_killed_and_reported(tmp_path, monkeypatch):
+    """A phase past its own timeout is killed (its process group) and reported; the check goes on."""
+    import argparse
+
+    import bench.gpu_check as gc
+
+    monkeypatch.setattr(gc, "plan", lambda a: [(["env"], 0.3), (["tensorrt"], 120)])
+    rows = gc.run_phases(argparse.Namespace(out=str(tmp_path), budget=150, device="cpu", preset="tiny", rows=8,
+                                            artifact_dir=str(tmp_path / "art"), quick=True, threads=1))
+    assert rows[0]["phase"] == "env" and rows[0]["status"].startswith("timeout"), rows
+    assert rows[1]["phase"] == "tensorrt" and rows[1]["status"] == "skipped", rows
