@@ -38,6 +38,7 @@ from ..model.protocol import ModelSpec, WorldModelProtocol, check_model
 from ..runtime.batch import Sampler, run_fixed_chunks
 from ..settings import EngineSettings
 from .execute import Executor, StepOutputs
+from .inputs import context_actions, to_device
 from .scheduler import Chunk, Job, Row, Scheduler
 
 log = logging.getLogger("worldserve.engine")
@@ -223,31 +224,32 @@ class Engine:
         self.running = [x for x in self.running if x is not c]
 
     def _prefill(self, admitted: list[Chunk]) -> None:
-        # encode every context frame of every admitted request in one batch
-        ctx = torch.from_numpy(np.concatenate([a.req.context for a in admitted])).to(self.device)
-        tokens = run_fixed_chunks(self.model.encode, ctx, self.exec.chunk)  # int64 [sum(C), N], batch-invariant
-        groups: dict[int, list[tuple[Chunk, torch.Tensor]]] = {}
-        off = 0
-        for a in admitted:
-            c = a.req.context.shape[0]
-            groups.setdefault(c, []).append((a, tokens[off : off + c]))
-            off += c
-        for c, members in groups.items():  # prefill batched per context length
-            first = torch.tensor([a.slots[0] for a, _ in members], device=self.device)
-            acts, known = self._context_actions([a.req for a, _ in members], c - 1)
-            self.model.prefill(self.state, first, torch.stack([t for _, t in members]), acts, known)
-            for a, _ in members:  # fork: prefill once, copy into the other K-1 slots
-                if len(a.slots) > 1:
-                    self.model.fork(self.state, a.slots[0], torch.tensor(a.slots[1:], device=self.device))
-
-    def _context_actions(self, reqs: list[RolloutRequest], n: int):
-        acts, known = self.model.unknown_actions(len(reqs), n, self.device)
-        for i, r in enumerate(reqs):
-            if r.context_actions is not None and n > 0:
-                acts[i] = torch.as_tensor(r.context_actions[:n], device=self.device).to(acts.dtype)
-                if known is not None:
-                    known[i] = True
-        return acts, known
+        """3b. Encode every context frame of every admitted request in one batch, prefill per context length in one
+        batch, fork each request's cache into its other candidates' slots. Every host array goes to the device in
+        one copy (inputs.to_device): the frames, the first slots, the context actions, the fork targets."""
+        groups: dict[int, list[int]] = {}  # context length -> indices of `admitted`
+        for i, a in enumerate(admitted):
+            groups.setdefault(a.req.context.shape[0], []).append(i)
+        arrays = {"ctx": np.concatenate([a.req.context for a in admitted])}  # uint8 [sum(C), H, W, 3]
+        for c, idx in groups.items():
+            arrays[f"first{c}"] = np.array([admitted[i].slots[0] for i in idx], np.int64)
+            acts, known = context_actions(self.model, [admitted[i].req for i in idx], c - 1)
+            arrays[f"acts{c}"] = acts
+            if known is not None:
+                arrays[f"known{c}"] = known
+        arrays["fork"] = np.array([s for a in admitted for s in a.slots[1:]], np.int64)
+        d = to_device(arrays, self.device)
+        tokens = run_fixed_chunks(self.model.encode, d["ctx"], self.exec.chunk)  # int64 [sum(C), N], batch-invariant
+        off = np.cumsum([0] + [a.req.context.shape[0] for a in admitted]).tolist()
+        for c, idx in groups.items():
+            ctx_tokens = torch.stack([tokens[off[i] : off[i] + c] for i in idx])  # int64 [G, C, N]
+            self.model.prefill(self.state, d[f"first{c}"], ctx_tokens, d[f"acts{c}"], d.get(f"known{c}"))
+        f = 0
+        for a in admitted:  # fork: prefill once, copy into the other K-1 slots
+            k = len(a.slots) - 1
+            if k:
+                self.model.fork(self.state, a.slots[0], d["fork"][f : f + k])
+                f += k
 
     def _schedule(self) -> list[Row]:
         rows = []

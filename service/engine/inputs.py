@@ -29,12 +29,13 @@ from ..runtime.batch import bucket
 from .scheduler import Chunk, Row
 
 _ALIGN = 8  # every array starts on an 8-byte boundary (an int64 view needs it)
-_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32}
+_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32, np.dtype(np.uint8): torch.uint8,
+           np.dtype(np.bool_): torch.bool}
 
 
 def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Host arrays (int64 / float32) -> device tensors of the same shapes, through one byte buffer and one copy
-    (on the CPU the arrays themselves, shared: nothing to copy)."""
+    """Host arrays (int64, float32, uint8, bool) -> device tensors of the same shapes, through one byte buffer and
+    one copy (on the CPU the arrays themselves, shared: nothing to copy)."""
     if device.type != "cuda":
         return {name: torch.from_numpy(a) for name, a in arrays.items()}
     layout, off = [], 0
@@ -138,3 +139,16 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
     return StepInputs(b, nb, d["slots"], d["actions"], d["seed"], d["step"], d["temperature"], d["want"], want, maybe,
                       d.get("pass_idx"), d.get("fresh_slots"), d.get("fresh_actions"), d.get("complete"),
                       complete_rows)
+
+
+def context_actions(model, reqs: list, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Admission: the first n context actions of each request on the host, [G, n] int64 | [G, n, A] float32, the
+    model's "unknown" where a request sent none, and for continuous models a known mask bool [G, n] (else None)."""
+    acts, known = model.unknown_actions(len(reqs), n, torch.device("cpu"))
+    acts, known = acts.numpy().copy(), None if known is None else known.numpy().copy()
+    for i, r in enumerate(reqs):
+        if r.context_actions is not None and n > 0:
+            acts[i] = np.asarray(r.context_actions[:n]).astype(acts.dtype)
+            if known is not None:
+                known[i] = True
+    return acts, known
