@@ -174,9 +174,13 @@ def cmd_eval(a) -> None:
     from ..lab.evaluate import evaluate_dir
 
     torch.set_num_threads(a.threads)
-    ok = evaluate_dir(Path(a.model_dir), a.episodes, write_card=not a.no_card, variant=a.variant, env=a.env,
-                      drift_horizon=a.drift)
-    sys.exit(0 if ok else 1)
+    try:
+        ok, why = evaluate_dir(Path(a.model_dir), a.episodes, write_card=not a.no_card, variant=a.variant, env=a.env,
+                               drift_horizon=a.drift, rare_states=a.rare_states, k=a.k, world_k=a.world_k)
+    except ValueError as e:  # an unknown knob setting
+        raise SystemExit(f"worldserve eval: {e}") from None
+    if not ok:
+        sys.exit(f"worldserve eval: {a.variant} FAILS: {why}")
 
 
 def cmd_fidelity(a) -> None:
@@ -185,6 +189,17 @@ def cmd_fidelity(a) -> None:
     from ..lab.fidelity import fidelity_dir
 
     torch.set_num_threads(a.threads)
+    if a.knobs:  # joint fidelity against the speed knobs (lab/knobs.py)
+        from ..lab.knobs import knobs_dir
+
+        knobs = None if a.knobs == "default" else a.knobs.split(",")
+        command = (
+            f"worldserve fidelity {a.model_dir} --knobs {a.knobs} --states {a.states} --k {a.k} --rare-states "
+            f"{a.rare_states} --rare-k {a.rare_k or a.k} --world-k {a.world_k}"
+            + (f" --baseline {a.baseline}" if a.baseline else ""))
+        knobs_dir(Path(a.model_dir), knobs, a.baseline, a.states, a.k, a.rare_states, a.world_k, not a.no_card,
+                  command, a.rare_k)
+        return
     fidelity_dir(Path(a.model_dir), a.states, a.k, a.variants.split(","), a.rare_states, not a.no_card)
 
 
@@ -245,7 +260,13 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("model_dir")
     e.add_argument("--episodes", type=int, default=64)
     e.add_argument("--threads", type=int, default=2)
-    e.add_argument("--variant", default="fp32", help="fp32 | int8 (quantized variant, compared to fp32)")
+    e.add_argument("--variant", default="fp32",
+                   help="a knob setting compared to fp32: a precision (int8, bf16, ...), decoding knobs of a "
+                   "frame-head model (passes=4, decode_temperature=0.8, ...) or both joined by '+'; on --env dynamic "
+                   "it fails when its rare-collision rate leaves +-20 %% of the world's")
+    e.add_argument("--rare-states", type=int, default=8, help="--env dynamic: states for the rare-collision gate")
+    e.add_argument("--k", type=int, default=256, help="--env dynamic: sampled futures per rare state")
+    e.add_argument("--world-k", type=int, default=1024, help="--env dynamic: simulator futures per rare state")
     e.add_argument("--no-card", action="store_true", help="do not write the table into the model card")
     e.add_argument("--env", choices=("minigrid", "dynamic"), default="minigrid", help="the world of the episodes")
     e.add_argument("--drift", type=int, default=0, metavar="H",
@@ -259,6 +280,13 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--k", type=int, default=256, help="sampled futures per state")
     f.add_argument("--rare-states", type=int, default=16, help="states for the rare-event gate (0: skip)")
     f.add_argument("--variants", default="fp32,int8,bf16")
+    f.add_argument("--knobs", default="", help="'default' or comma-separated knob settings (passes=4, bf16, "
+                   "int8+passes=8, ...): the joint-fidelity table against the speed knobs, through the engine "
+                   "(lab/knobs.py), into the card's 'knobs' section")
+    f.add_argument("--baseline", default="", help="--knobs: a parallel model of the same world as the first row "
+                   "(e.g. models/dynamic); its card gets the table too")
+    f.add_argument("--world-k", type=int, default=1024, help="--knobs: simulator futures per rare state")
+    f.add_argument("--rare-k", type=int, default=0, help="--knobs: sampled futures per rare state (0: --k)")
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--no-card", action="store_true")
     f.set_defaults(fn=cmd_fidelity)

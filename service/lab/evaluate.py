@@ -172,29 +172,29 @@ def drift_table(d: dict, name: str = "fp32", n: int = 0) -> str:
 
 
 def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, variant: str = "fp32",
-                 env: str = "minigrid", drift_horizon: int = 0) -> bool:
+                 env: str = "minigrid", drift_horizon: int = 0, rare_states: int = 8, k: int = 256,
+                 world_k: int = 1024) -> tuple[bool, str]:
+    """-> (the variant passes its gates, why not). A variant is a knob setting (lab/knobs.py: a precision, decoding
+    knobs, or both); on the stochastic world it must also keep rare collisions within +-20 % of the world's rate."""
     from ..model.io import load_model_dir
 
     eps = heldout_episodes(n_episodes, env=env)
     model = load_model_dir(model_dir)
     ref = evaluate(model, eps)
     text = table(ref)
-    ok = True
+    ok, why = True, ""
     if variant != "fp32":
-        from .fidelity import rare_events, rare_gate, rare_table
-        from .fidelity import variant as variant_model
+        from .knobs import configure, rare_check
 
-        vmodel = variant_model(model, variant)
+        vmodel = configure(model, variant)
         qres = evaluate(vmodel, eps)
         ok = passes_gate(ref.model_psnr, qres.model_psnr)
+        why = "" if ok else gate_verdict(ref.model_psnr, qres.model_psnr, variant)
         text += "\n\n" + table(qres, variant) + "\n\n" + gate_verdict(ref.model_psnr, qres.model_psnr, variant)
-        if env == "dynamic":  # a stochastic world: rare futures must survive the variant too
-            r = rare_events({"fp32": model, variant: vmodel}, n_states=8, k=256)
-            rare_ok = rare_gate(r, variant)
-            ok = ok and rare_ok
-            text += "\n\n" + rare_table(r) + (
-                f"\n\nrare collisions, {variant} vs fp32: {r.rates[variant]:.4f} vs {r.rates['fp32']:.4f} (gate: "
-                f"inside fp32's 95 % interval widened by 20 %) -> {'PASS' if rare_ok else 'FAIL'}")
+        if env == "dynamic" and rare_states:  # a stochastic world: rare futures must survive the variant too
+            rare_ok, line, _ = rare_check(model, variant, rare_states, k, world_k)
+            ok, why = ok and rare_ok, "; ".join(filter(None, [why, "" if rare_ok else line]))
+            text += "\n\n" + line
     print(text)
     if write_card and variant == "fp32":
         write_card_table(model_dir, text)
@@ -206,4 +206,4 @@ def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, vari
         print("\n" + dtext)
         if write_card:
             write_card_table(model_dir, dtext, "drift")
-    return ok
+    return ok, why

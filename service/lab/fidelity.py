@@ -82,13 +82,13 @@ def simulate(st: State, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return frames, hit
 
 
-def sample_model(engine, st: State, k: int, seed: int):
+def sample_model(engine, st: State, k: int, seed: int, temperature: float = 1.0):
     """K model futures through the engine (one fork): frames uint8 [K, H, ...], done probability [K, H]."""
     from ..engine.engine import complete
     from ..messages import RolloutRequest
 
     req = RolloutRequest("fid", engine.spec.name, st.context, np.repeat(st.actions[None], k, 0),
-                         context_actions=st.context_actions, seed=seed, temperature=1.0)
+                         context_actions=st.context_actions, seed=seed, temperature=temperature)
     h = len(st.actions)
     frames = np.zeros((k, h, 64, 64, 3), np.uint8)
     done = np.zeros((k, h), np.float32)
@@ -191,24 +191,50 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return float(c - w), float(c + w)
 
 
+def collision_prob(done: np.ndarray) -> np.ndarray:
+    """done probability float [K, H] (per step, given no collision before) -> [K]: P(a collision within H steps)."""
+    return 1.0 - np.prod(1.0 - np.clip(done.astype(np.float64), 0.0, 1.0), axis=1)
+
+
+def mean_ci(x: np.ndarray, z: float = 1.96) -> tuple[float, tuple[float, float]]:
+    """Values in [0, 1] [n] -> (mean, its normal-approximation interval, clipped to [0, 1])."""
+    if len(x) == 0:
+        return float("nan"), (0.0, 1.0)
+    m, h = float(x.mean()), z * float(x.std(ddof=1) if len(x) > 1 else 0.0) / np.sqrt(len(x))
+    return m, (max(0.0, m - h), min(1.0, m + h))
+
+
+def rare_states(n_states: int, k: int, horizon: int = 4, p_max: float = 0.05, candidates: int | None = None,
+                seed: int = 0, world_k: int = 0) -> tuple[list[State], float]:
+    """States where the world gives a collision within `horizon` probability in (0, p_max] (over K simulator futures):
+    -> (states, the world's pooled rate).
+
+    world_k > 0: the rate from world_k fresh simulator futures per state, independent of the K that chose the states
+    (keeping a state because its K futures had a hit in (0, p_max] biases those same futures' rate)."""
+    pool = heldout_states(candidates or 8 * n_states, horizon, seed0=HELDOUT_SEED0 + 50_000)
+    kept, hits, n = [], 0, 0
+    for j, st in enumerate(pool):
+        _, hit = simulate(st, k, seed + j)
+        rate = hit[:, -1].mean()
+        if 0 < rate <= p_max:
+            kept.append(st)
+            if world_k:
+                _, hit = simulate(st, world_k, seed + j + 104_729)
+            hits, n = hits + int(hit[:, -1].sum()), n + len(hit)
+        if len(kept) == n_states:
+            break
+    return kept, hits / max(n, 1)
+
+
 def rare_events(variants: dict, n_states: int, k: int = 256, horizon: int = 4, p_max: float = 0.05,
-                candidates: int | None = None, seed: int = 0) -> RareEvents:
+                candidates: int | None = None, seed: int = 0, world_k: int = 0) -> RareEvents:
     """Each variant (name -> model) samples K futures per state; a future 'collides' when the model's done
     probability passes 0.5 within `horizon` steps. States are kept where the simulator's collision frequency over
     K clones is in (0, p_max]: the rare futures that quantization could wash out."""
     from ..engine.engine import Engine
     from ..settings import EngineSettings
 
-    pool = heldout_states(candidates or 8 * n_states, horizon, seed0=HELDOUT_SEED0 + 50_000)
-    kept, true_hits = [], 0
-    for j, st in enumerate(pool):
-        _, hit = simulate(st, k, seed + j)
-        rate = hit[:, -1].mean()
-        if 0 < rate <= p_max:
-            kept.append(st)
-            true_hits += int(hit[:, -1].sum())
-        if len(kept) == n_states:
-            break
+    kept, true_rate = rare_states(n_states, k, horizon, p_max, candidates, seed, world_k)
     rates, ci = {}, {}
     for name, model in variants.items():
         eng = Engine(model, EngineSettings(max_slots=k, max_queue=4, max_candidates=k))
@@ -218,7 +244,7 @@ def rare_events(variants: dict, n_states: int, k: int = 256, horizon: int = 4, p
             hits += int((done > 0.5).any(1).sum())
         n = k * len(kept)
         rates[name], ci[name] = hits / max(n, 1), wilson(hits, n)
-    return RareEvents(true_hits / max(k * len(kept), 1), rates, ci, len(kept), k)
+    return RareEvents(true_rate, rates, ci, len(kept), k)
 
 
 def rare_gate(r: RareEvents, name: str, rel: float = 0.2) -> bool:

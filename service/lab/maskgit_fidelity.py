@@ -1,12 +1,16 @@
-"""Joint fidelity of within-frame decoding (issue 19), through the reference sampler (model/maskgit.py), no engine.
+"""Joint fidelity of within-frame decoding (issue 19), through the engine (the serving path: `engine=` an Engine over
+the model, as lab/knobs.py measures every knob) or the plain-PyTorch reference sampler (model/maskgit.py).
 
 On held-out states of the stochastic world (fidelity.heldout_states), K futures per state sampled by the model
 (one prefill, forked into K slots; candidate k keys its own stream) against K simulator futures:
 - right count: the fraction of sampled frames with exactly the world's number of balls, at steps 1 and 4;
-- configuration TV at step 1: total variation between the distributions of whole ball configurations (the set of
-  ball cells of a frame), model vs world; the floor is the world against itself at the same K;
+- configuration TV at steps 1 and 4: total variation between the distributions of whole ball configurations (the
+  set of ball cells of a frame), model vs world (futures still running); the floor is the world against itself at
+  the same K;
 - rare collisions: collision within the horizon in states where the world gives it probability in (0, p_max]
-  (the states of fidelity.rare_events), the model's sampled frequency (done probability > 0.5) vs the world's.
+  (the pool of fidelity.rare_events), the model's sampled frequency (done probability > 0.5) vs the world's; the
+  world's rate comes from an independent, larger set of simulator futures than the one that chose the states (the
+  choice alone would bias it).
 
     python -m worldserve.lab.maskgit_fidelity models/maskgit --settings default,cosine:sampled:8:1 --k 256
 """
@@ -23,8 +27,7 @@ import torch
 
 from ..model.maskgit import sample_frame
 from ..model.sampling import sample
-from .data.collect import HELDOUT_SEED0
-from .fidelity import State, balls, heldout_states, simulate, wilson
+from .fidelity import State, balls, collision_prob, heldout_states, mean_ci, rare_states, sample_model, simulate
 
 
 @torch.no_grad()
@@ -78,13 +81,32 @@ def config_tv(p: Counter, q: Counter) -> float:
     return 0.5 * sum(abs(p.get(key, 0.0) - q.get(key, 0.0)) for key in set(p) | set(q))
 
 
+def engine_futures(engine, st: State, k: int, seed: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """K futures of a state through the engine (one request of K candidates, decoded as the model's spec says): balls
+    bool [K, H, 8, 8], done probability float [K, H]."""
+    frames, done = sample_model(engine, st, k, seed, temperature)
+    return balls(frames), done
+
+
+def _futures(model, engine, st: State, k: int, seed: int, temperature: float, last_frame: bool = True, **decode):
+    if engine is None:
+        return model_futures(model, st, k, seed, temperature, last_frame, **decode)
+    if decode:
+        raise ValueError("through the engine the decoding is the model's spec: configure the model (lab/knobs.py)")
+    return engine_futures(engine, st, k, seed, temperature)
+
+
 @dataclass
 class World:
     """The simulator side of one state, computed once for every setting measured."""
 
     st: State
     alive_balls: dict[int, np.ndarray]  # step -> balls bool [K', 8, 8] of the futures still running
-    floor_tv1: float  # configuration TV at step 1, world vs world (independent K)
+    floor: dict[int, float]  # step -> configuration TV, world vs world (independent K)
+
+    @property
+    def floor_tv1(self) -> float:
+        return self.floor[1]
 
 
 def world_side(states: list[State], k: int, steps: tuple[int, ...], seed: int) -> list[World]:
@@ -98,50 +120,42 @@ def world_side(states: list[State], k: int, steps: tuple[int, ...], seed: int) -
             return balls(f[:, s - 1][keep] if keep.any() else f[:, s - 1])
 
         ab = {s: alive(sf, shit, s) for s in steps}
-        out.append(World(st, ab, config_tv(config_dist(alive(sf2, shit2, 1)), config_dist(ab[1]))))
+        out.append(World(st, ab, {s: config_tv(config_dist(alive(sf2, shit2, s)), config_dist(ab[s])) for s in steps}))
     return out
 
 
 def joint_fidelity(model, worlds: list[World], k: int, temperature: float = 1.0, seed: int = 0,
-                   steps: tuple[int, ...] = (1, 4), **decode) -> dict:
-    """-> {"count": {step: fraction right}, "tv1": mean configuration TV at step 1, "floor1": the world's floor}."""
+                   steps: tuple[int, ...] = (1, 4), engine=None, **decode) -> dict:
+    """-> {"count": {step: fraction right}, "tv": {step: mean configuration TV}, "floor": {step: the world's floor},
+    "tv1", "floor1" (step 1's)}. engine: an Engine over `model` (the serving path), or None: the reference sampler
+    (decode: its knobs, see model_futures)."""
     counts: dict[int, list[float]] = {s: [] for s in steps}
-    tvs = []
+    tvs: dict[int, list[float]] = {s: [] for s in steps}
     for j, w in enumerate(worlds):
-        mb, _ = model_futures(model, w.st, k, seed + j * k, temperature, **decode)
+        mb, _ = _futures(model, engine, w.st, k, seed + j * k, temperature, **decode)
         n_balls = len(w.st.env.obstacles)
         for s in steps:
             counts[s].append(float((mb[:, s - 1].sum((1, 2)) == n_balls).mean()))
-        tvs.append(config_tv(config_dist(mb[:, 0]), config_dist(w.alive_balls[1])))
-    return {"count": {s: float(np.mean(v)) for s, v in counts.items()}, "tv1": float(np.mean(tvs)),
-            "floor1": float(np.mean([w.floor_tv1 for w in worlds]))}
+            tvs[s].append(config_tv(config_dist(mb[:, s - 1]), config_dist(w.alive_balls[s])))
+    tv = {s: float(np.mean(v)) for s, v in tvs.items()}
+    floor = {s: float(np.mean([w.floor[s] for w in worlds])) for s in steps}
+    return {"count": {s: float(np.mean(v)) for s, v in counts.items()}, "tv": tv, "floor": floor,
+            "tv1": tv.get(1, float("nan")), "floor1": floor.get(1, float("nan"))}
 
 
-def rare_states(n_states: int, k: int, horizon: int = 4, p_max: float = 0.05, candidates: int | None = None,
-                seed: int = 0) -> tuple[list[State], float]:
-    """The states of fidelity.rare_events (same pool, same selection): -> (states, the world's pooled rate)."""
-    pool = heldout_states(candidates or 8 * n_states, horizon, seed0=HELDOUT_SEED0 + 50_000)
-    kept, hits = [], 0
-    for j, st in enumerate(pool):
-        _, hit = simulate(st, k, seed + j)
-        rate = hit[:, -1].mean()
-        if 0 < rate <= p_max:
-            kept.append(st)
-            hits += int(hit[:, -1].sum())
-        if len(kept) == n_states:
-            break
-    return kept, hits / max(k * len(kept), 1)
-
-
-def rare_rate(model, states: list[State], k: int, temperature: float = 1.0, seed: int = 0,
+def rare_rate(model, states: list[State], k: int, temperature: float = 1.0, seed: int = 0, engine=None,
               **decode) -> tuple[float, tuple[float, float]]:
-    """The model's collision frequency within the horizon (done probability > 0.5), pooled, with its 95 % interval."""
-    hits = 0
+    """The model's collision frequency within the horizon, pooled over states x K sampled futures, with a 95 %
+    interval: each future contributes its probability of a collision, 1 - prod_t (1 - done_t) (done_t: the model's
+    probability that step t ends the episode, given the future's frames so far), the frequency the served model
+    implies. (Counting a future as a collision when done_t > 0.5 would miss every collision the world gives odds
+    below one half, e.g. a ball stepping onto the agent (1/5), and count only near-certain ones.) engine: as in
+    joint_fidelity."""
+    probs = []
     for j, st in enumerate(states):
-        _, done = model_futures(model, st, k, seed + j * k, temperature, last_frame=False, **decode)
-        hits += int((done > 0.5).any(1).sum())
-    n = k * len(states)
-    return hits / max(n, 1), wilson(hits, n)
+        _, done = _futures(model, engine, st, k, seed + j * k, temperature, last_frame=False, **decode)
+        probs.append(collision_prob(done))
+    return mean_ci(np.concatenate(probs) if probs else np.zeros(0))
 
 
 def main(argv: list[str] | None = None) -> None:
