@@ -23,7 +23,7 @@ from ..model.sampling import token_confidence
 from ..runtime.batch import HostOutputs, Sampler, bucket, decode_chunk, run_fixed_chunks, to_host
 from ..settings import EngineSettings
 from .frames import FramePasses
-from .inputs import StepInputs, ends_at_done, pack
+from .inputs import StepInputs, pack
 from .scheduler import Row
 
 
@@ -96,8 +96,8 @@ class Executor:
         frames = None
         if inp.want_rows:  # uint8 [F, H, W, 3]
             frames = run_fixed_chunks(self.model.decode, nxt.index_select(0, inp.want), self.chunk)
-        tokens = nxt if not self.latent_out and any(r.chunk.req.return_tokens for r in rows) else None
+        tokens = nxt if inp.tokens and not self.latent_out else None
         host = to_host(reward, done, conf, tokens, frames)
-        ends = {i for i, r in enumerate(rows) if ends_at_done(r) and host.done[i] > 0.5}
+        ends = {i for i in inp.stop_rows if host.done[i] > 0.5}
         frame_of = {i: j for j, i in enumerate(inp.want_rows) if i not in inp.if_end or i in ends}
         return StepOutputs(rows, host, ends, frame_of)

@@ -62,6 +62,8 @@ class StepInputs:
     want: torch.Tensor
     want_rows: list[int]  # host copy of `want`: frame j of the step is row want_rows[j]
     if_end: set[int]  # rows decoded only in case they end at done this step (stop_on_done + frames LAST)
+    stop_rows: list[int]  # rows whose candidate ends if the model says done (stop_on_done)
+    tokens: bool  # a row asked for its tokens
     pass_idx: torch.Tensor | None = None
     fresh_slots: torch.Tensor | None = None
     fresh_actions: torch.Tensor | None = None
@@ -76,27 +78,43 @@ def wants_frame(c: Chunk) -> bool:
                                                                                  c.step == c.req.horizon - 1)))
 
 
-def ends_at_done(r: Row) -> bool:
-    """A row whose candidate stops when the model says done (the host reads done after the step's copy)."""
-    return r.chunk.req.stop_on_done and not r.chunk.req.session
-
-
-def frame_rows(rows: list[Row]) -> tuple[list[int], set[int]]:
-    """Rows whose frame is decoded: those that want it, and, decoded in case (the host learns `done` only with the
-    step's one copy), stop_on_done rows with frames LAST that would want it if they ended now."""
-    want, maybe = [], set()
-    last, verdict = None, (False, False)
+def spans(rows: list[Row]) -> list[tuple[Chunk, int, int]]:
+    """The rows of each chunk, adjacent in a step (engine._schedule): (chunk, first row, past its last row)."""
+    out: list[tuple[Chunk, int, int]] = []
+    last, i0 = None, 0
     for i, r in enumerate(rows):
-        c = r.chunk
-        if c is not last:  # rows of a chunk are adjacent and share the verdict
-            last = c
-            w = wants_frame(c)
-            verdict = (w, not w and c.req.frames == FrameMode.LAST and ends_at_done(r) and c.step >= c.skip)
-        if verdict[0] or verdict[1]:
-            want.append(i)
-            if verdict[1]:
-                maybe.add(i)
-    return want, maybe
+        if r.chunk is not last:
+            if last is not None:
+                out.append((last, i0, i))
+            last, i0 = r.chunk, i
+    if last is not None:
+        out.append((last, i0, len(rows)))
+    return out
+
+
+def outputs_wanted(rows: list[Row]) -> tuple[list[int], set[int], list[int], bool]:
+    """What the step's rows want back, decided per chunk:
+    want    rows whose frame is decoded: those that want it, and, decoded in case (the host learns `done` only with
+            the step's one copy), stop_on_done rows with frames LAST that would want it if they ended now
+    if_end  those decoded in case
+    stop    rows whose candidate stops when the model says done (read from the copy)
+    tokens  whether any row asked for its tokens"""
+    want: list[int] = []
+    if_end: set[int] = set()
+    stop: list[int] = []
+    tokens = False
+    for c, i0, i1 in spans(rows):
+        req = c.req
+        tokens = tokens or req.return_tokens
+        stops = req.stop_on_done and not req.session
+        if stops:
+            stop.extend(range(i0, i1))
+        if wants_frame(c):
+            want.extend(range(i0, i1))
+        elif stops and req.frames == FrameMode.LAST and c.step >= c.skip:
+            want.extend(range(i0, i1))
+            if_end.update(range(i0, i1))
+    return want, if_end, stop, tokens
 
 
 def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch.device, max_slots: int,
@@ -104,11 +122,16 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
     """The rows' inputs, padded to the bucket nb, on the device in one copy. passes: the model's passes per frame
     (within-frame decoding), 0 for a model whose step makes the frame."""
     b, pad = len(rows), nb - len(rows)
+    sp = spans(rows)
     slots = np.array([r.slot for r in rows] + [pad_slot] * pad, np.int64)
-    keys = [(c.req.seed, c.step, c.req.temperature) for c in (r.chunk for r in rows)]
-    seed = np.array([(k[0] + r.candidate) % (1 << 63) for k, r in zip(keys, rows, strict=True)] + [0] * pad, np.int64)
-    step = np.array([k[1] for k in keys] + [0] * pad, np.int64)
-    temp = np.array([k[2] for k in keys] + [0.0] * pad, np.float32)
+    cand = [r.candidate for r in rows]
+    seeds: list[int] = []
+    step, temp = np.zeros(nb, np.int64), np.zeros(nb, np.float32)
+    for c, i0, i1 in sp:
+        base = c.req.seed
+        seeds.extend((base + k) % (1 << 63) for k in cand[i0:i1])
+        step[i0:i1], temp[i0:i1] = c.step, c.req.temperature
+    seed = np.array(seeds + [0] * pad, np.int64)
     if action_dim:  # float32 [nb, A]; a row without an action (a frame in progress) gets zeros
         acts = np.zeros((nb, action_dim), np.float32)
         for i, r in enumerate(rows):
@@ -120,7 +143,10 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
     complete_rows = None
     if passes:
         last = passes - 1
-        arrays["pass_idx"] = np.array([r.chunk.passes_done for r in rows] + [0] * (nb - b), np.int64)
+        pidx = np.zeros(nb, np.int64)
+        for c, i0, i1 in sp:
+            pidx[i0:i1] = c.passes_done
+        arrays["pass_idx"] = pidx
         fresh = [i for i, r in enumerate(rows) if r.fresh]
         if fresh:
             nf = bucket(len(fresh), max_slots)
@@ -129,14 +155,14 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
             fa = np.zeros((nf, *acts.shape[1:]), acts.dtype)
             fa[: len(fresh)] = acts[fresh]
             arrays["fresh_slots"], arrays["fresh_actions"] = fs, fa
-        complete_rows = [i for i, r in enumerate(rows) if r.chunk.passes_done == last]
+        complete_rows = [i for c, i0, i1 in sp if c.passes_done == last for i in range(i0, i1)]
         arrays["complete"] = np.array(complete_rows, np.int64)
-        want, maybe = frame_rows([rows[i] for i in complete_rows])  # indices among the completing rows
+        wanted = outputs_wanted([rows[i] for i in complete_rows])  # indices among the completing rows
     else:
-        want, maybe = frame_rows(rows)
-    arrays["want"] = np.array(want, np.int64)
+        wanted = outputs_wanted(rows)
+    arrays["want"] = np.array(wanted[0], np.int64)
     d = to_device(arrays, device)
-    return StepInputs(b, nb, d["slots"], d["actions"], d["seed"], d["step"], d["temperature"], d["want"], want, maybe,
+    return StepInputs(b, nb, d["slots"], d["actions"], d["seed"], d["step"], d["temperature"], d["want"], *wanted,
                       d.get("pass_idx"), d.get("fresh_slots"), d.get("fresh_actions"), d.get("complete"),
                       complete_rows)
 

@@ -102,7 +102,8 @@ def test_cancel_frees_slots_within_one_step(model):
 
 def test_deadline_finishes_with_error(model):
     eng, ev = make(model, slots=4)
-    eng.submit(RolloutRequest("d", "tiny", ctx(), np.zeros((2, 64), np.int64), deadline=time.time() + 0.05))
+    # the deadline must fall mid-rollout ("after" N steps), not while admitting on a loaded machine: 0.3 s, 400 steps
+    eng.submit(RolloutRequest("d", "tiny", ctx(), np.zeros((2, 400), np.int64), deadline=time.time() + 0.3))
     t0 = time.time()
     run(eng, ev, 1)
     assert time.time() - t0 < 2
