@@ -26,6 +26,11 @@ class ModelSettings(BaseModel):
     backend: BackendName = "eager"
     precision: PrecisionName | None = Field(None, description="unset: the device's default, bf16 on CUDA (TF32 for "
                                             "any fp32 work), fp32 on the CPU (default_precision)")
+    auto: bool = Field(True, description="serve the model directory's serving.json pin (the fastest backend x "
+                       "precision that passed the quality gate on a machine like this, written by `worldserve tune`) "
+                       "when it still holds here (weights, machine features, a quick gate on a few frames), else the "
+                       "device default (eager, default_precision). Off as soon as backend or precision is named "
+                       "(flag or env): an explicit choice always wins")
     artifact_dir: Path = Path("artifacts")
     triton_kernels: bool = False
     warmup: bool = True
@@ -40,6 +45,8 @@ class ModelSettings(BaseModel):
         # --device override (cli/serve.py re-validates the fields that were set) picks the new device's default
         if self.precision is None:
             self.__dict__["precision"] = default_precision(self.device)
+        if "auto" not in self.model_fields_set and {"backend", "precision"} & self.model_fields_set:
+            self.__dict__["auto"] = False  # named: no pin (a dump carries `auto`, so a round trip keeps it)
         return self
 
 

@@ -1,4 +1,5 @@
-"""Runtime subcommands: `export` (build backend artifacts) and `quantize` (quantize + quality gate + save)."""
+"""Runtime subcommands: `export` (build backend artifacts), `quantize` (quantize + quality gate + save) and `tune`
+(measure and pin the fastest gated configuration: cli/tune.py)."""
 
 from __future__ import annotations
 
@@ -119,3 +120,7 @@ def add_commands(sub) -> None:
     q.add_argument("--device", default="cpu")
     q.add_argument("--threads", type=int, default=2)
     q.set_defaults(fn=cmd_quantize)
+
+    from .tune import add_command as add_tune
+
+    add_tune(sub, _say)

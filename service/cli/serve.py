@@ -24,6 +24,8 @@ def _settings(a):
         v = getattr(a, flag, None)
         if v is not None:
             over.setdefault(section, {})[attr] = v
+    if {"backend", "precision"} & set(over.get("model", {})):
+        over["model"]["auto"] = False  # named on the command line: the serving.json pin is not read
     if getattr(a, "triton", False):
         over.setdefault("model", {})["triton_kernels"] = True
     if getattr(a, "name", None):

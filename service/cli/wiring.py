@@ -72,6 +72,9 @@ def build_local_queue(settings: Settings):
     from ..queue.local import LocalQueue
 
     def build(s: Settings, weights_sha256=None):  # -> (engine, info): in this process, or in one of its own
+        # the loader resolves the model's backend x precision in place (runtime/choose.py: pin or default): on a
+        # copy, so that every directory loaded later (repo, admin API) is chosen for itself
+        s = s.model_copy(update={"model": s.model.model_copy()})
         if not s.engine.isolated:
             return build_engine(s, weights_sha256)
         from ..engine.host import ProcessHost  # the engine process builds it (engine/process.py)

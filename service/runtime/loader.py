@@ -83,9 +83,14 @@ def serving_model(ms: ModelSettings, weights_sha256: str | None = None) -> World
 def prepare(ms: ModelSettings, weights_sha256: str | None = None) -> WorldModel:
     """The serving model: weights loaded, then the backend and precision applied to it.
 
+    With ms.auto (neither backend nor precision named), the model directory's serving.json pin is applied first if it
+    still holds on this machine, else the device default (runtime/choose.py); `ms` is resolved in place (backend,
+    precision, auto off), so the caller's ModelInfo reports what serves.
     An unsupported (device, backend, precision) stops here, before anything is loaded (support.py).
     `weights_sha256`: an operator's pin of the weights file (load_model).
     """
+    if ms.auto:
+        apply_choice(ms)
     model = serving_model(ms, weights_sha256)
     if ms.backend == "compile":
         from .compiled import compile_model
@@ -101,3 +106,31 @@ def prepare(ms: ModelSettings, weights_sha256: str | None = None) -> WorldModel:
         model = TrtWorldModel.build(model, ms, defer=True)  # profiles for every bucket up to the cache's slots
     torch.set_grad_enabled(False)
     return model
+
+
+def choose_config(ms: ModelSettings, features: set[str] | None = None):
+    """runtime/choose.choose with its quick gate: the pinned precision vs fp32 (both eager) on a few frames."""
+    from .choose import choose
+
+    return choose(ms, _quick_gate, features)
+
+
+def _quick_gate(ms: ModelSettings, pin: dict) -> str | None:
+    from .choose import gate_problem, quick_parity
+    from .support import model_problem
+
+    ref = load_model(ms.model_copy(update={"backend": "eager", "precision": "fp32"}))
+    why = model_problem(ref, ms.model_copy(update={"backend": pin["backend"], "precision": pin["precision"]}))
+    if why:
+        return f"cannot serve here: {why}"
+    return gate_problem(quick_parity(ref, with_precision(ref, pin["precision"], copy=True)), pin.get("quick_gate"))
+
+
+def apply_choice(ms: ModelSettings):
+    """Resolve `ms` in place (backend, precision; auto off: choose_config) and log what serves and why; prepare calls
+    it, so that whoever built the engine reports what it serves (ModelInfo.backend / precision)."""
+    c = choose_config(ms)
+    name = ms.preset or ms.dir.name
+    (log.warning if "refused" in c.why else log.info)(c.line(name))
+    ms.backend, ms.precision, ms.auto = c.backend, c.precision, False
+    return c
