@@ -1,11 +1,14 @@
 """Where an engine step's time goes, outside the model: host overhead and the sampler's share.
 
-    .venv/bin/python -m bench.engine_overhead [--rows 64] [--presets tiny base] [--batches 16 64]
+    .venv/bin/python -m bench.engine_overhead [--rows 64] [--presets tiny base] [--batches 16 64] [--ab REV]
 
 1. Host overhead: the engine with the model's compute removed (a model whose step / decode return preallocated
-   outputs), `Engine.step()` at --rows active rows: scheduling, input tensors, sampling of a 16-entry vocabulary,
-   the one device->host copy, event building and the one emit per step. Target: <= 1 ms per step at 64 rows
-   (greedy rows; at temperature 1 the sampler's own draws for rows x 64 tokens are added and shown apart).
+   outputs), `Engine.step()` at --rows active rows: scheduling, the packed inputs, sampling of a 16-entry
+   vocabulary, the frames' confidence, the one device->host copy, event building and the one emit per step.
+   Target (issue 21): <= 0.5 ms per step at 64 rows (greedy rows; at temperature 1 the sampler's own draws for
+   rows x 64 tokens are added and shown apart). --ab REV: the same figures for the engine at git revision REV and
+   for the working tree, in alternating subprocesses (--rounds of each, the fastest kept): before / after in one
+   run, on a machine whose load moves between runs.
 2. Sampler share: on each preset (random weights at the preset's scale), the bare `model.step` at each batch vs
    the engine's sampler over its logits at temperature 0 and 1, and the share sampling takes of step + sampling.
    Target: <= 5 % on `base` at batch 16 and 64.
@@ -17,7 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +42,8 @@ from worldserve.runtime.batch import Sampler
 from worldserve.settings import EngineSettings
 
 REPORT = Path(__file__).resolve().parent / "reports" / "engine_overhead.md"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = [(FrameMode.NONE, 0.0), (FrameMode.NONE, 1.0), (FrameMode.ALL, 0.0), (FrameMode.ALL, 1.0)]
 
 
 class NullModel:
@@ -87,6 +99,43 @@ def host_overhead(rows: int, frames: FrameMode, temperature: float, steps: int =
     for _ in range(steps):
         eng.step()
     return (time.perf_counter() - t0) / steps * 1e3
+
+
+def tree_at(rev: str) -> Path:
+    """service/ and bench/ at git revision `rev`, importable as `worldserve` from <dir>/pkgs (PYTHONPATH first)."""
+    d = Path(tempfile.mkdtemp(prefix="engine_overhead_"))
+    tar = subprocess.run(["git", "archive", rev, "service", "bench"], capture_output=True, check=True, cwd=ROOT).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        t.extractall(d, filter="data")
+    (d / "pkgs").mkdir()
+    (d / "pkgs" / "worldserve").symlink_to(d / "service")
+    return d
+
+
+def host_in(tree: Path | None, rows: int) -> list[float]:
+    """host_overhead for CONFIGS in a fresh process, with the engine of `tree` (None: the working tree)."""
+    code = ("import json, torch; torch.set_num_threads(1); import bench.engine_overhead as eo; "
+            "from worldserve.messages import FrameMode as F; "
+            f"print(json.dumps([eo.host_overhead({rows}, F[m], t) for m, t in {[(m.name, t) for m, t in CONFIGS]}]))")
+    env = {**os.environ, "PYTHONPATH": f"{tree}/pkgs:{tree}" if tree else str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tree or ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def ab(rev: str, rows: int, rounds: int) -> list[str]:
+    tree = tree_at(rev)
+    before, after = [], []
+    for _ in range(rounds):  # alternating: the machine's load hits both alike
+        before.append(host_in(tree, rows))
+        after.append(host_in(None, rows))
+    lines = ["", f"## Host overhead, {rev} vs the working tree (alternating processes, fastest of {rounds})", "",
+             f"| rows | frames | temperature | {rev} ms | now ms | now / {rev} |", "|---|---|---|---|---|---|"]
+    for i, (fm, t) in enumerate(CONFIGS):
+        b, a = min(r[i] for r in before), min(r[i] for r in after)
+        lines.append(f"| {rows} | {fm.name.lower()} | {t:g} | {b:.3f} | {a:.3f} | {a / b:.2f} |")
+        print(lines[-1], flush=True)
+    return lines
 
 
 def _median_ms(fn, reps: int) -> float:
@@ -147,23 +196,26 @@ def main() -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[16, 64])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--before", default="", help="also time the sampler of this git revision (e.g. 73ad6a3)")
+    p.add_argument("--ab", default="", help="also the host overhead of the engine at this git revision, alternating")
+    p.add_argument("--rounds", type=int, default=3)
     a = p.parse_args()
     before = sampler_at(a.before) if a.before else None
     torch.set_num_threads(1)
     lines = ["# Engine overhead (one run, one thread)", "",
              f"Command: `python -m bench.engine_overhead --rows {a.rows} --presets {' '.join(a.presets)} "
              f"--batches {' '.join(map(str, a.batches))} --reps {a.reps}"
-             + (f" --before {a.before}" if a.before else "")
+             + (f" --before {a.before}" if a.before else "") + (f" --ab {a.ab} --rounds {a.rounds}" if a.ab else "")
              + f"` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", "",
              "## Host overhead per engine step, model compute removed", "",
              "Temperature 0: greedy rows (argmax of a 16-entry vocabulary). Temperature 1: the sampler draws for",
              "rows x 64 tokens, its own cost at a tiny vocabulary.", "",
              "| rows | frames | temperature | ms / step |", "|---|---|---|---|"]
-    for fm in (FrameMode.NONE, FrameMode.ALL):
-        for t in (0.0, 1.0):
-            ms = host_overhead(a.rows, fm, t)
-            lines.append(f"| {a.rows} | {fm.name.lower()} | {t:g} | {ms:.3f} |")
-            print(lines[-1], flush=True)
+    for fm, t in CONFIGS:
+        ms = host_overhead(a.rows, fm, t)
+        lines.append(f"| {a.rows} | {fm.name.lower()} | {t:g} | {ms:.3f} |")
+        print(lines[-1], flush=True)
+    if a.ab:
+        lines += ab(a.ab, a.rows, a.rounds)
     lines += ["", "## Sampler vs bare model step", "",
               "| preset | batch | vocab | step ms | argmax ms | sampler t=0 ms | share | sampler t=1 ms | share |",
               "|---|---|---|---|---|---|---|---|---|"]
