@@ -83,10 +83,14 @@ def test_session_actions_are_bounded_and_a_cancelled_session_frees_its_slot(stac
     def length() -> int:
         return max([r.xlen(k) for k in r.scan_iter("worldserve:session:*")] or [0])
 
-    time.sleep(3)
-    settled = length()
-    time.sleep(2)
-    assert settled < 1000 and length() - settled < 100, (settled, length())  # only the transport's buffers fill
+    t0, seen = time.time(), [length()]
+    while True:  # the stream stops growing once the transport's buffers are full (slowly on a loaded machine)
+        time.sleep(2)
+        seen.append(length())
+        if seen[-1] - seen[-2] < 100:
+            break
+        assert time.time() - t0 < 30, seen
+    assert seen[-1] < 1000, seen  # unbounded, it grew by ~2,000 entries a second
     # what the service holds is on /metrics: the open session and its delivered, unacknowledged entry
     t0 = time.time()  # (the worker updates both at its heartbeat)
     while (metric_value(stack.metrics_urls, "worldserve_sessions"),
