@@ -20,7 +20,6 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -114,52 +113,14 @@ def prepared(preset: str | None, device: str, backend: str, precision: str, mode
     return prepare(ms)
 
 
-@contextmanager
-def tf32(on: bool):
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@torch.no_grad()
 def lockstep_parity(ref, model, steps: int, batch: int = 4, strict_ref: bool = True) -> dict:
-    """Greedy rollout of `ref`; `model` (any device / precision / backend) is fed the same tokens. `ref` runs with
-    TF32 off (strict fp32) when strict_ref. -> token agreement, max |logit diff|, decoded-frame PSNR (dB)."""
-    from worldserve.model.dynamics import advance
-    from worldserve.model.quality import psnr
+    """Greedy rollout of `ref`; `model` (any device / precision / backend) is fed the same tokens, through the one
+    lockstep loop (worldserve.runtime.parity). `ref` runs with TF32 off (strict fp32) when strict_ref.
+    -> token agreement, max |logit diff|, decoded-frame PSNR (dB)."""
+    from worldserve.runtime.parity import parity
 
-    cfg = ref.cfg
-    g = torch.Generator().manual_seed(0)
-    frames = torch.randint(0, 256, (batch * 2, cfg.height, cfg.width, 3), dtype=torch.uint8, generator=g)
-    d_ref, d_mod = ref.device, model.device
-    with tf32(not strict_ref):
-        tokens = ref.encode(frames.to(d_ref)).view(batch, 2, -1)  # int64 [B, 2, N]
-    acts, known = ref.unknown_actions(batch, 1, "cpu")
-    caches = []
-    for m, d in ((ref, d_ref), (model, d_mod)):
-        c = m.allocate_cache(batch)
-        m.prefill(c, torch.arange(batch, device=d), tokens.to(d), acts.to(d),
-                  None if known is None else known.to(d))
-        caches.append(c)
-    agree, diff, mse = [], 0.0, []
-    for _ in range(steps):
-        a = (torch.rand(batch, cfg.action_dim, generator=g) * 2 - 1 if cfg.continuous
-             else torch.randint(0, cfg.n_actions, (batch,), generator=g))
-        with tf32(not strict_ref):
-            l_ref = ref.step(caches[0], torch.arange(batch, device=d_ref), a.to(d_ref))[0].float().cpu()
-        l_mod = model.step(caches[1], torch.arange(batch, device=d_mod), a.to(d_mod))[0].float().cpu()  # [B, N, V]
-        nxt = l_ref.argmax(-1)  # int64 [B, N]
-        agree.append(float((l_mod.argmax(-1) == nxt).float().mean()))
-        diff = max(diff, float((l_mod - l_ref).abs().max()))
-        with tf32(not strict_ref):
-            f_ref = ref.decode(nxt.to(d_ref)).float().cpu()
-        mse.append(float(((model.decode(nxt.to(d_mod)).float().cpu() - f_ref) ** 2).mean()))
-        advance(caches[0], torch.arange(batch, device=d_ref), nxt.to(d_ref))
-        advance(caches[1], torch.arange(batch, device=d_mod), nxt.to(d_mod))
-    return {"token_agreement": float(np.mean(agree)), "max_logit_diff": diff, "psnr_db": psnr(float(np.mean(mse)))}
+    r = parity(ref, model, steps, batch, strict_ref=strict_ref)
+    return {"token_agreement": r["token_agreement"], "max_logit_diff": r["max_logit_diff"], "psnr_db": r["frame_psnr"]}
 
 
 def served_configs(device: str, quick: bool) -> list[tuple[str, str]]:
