@@ -64,27 +64,30 @@ def _requests(spec, rows: int, horizon: int, tag: str):
             for i in range(rows)]
 
 
-def time_engines(models: dict, rows_list: list[int], horizon: int, rounds: int, say) -> dict:
+def time_engines(models: dict, rows_list: list[int], horizon: int, rounds: int, say) -> tuple[dict, dict]:
     """frames/s per (candidate, rows): each round runs `rows` one-candidate rollouts of `horizon` frames (every frame
-    decoded) on every candidate's engine in turn. -> {(key, rows): [frames/s per round]}."""
+    decoded) on every candidate's engine in turn. -> ({(key, rows): [frames/s per round]}, {(key, rows): seconds of
+    the bucket's first rollout (compile traces there)})."""
     from ..engine.engine import Engine, complete
     from ..runtime.batch import Sampler
     from ..settings import EngineSettings
 
     out: dict = {}
+    warm: dict = {}
     for rows in rows_list:
         engines = {k: Engine(m, EngineSettings(max_slots=rows, max_candidates=1, max_queue=rows), sampler=Sampler())
                    for k, m in models.items()}
         for k, e in engines.items():  # warm-up: the bucket's first step (compile traces here)
             t0 = time.perf_counter()
             complete(e, _requests(e.spec, rows, 2, "warm"))
-            say(f"  warm-up {k} at {rows} rows: {time.perf_counter() - t0:.1f} s")
+            warm[(k, rows)] = time.perf_counter() - t0
+            say(f"  warm-up {k} at {rows} rows: {warm[(k, rows)]:.1f} s")
         for r in range(rounds):
             for k, e in engines.items():
                 t0 = time.perf_counter()
                 complete(e, _requests(e.spec, rows, horizon, f"r{r}"))
                 out.setdefault((k, rows), []).append(rows * horizon / (time.perf_counter() - t0))
-    return out
+    return out, warm
 
 
 def _median(v: list[float]) -> float:
@@ -99,6 +102,7 @@ def cmd_tune(a, clock) -> None:
     from ..lab.evaluate import evaluate, heldout_episodes
     from ..model.io import WEIGHTS, sha256_file
     from ..model.quality import gate_verdict, passes_gate
+    from ..runtime.batch import buckets
     from ..runtime.choose import QUICK_GATE, gate_problem, machine_features, needs, quick_parity, write_pin
     from ..runtime.loader import load_model, prepare
     from ..settings import ModelSettings, default_precision
@@ -117,57 +121,72 @@ def cmd_tune(a, clock) -> None:
         cands.insert(0, default)
     for s in skipped:
         say(f"skipped {s}")
-    models = {}
+    models, built_s = {}, {}
     for b, p in cands:
         t0 = time.perf_counter()
         models[(b, p)] = prepare(base.model_copy(update={"backend": b, "precision": p}))
-        say(f"built {b} {p} ({time.perf_counter() - t0:.1f} s)")
+        built_s[(b, p)] = time.perf_counter() - t0
+        say(f"built {b} {p} ({built_s[(b, p)]:.1f} s)")
     rows_list = [int(r) for r in a.rows.split(",")]
     say(f"timing {len(models)} candidates at rows {rows_list}, {a.horizon} frames each, {a.rounds} interleaved rounds")
-    fps = time_engines(models, rows_list, a.horizon, a.rounds, say)
+    fps, warm = time_engines(models, rows_list, a.horizon, a.rounds, say)
+    # start-up: `serve` builds the model and warms every bucket up to max_slots (engine/build.py: warmup); estimated
+    # as the build plus the slowest measured first rollout per bucket, beyond what the default costs
+    n_buckets = len(buckets(a.max_slots))
+    startup = {k: built_s[k] + n_buckets * max(warm[(k, r)] for r in rows_list) for k in models}
     env = a.env or _world(ref.spec.name)
     say(f"quality gate: {a.episodes} held-out episodes of {env!r}")
     eps = heldout_episodes(a.episodes, env=env)
     ref_eval = evaluate(ref, eps)
     table, rows_out = [], []
     for k, m in models.items():
-        gate_ok = passes_gate(ref_eval.model_psnr, (res := evaluate(m, eps) if k != ("eager", "fp32") else ref_eval)
-                              .model_psnr)
-        verdict = gate_verdict(ref_eval.model_psnr, res.model_psnr, f"{k[0]} {k[1]}")
+        extra_s = startup[k] - startup[default]
+        if extra_s > a.startup_budget_s:  # out already: its gate is not worth the minutes (compile traces again)
+            res, gate_ok, verdict = None, False, f"not run: start-up {extra_s:+.0f} s over the default"
+        else:
+            res = evaluate(m, eps) if k != ("eager", "fp32") else ref_eval
+            gate_ok = passes_gate(ref_eval.model_psnr, res.model_psnr)
+            verdict = gate_verdict(ref_eval.model_psnr, res.model_psnr, f"{k[0]} {k[1]}")
+        step8 = res.model_psnr[8] if res else float("nan")
         quick = quick_parity(ref, models.get(("eager", k[1]), m))
         quick_why = gate_problem(quick, QUICK_GATE)
         med = {r: _median(fps[(k, r)]) for r in rows_list}
         ratio = {r: med[r] / _median(fps[(default, r)]) for r in rows_list}
         geo = math.exp(sum(math.log(v) for v in ratio.values()) / len(ratio))
         row = {"backend": k[0], "precision": k[1], "frames_per_s": {str(r): round(med[r], 2) for r in rows_list},
+               "startup_extra_s": round(extra_s, 1), "startup_ok": extra_s <= a.startup_budget_s,
                "vs_default": {str(r): round(ratio[r], 3) for r in rows_list}, "geomean_vs_default": round(geo, 3),
-               "gate": verdict, "gate_pass": gate_ok, "psnr_step8_db": round(res.model_psnr[8], 2),
+               "gate": verdict, "gate_pass": gate_ok, "psnr_step8_db": None if res is None else round(step8, 2),
                "quick": {k2: round(v, 4) for k2, v in quick.items()}, "quick_pass": quick_why is None}
         rows_out.append(row)
         table.append(f"| {k[0]} | {k[1]} | " + " | ".join(f"{med[r]:.1f} ({ratio[r]:.2f}x)" for r in rows_list) +
-                     f" | {geo:.2f}x | {'PASS' if gate_ok else 'FAIL'} ({res.model_psnr[8]:.2f} dB) | " +
+                     f" | {geo:.2f}x | {extra_s:+.0f} s | {'PASS' if gate_ok else 'FAIL'} "
+                     f"({step8:.2f} dB) | " +
                      (f"{100 * quick['token_agreement']:.1f}% / " if "token_agreement" in quick else "") +
                      f"{quick['frame_psnr']:.1f} dB |")
-    ok = [r for r in rows_out if r["gate_pass"] and r["quick_pass"]]
+    ok = [r for r in rows_out if r["gate_pass"] and r["quick_pass"] and r["startup_ok"]]
     best = max(ok, key=lambda r: r["geomean_vs_default"], default=None)
     if best is None or best["geomean_vs_default"] < a.margin:
         win = next(r for r in rows_out if (r["backend"], r["precision"]) == default)
-        why = (f"tune {datetime.date.today()}: no candidate passing the gate beat eager {default[1]} by "
+        why = (f"tune {datetime.date.today()}: no candidate passing the gate within the start-up budget beat eager "
+               f"{default[1]} by "
                f"{a.margin:g}x (best: {best['backend']} {best['precision']} {best['geomean_vs_default']:.2f}x)"
                if best else f"tune {datetime.date.today()}: no candidate passed the gate")
     else:
         win = best
         why = (f"tune {datetime.date.today()}: {win['backend']} {win['precision']} {win['geomean_vs_default']:.2f}x "
-               f"eager {default[1]}'s frames/s (geomean over rows {rows_list}), gate PASS")
+               f"eager {default[1]}'s frames/s (geomean over rows {rows_list}), gate PASS, start-up "
+               f"{win['startup_extra_s']:+.0f} s")
     header = ("| backend | precision | " + " | ".join(f"frames/s @ {r} rows" for r in rows_list) +
-              " | geomean | gate (step-8 PSNR) | quick gate (tokens / frames vs fp32) |\n|---|---|" +
-              "---:|" * len(rows_list) + "---:|---|---|")
+              " | geomean | start-up vs default | gate (step-8 PSNR) | quick gate (tokens / frames vs fp32) |\n"
+              "|---|---|" + "---:|" * len(rows_list) + "---:|---:|---|---|")
     print("\n" + header + "\n" + "\n".join(table) + "\n", flush=True)
     pin = {"backend": win["backend"], "precision": win["precision"],
            "needs": needs(a.device, win["backend"], win["precision"]),
            "weights_sha256": sha256_file(mdir / WEIGHTS), "quick_gate": QUICK_GATE, "why": why,
            "measured": {"command": f"worldserve tune {a.model_dir} --device {a.device} --rows {a.rows} --horizon "
-                                   f"{a.horizon} --rounds {a.rounds} --episodes {a.episodes} --threads {a.threads}",
+                                   f"{a.horizon} --rounds {a.rounds} --episodes {a.episodes} --threads {a.threads} "
+                                   f"--startup-budget-s {a.startup_budget_s:g}",
                         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                         "machine": {"cpu": platform.processor() or platform.machine(), "features": sorted(features),
                                     "torch": torch.__version__, "threads": a.threads},
@@ -200,6 +219,10 @@ def add_command(sub, clock) -> None:
     t.add_argument("--only", help="candidates to measure, e.g. eager:fp32,eager:bf16 (default: all supported)")
     t.add_argument("--margin", type=float, default=1.1, help="a candidate must beat the device default by this "
                    "factor (geomean) to be pinned")
+    t.add_argument("--startup-budget-s", type=float, default=30.0, help="most extra start-up seconds (build + "
+                   "warm-up of every bucket, estimated) a candidate may cost over the default: `serve` must start fast")
+    t.add_argument("--max-slots", type=int, default=64, help="the serving engine's max_slots (its buckets are warmed "
+                   "up at start-up)")
     t.add_argument("--artifact-dir", default="artifacts")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--dry-run", action="store_true", help="print the table and the choice, write nothing")
