@@ -259,9 +259,10 @@ class Engine:
             elif c.req.session:
                 if c.job.actions:
                     rows.append(Row(c, 0, c.slots[0], c.job.actions.popleft()))
-            else:
-                rows.extend(Row(c, c.k0 + i, s, c.req.actions[c.k0 + i, c.step]) for i, s in enumerate(c.slots)
-                            if s >= 0)
+            else:  # the chunk's actions at this step in one slice: int per row | float32 [A] per row
+                acts = c.req.actions[c.k0 : c.k0 + len(c.slots), c.step]
+                acts = acts.tolist() if acts.ndim == 1 else list(acts)
+                rows.extend([Row(c, c.k0 + i, s, acts[i]) for i, s in enumerate(c.slots) if s >= 0])
         return rows
 
     def _guarded(self, rows: list[Row]) -> None:

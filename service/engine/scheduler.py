@@ -126,7 +126,7 @@ class Chunk:
         return sum(s >= 0 for s in self.slots)
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     """One slot's work in this step."""
 
