@@ -37,12 +37,16 @@ from tests.conftest import MODEL_DIR, free_port, start_server  # noqa: E402
 
 
 class Peer:
-    def __init__(self, log: Path, model_args: tuple[str, ...], max_batch: int, batch_timeout: float):
-        self.port = free_port()
+    """A peer server as a subprocess: "litserve" (bench/peer_litserve.py) or "ray" (bench/peer_rayserve.py)."""
+
+    def __init__(self, log: Path, model_args: tuple[str, ...], max_batch: int, batch_timeout: float,
+                 kind: str = "litserve"):
+        self.port, self.kind = free_port(), kind
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        module = {"litserve": "bench.peer_litserve", "ray": "bench.peer_rayserve"}[kind]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.peer_litserve", *model_args, "--port", str(self.port),
+            [sys.executable, "-m", module, *model_args, "--port", str(self.port),
              "--max-batch-size", str(max_batch), "--batch-timeout", str(batch_timeout)],
             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)  # noqa: SIM115
         t0 = time.time()
@@ -66,6 +70,8 @@ class Peer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
                 self.proc.wait()
+        if self.kind == "ray":  # Ray's own daemons (GCS, raylet) outlive the driver's process group
+            subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
 
 
 def model_facts(a) -> dict:
@@ -112,7 +118,7 @@ def ratio_rows(rows: list[dict]) -> list[dict]:
         k[0]), k[1]))
     for wl, n in keys:
         by = {r["system"]: r for r in rows if r["workload"] == wl and r["clients"] == n}
-        for ps in ("peer-http", "peer-b1"):
+        for ps in ("peer-http", "peer-ray", "peer-b1"):
             peer = by.get(ps)
             for s in ("ours-grpc", "ours-rest"):
                 if s in by and peer:
@@ -143,7 +149,9 @@ def summary(rows: list[dict]) -> list[str]:
 
 
 def report(tag: str, a, facts: dict, check: dict, rows: list[dict], ratios: list[dict], meta: dict) -> str:
-    md = [f"## worldserve vs LitServe peer — {tag}", "",
+    ray = (f" Ray Serve {meta['ray']} (peer-ray): the same model code and contract, one replica, @serve.batch with the "
+           "same batch size and timeout." if meta.get("ray") else "")
+    md = [f"## worldserve vs LitServe{' and Ray Serve' if ray else ''} peers — {tag}", "",
           f"Measured {meta['time']} UTC, commit {meta['commit']}, {meta['cores']} cores shared with other agents "
           f"(load average at start {meta['load_start']:.2f}, at end {meta['load_end']:.2f}); one run, systems "
           f"interleaved per point ({a.rounds} rounds, order rotated, samples pooled): read the ratios, not the "
@@ -151,7 +159,7 @@ def report(tag: str, a, facts: dict, check: dict, rows: list[dict], ratios: list
           f"Command: `{meta['command']}`", "",
           f"worldserve: `worldserve serve` (embedded, in-process queue), --max-slots {a.max_slots}, 1 torch thread. "
           f"Peer: LitServe {meta['litserve']}, 1 worker, max_batch_size={a.peer_max_batch}, "
-          f"batch_timeout={a.peer_batch_timeout}s (peer-b1: batching off), 1 torch thread, JSON + base64 PNG. "
+          f"batch_timeout={a.peer_batch_timeout}s (peer-b1: batching off), 1 torch thread, JSON + base64 PNG.{ray} "
           "Same weights "
           f"({facts['name']}), greedy (argmax) unless T is given.", "",
           "### Same greedy output (peer as reference)", "",
@@ -180,6 +188,12 @@ def report(tag: str, a, facts: dict, check: dict, rows: list[dict], ratios: list
     return "\n".join(md) + "\n"
 
 
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default=str(MODEL_DIR))
@@ -197,6 +211,9 @@ def main(argv=None) -> None:
     p.add_argument("--peer-max-batch", type=int, default=16)
     p.add_argument("--peer-batch-timeout", type=float, default=0.01)
     p.add_argument("--peer-unbatched", action="store_true", help="also the peer with batching off (peer-b1)")
+    p.add_argument("--ray", action="store_true", help="also Ray Serve as a peer (peer-ray; pip install 'ray[serve]')")
+    p.add_argument("--suite", choices=["issue20"], default=None,
+                   help="issue20: the five workloads W1-W5 at their client counts (replaces --planner/--player-*)")
     p.add_argument("--tag", default=None)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rerender", metavar="JSON", help="only rewrite the report from a saved bench/out/peer-*.json")
@@ -232,6 +249,14 @@ def main(argv=None) -> None:
         k, h = map(int, a.planner.split(",")[0].split("x"))
         workloads.append((Workload("planner", k, h, temperature=a.planner_temperature), a.planner_clients))
     workloads.append((Workload("player", h=a.player_steps, frames="all"), a.player_clients))
+    if a.suite == "issue20":  # issue 20's table: what planners, players and RL users send
+        workloads = [
+            (Workload("planner", 1, 16, h_min=4, tag="W1"), "64"),  # many users, mixed horizons, latent only
+            (Workload("planner", 1, 16, frames="all", tag="W2"), "64"),  # raw frames every step
+            (Workload("planner", 32, 12, tag="W3"), "4"),  # an MPC tick: K=32 candidates
+            (Workload("player", h=a.player_steps, frames="all", tag="W4"), "32"),  # players, one action a time
+            (Workload("cem", 64, 16, stop_on_done=True, tag="W5"), "8"),  # the real CEM planner's iterations
+        ]
     ctx = context_frames(8)
     load_start = os.getloadavg()[0]
     srv = start_server(logs, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024")
@@ -239,9 +264,14 @@ def main(argv=None) -> None:
     try:
         peers.append(Peer(logs / f"peer-{tag}.log", model_args, a.peer_max_batch, a.peer_batch_timeout))
         targets = {"ours-grpc": srv.grpc, "ours-rest": srv.http, "peer-http": peers[0].url}
+        if a.ray:
+            peers.append(Peer(logs / f"peer-ray-{tag}.log", model_args, a.peer_max_batch, a.peer_batch_timeout,
+                              kind="ray"))
+            targets["peer-ray"] = peers[-1].url
+            systems.append("peer-ray")
         if a.peer_unbatched:
             peers.append(Peer(logs / f"peer-b1-{tag}.log", model_args, 1, 0.0))
-            targets["peer-b1"] = peers[1].url
+            targets["peer-b1"] = peers[-1].url
             systems.append("peer-b1")
         targets = {s: t for s, t in targets.items() if s in systems or s == "peer-http"}
         check = correctness(targets, model, ctx, window, actions)
@@ -249,7 +279,7 @@ def main(argv=None) -> None:
         rows = []
         for w, clients in workloads:
             for n in [int(x) for x in clients.split(",")]:
-                if w.name == "planner" and n * w.k > 2 * a.max_slots:  # keeps a point within a few minutes
+                if not a.suite and w.name == "planner" and n * w.k > 2 * a.max_slots:  # a point within minutes
                     continue
                 got: dict[str, list] = {s: [] for s in systems}
                 for rnd in range(a.rounds):  # systems in a rotated order each round
@@ -268,6 +298,7 @@ def main(argv=None) -> None:
 
     meta = {"time": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cores": os.cpu_count(),
             "load_start": load_start, "load_end": os.getloadavg()[0], "litserve": litserve.__version__,
+            "ray": _ray_version() if a.ray else None,
             "command": "python -m bench.peer_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                      cwd=ROOT).stdout.strip()}

@@ -20,7 +20,9 @@ from bench.peer_litserve import from_png_b64, png_b64
 from worldserve.client.client import GrpcClient, RestClient
 from worldserve.client.client import plain as _plain
 
-SYSTEMS = ("ours-grpc", "ours-rest", "peer-http")  # + "peer-b1": the peer without LitServe batching
+# peer-http: LitServe (bench/peer_litserve.py); peer-ray: Ray Serve (bench/peer_rayserve.py), the same model code
+# and HTTP contract; + "peer-b1": LitServe without batching
+SYSTEMS = ("ours-grpc", "ours-rest", "peer-http")
 
 
 class PeerClient:
@@ -51,8 +53,11 @@ def make_client(system: str, target: str):
     return PeerClient(target)
 
 
-def rollout(system: str, c, model: str, ctx, cands, frames: str, seed: int = 0, temperature: float = 0.0):
-    """One planner request. Returns (rewards [K, H], dones [K, H], frames {(k, t): uint8 [H, W, 3]})."""
+def rollout(system: str, c, model: str, ctx, cands, frames: str, seed: int = 0, temperature: float = 0.0,
+            stop_on_done: bool = False):
+    """One planner request. Returns (rewards [K, H], dones [K, H], frames {(k, t): uint8 [H, W, 3]}).
+    stop_on_done: worldserve stops a candidate's rows at a predicted episode end (the peers compute every step;
+    a planner's score ignores the steps after an end either way)."""
     k, h = len(cands), len(cands[0])
     rew, done, fr = np.zeros((k, h)), np.zeros((k, h)), {}
     if system.startswith("peer"):
@@ -62,7 +67,8 @@ def rollout(system: str, c, model: str, ctx, cands, frames: str, seed: int = 0, 
             for i, t in enumerate(steps):
                 fr[(j, t)] = d["frames"][j][i]
         return np.asarray(d["rewards"]), np.asarray(d["dones"]), fr
-    for ev in c.rollout(model, ctx, cands, frames=frames, seed=seed, temperature=temperature):
+    for ev in c.rollout(model, ctx, cands, frames=frames, seed=seed, temperature=temperature,
+                        stop_on_done=stop_on_done):
         rew[ev.candidate, ev.step], done[ev.candidate, ev.step] = ev.reward, ev.done
         if ev.frame is not None:
             fr[(ev.candidate, ev.step)] = ev.frame
@@ -101,19 +107,26 @@ class Player:
 
 @dataclass
 class Workload:
-    name: str  # "planner" | "player"
-    k: int = 1  # candidates (planner)
-    h: int = 8  # horizon (planner) or steps per session (player)
+    name: str  # "planner" | "player" | "cem" (the real CEM planner's successive iterations, lab/plan.py)
+    k: int = 1  # candidates (planner, cem)
+    h: int = 8  # horizon (planner, cem) or steps per session (player)
     context: int = 4  # context frames a planner sends
     frames: str = "none"
     temperature: float = 0.0
+    h_min: int = 0  # > 0: each request's horizon drawn uniformly from h_min..h (mixed horizons)
+    stop_on_done: bool = False  # worldserve only: stop a candidate at its predicted end
+    tag: str = ""  # e.g. "W1"
 
     @property
     def label(self) -> str:
+        pre = f"{self.tag} " if self.tag else ""
         if self.name == "player":
-            return f"player: session of {self.h} single steps, frame each step"
+            return f"{pre}player: session of {self.h} single steps, frame each step"
         t = f", T={self.temperature:g}" if self.temperature else ""
-        return f"planner: K={self.k} x H={self.h}, {self.context} context frames, frames={self.frames}{t}"
+        h = f"{self.h_min}-{self.h} mixed" if self.h_min else f"{self.h}"
+        stop = ", stop at done" if self.stop_on_done else ""
+        kind = "CEM planner ticks" if self.name == "cem" else "planner"
+        return f"{pre}{kind}: K={self.k} x H={h}, {self.context} context frames, frames={self.frames}{t}{stop}"
 
 
 def run_point(system: str, target: str, model: str, w: Workload, n: int, duration: float, min_iters: int,
@@ -125,14 +138,26 @@ def run_point(system: str, target: str, model: str, w: Workload, n: int, duratio
     def client(i):
         c = make_client(system, target)
         it = 0
+        rng = np.random.default_rng(i)
+        cem = None
+        if w.name == "cem":
+            from worldserve.lab.plan import CEMPlanner, PlanConfig, score
+
+            cfg = PlanConfig(candidates=w.k, horizon=w.h, seed=i)
+            cem = CEMPlanner(cfg, seed=i)
         try:
             while time.time() < stop or it < min_iters:
-                if w.name == "planner":
-                    cands = [actions(i, it * 1000 + j, w.h) for j in range(w.k)]
+                if w.name in ("planner", "cem"):
+                    h = int(rng.integers(w.h_min, w.h + 1)) if w.h_min else w.h
+                    cands = (cem.propose().tolist() if cem is not None
+                             else [actions(i, it * 1000 + j, h) for j in range(w.k)])
                     t0 = time.perf_counter()
-                    rollout(system, c, model, ctx[-w.context:], cands, w.frames, seed=i, temperature=w.temperature)
+                    rew, done, _ = rollout(system, c, model, ctx[-w.context:], cands, w.frames, seed=i,
+                                           temperature=w.temperature, stop_on_done=w.stop_on_done)
                     lat.append(time.perf_counter() - t0)
-                    counts[i] += w.k * w.h
+                    if cem is not None:  # the planner's next iteration depends on this one's answer
+                        cem.update(np.asarray(cands), score(rew, done, cfg))
+                    counts[i] += w.k * h
                 else:
                     p = Player(system, c, model, ctx[-1], window)
                     try:
