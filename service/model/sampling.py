@@ -27,6 +27,7 @@ import torch
 M32 = 0xFFFFFFFF
 BLOCK = 512  # vocabulary entries per block of the two-level scan (the Triton kernel uses the same)
 CHUNK_BYTES = 1 << 21  # float32 scratch per chunk of rows: stays in cache
+GPU_CHUNK_BYTES = 1 << 28  # on a GPU: few chunks (each one is kernel launches), 256 MB of scratch at most
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +89,9 @@ def block_size(vocab: int) -> int:
     return min(BLOCK, 1 << max(0, (vocab - 1).bit_length()))
 
 
-def chunk_rows(vocab: int) -> int:
-    # rows per chunk: the float32 scratch of a chunk stays near CHUNK_BYTES
-    return max(1, CHUNK_BYTES // (4 * vocab))
+def chunk_rows(vocab: int, budget: int = CHUNK_BYTES) -> int:
+    # rows per chunk: the float32 scratch of a chunk stays near `budget` bytes
+    return max(1, budget // (4 * vocab))
 
 
 def _sample_rows(flat: torch.Tensor, sel: torch.Tensor, t: torch.Tensor, u: torch.Tensor,
@@ -168,7 +169,7 @@ def _sample_all(logits, temperature, seed, candidate, step, draw):
     t = temperature.float().clamp(min=1e-6).repeat_interleave(n)  # [B * N]
     flat = logits.reshape(b * n, v)
     idx = torch.arange(b * n, device=logits.device)
-    size = chunk_rows(v)
+    size = chunk_rows(v, GPU_CHUNK_BYTES)
     nb_bs = -(-v // block_size(v)) * block_size(v)
     scratch = torch.zeros(min(size, b * n), nb_bs, dtype=torch.float32, device=logits.device)
     got = torch.empty(b * n, dtype=torch.int64, device=logits.device)
@@ -186,7 +187,7 @@ def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, temperature: to
     On the device, no host read (part of the step's one packed copy); rows in chunks that bound the float32 scratch."""
     b, n, v = logits.shape
     inv_t = torch.where(temperature > 0, temperature.float(), 1.0).reciprocal()[:, None, None]  # [B, 1, 1]
-    rows = max(1, CHUNK_BYTES // (4 * n * v))
+    rows = max(1, (GPU_CHUNK_BYTES // 2 if logits.is_cuda else CHUNK_BYTES) // (4 * n * v))  # 2 fp32 temporaries
     out = []
     for i in range(0, b, rows):
         logp = torch.log_softmax(logits[i : i + rows].float() * inv_t[i : i + rows], -1)  # [R, N, V]
