@@ -33,20 +33,22 @@ _DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.float32,
            np.dtype(np.bool_): torch.bool}
 
 
-def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(arrays: dict[str, np.ndarray], device: torch.device,
+              packed: bool | None = None) -> dict[str, torch.Tensor]:
     """Host arrays (int64, float32, uint8, bool) -> device tensors of the same shapes, through one byte buffer and
-    one copy (on the CPU the arrays themselves, shared: nothing to copy)."""
-    if device.type != "cuda":
+    one copy (on the CPU the arrays themselves, shared: nothing to copy; packed=True packs there too, tested)."""
+    cuda = device.type == "cuda"
+    if not (cuda if packed is None else packed):
         return {name: torch.from_numpy(a) for name, a in arrays.items()}
     layout, off = [], 0
     for name, a in arrays.items():
         layout.append((name, a, off))
         off += -(-a.nbytes // _ALIGN) * _ALIGN
-    host = torch.empty(max(off, _ALIGN), dtype=torch.uint8, pin_memory=True)
+    host = torch.empty(max(off, _ALIGN), dtype=torch.uint8, pin_memory=cuda)
     hb = host.numpy()
     for _, a, o in layout:
         hb[o : o + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    dev = host.to(device, non_blocking=True)  # the step's one host -> device copy
+    dev = host.to(device, non_blocking=True) if cuda else host  # the step's one host -> device copy
     return {name: dev[o : o + a.nbytes].view(_DTYPES[a.dtype]).view(a.shape) for name, a, o in layout}
 
 

@@ -119,29 +119,42 @@ def _side_stream(device: torch.device):
 
 
 def to_host(reward: torch.Tensor, done: torch.Tensor, confidence: torch.Tensor | None, tokens: torch.Tensor | None,
-            frames: torch.Tensor | None) -> HostOutputs:
+            frames: torch.Tensor | None, packed: bool | None = None) -> HostOutputs:
     """reward, done, confidence float [b] (confidence may be None); tokens int [b, N] | None; frames uint8
     [F, H, W, 3] | None -> host arrays.
 
     On a GPU everything is packed into one byte buffer on the device and moved in ONE non_blocking copy into pinned
     memory on a side stream, after an event on the compute stream; the host waits on the copy's event only (the
     step's one synchronisation: no pageable copy, no stream synchronize, so set_sync_debug_mode("error") passes).
-    On the CPU the arrays are views, no copy at all.
+    On the CPU the arrays are views, no copy at all (packed=True packs there too: the GPU's layout, tested).
     """
     b = reward.shape[0]
     parts = [reward.float().reshape(b), done.float().reshape(b)]
     if confidence is not None:
         parts.append(confidence.float().reshape(b))
     tok = None if tokens is None else tokens.to(torch.int32).reshape(b, -1)
-    if not reward.is_cuda:
+    if not (reward.is_cuda if packed is None else packed):
         return HostOutputs(parts[0].numpy(), parts[1].numpy(), None if confidence is None else parts[2].numpy(),
                            None if tok is None else tok.numpy(), None if frames is None else frames.numpy())
-    chunks = [torch.cat(parts).view(torch.uint8)]
+    chunks = [torch.cat(parts).view(torch.uint8)]  # float32 [len(parts) * b] as bytes
     if tok is not None:
         chunks.append(tok.reshape(-1).view(torch.uint8))
     if frames is not None:
         chunks.append(frames.reshape(-1))
-    packed = torch.cat(chunks)  # uint8 [bytes] on the device
+    dev = torch.cat(chunks)  # uint8 [bytes] on the device
+    buf = _copy_to_host(dev) if dev.is_cuda else dev.numpy()
+    f32, off = buf[: 4 * len(parts) * b].view(np.float32), 4 * len(parts) * b
+    tok_h = None
+    if tok is not None:
+        tok_h = buf[off : off + tok.numel() * 4].view(np.int32).reshape(tok.shape)
+        off += tok.numel() * 4
+    fr = None if frames is None else buf[off:].reshape(frames.shape)
+    conf = f32[2 * b : 3 * b] if confidence is not None else None
+    return HostOutputs(f32[:b], f32[b : 2 * b], conf, tok_h, fr)
+
+
+def _copy_to_host(packed: torch.Tensor) -> np.ndarray:
+    # uint8 [bytes] on a GPU -> its bytes in pinned host memory: one non_blocking copy on the side stream, one wait
     host = torch.empty(packed.shape, dtype=torch.uint8, pin_memory=True)
     ready = torch.cuda.Event()
     ready.record()  # the compute stream has produced `packed`
@@ -154,12 +167,4 @@ def to_host(reward: torch.Tensor, done: torch.Tensor, confidence: torch.Tensor |
         copied.record(side)
     copied.synchronize()  # the step's one wait: its outputs are on the host
     SYNCS[0] += 1
-    buf = host.numpy()
-    f32, off = buf[: 4 * len(parts) * b].view(np.float32), 4 * len(parts) * b
-    tok_h = None
-    if tok is not None:
-        tok_h = buf[off : off + tok.numel() * 4].view(np.int32).reshape(tok.shape)
-        off += tok.numel() * 4
-    fr = None if frames is None else buf[off:].reshape(frames.shape)
-    conf = f32[2 * b : 3 * b] if confidence is not None else None
-    return HostOutputs(f32[:b], f32[b : 2 * b], conf, tok_h, fr)
+    return host.numpy()
