@@ -10,7 +10,8 @@
    for the working tree, in alternating subprocesses (--rounds of each, the fastest kept): before / after in one
    run, on a machine whose load moves between runs.
 2. Sampler share: on each preset (random weights at the preset's scale), the bare `model.step` at each batch vs
-   the engine's sampler over its logits at temperature 0 and 1, and the share sampling takes of step + sampling.
+   the engine's sampler over its logits at temperature 0 and 1, and the share sampling takes of step + sampling;
+   likewise the frames' confidence (sampling.token_confidence, a log-softmax over the logits).
    Target: <= 5 % on `base` at batch 16 and 64.
 One thread (torch.set_num_threads(1)); every figure of a table comes from one run. Written to
 bench/reports/engine_overhead.md and printed.
@@ -37,6 +38,7 @@ import torch
 from worldserve.engine.engine import Engine
 from worldserve.messages import FrameMode, RolloutRequest
 from worldserve.model.config import PRESETS
+from worldserve.model.sampling import token_confidence
 from worldserve.model.world_model import build, spec_from_config
 from worldserve.runtime.batch import Sampler
 from worldserve.settings import EngineSettings
@@ -186,6 +188,9 @@ def sampler_share(preset: str, batch: int, reps: int, before=None) -> dict:
                             max(1, reps // 2))
             row[f"before_t{t:g}_ms"] = ms
             row[f"before_t{t:g}_share"] = ms / (step_ms + ms)
+    tok = logits.argmax(-1)
+    row["conf_ms"] = _median_ms(lambda: token_confidence(logits, tok, torch.ones(batch)), reps)
+    row["conf_share"] = row["conf_ms"] / (step_ms + row["conf_ms"])
     return row
 
 
@@ -217,13 +222,14 @@ def main() -> None:
     if a.ab:
         lines += ab(a.ab, a.rows, a.rounds)
     lines += ["", "## Sampler vs bare model step", "",
-              "| preset | batch | vocab | step ms | argmax ms | sampler t=0 ms | share | sampler t=1 ms | share |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| preset | batch | vocab | step ms | argmax ms | sampler t=0 ms | share | sampler t=1 ms | share | "
+              "confidence ms | share |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in a.presets:
         for b in a.batches:
             r = sampler_share(preset, b, a.reps, before)
             lines.append(f"| {preset} | {b} | {r['vocab']} | {r['step_ms']:.1f} | {r['argmax_ms']:.1f} | "
-                         f"{r['t0_ms']:.1f} | {r['t0_share']:.1%} | {r['t1_ms']:.1f} | {r['t1_share']:.1%} |")
+                         f"{r['t0_ms']:.1f} | {r['t0_share']:.1%} | {r['t1_ms']:.1f} | {r['t1_share']:.1%} | "
+                         f"{r['conf_ms']:.2f} | {r['conf_share']:.1%} |")
             print(lines[-1], flush=True)
             if before is not None:
                 lines.append(f"| {preset} (sampler at {a.before}) | {b} | {r['vocab']} | {r['step_ms']:.1f} | | "
