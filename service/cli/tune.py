@@ -160,8 +160,8 @@ def cmd_tune(a, clock) -> None:
                "quick": {k2: round(v, 4) for k2, v in quick.items()}, "quick_pass": quick_why is None}
         rows_out.append(row)
         table.append(f"| {k[0]} | {k[1]} | " + " | ".join(f"{med[r]:.1f} ({ratio[r]:.2f}x)" for r in rows_list) +
-                     f" | {geo:.2f}x | {extra_s:+.0f} s | {'PASS' if gate_ok else 'FAIL'} "
-                     f"({step8:.2f} dB) | " +
+                     f" | {geo:.2f}x | {extra_s:+.0f} s | " +
+                     (f"{'PASS' if gate_ok else 'FAIL'} ({step8:.2f} dB) | " if res else "not run (start-up) | ") +
                      (f"{100 * quick['token_agreement']:.1f}% / " if "token_agreement" in quick else "") +
                      f"{quick['frame_psnr']:.1f} dB |")
     ok = [r for r in rows_out if r["gate_pass"] and r["quick_pass"] and r["startup_ok"]]

@@ -201,10 +201,14 @@ def check_trt_precision(precision: str, version: str, flags: set[str], capabilit
 def model_problem(model, ms) -> str | None:
     """Why `model` cannot serve under `ms` (ModelSettings), or None: int8 / fp8 quantize the token model's dynamics
     linears and the compile / ONNX / TensorRT backends trace its tokenizer + dynamics graphs, so a model of another
-    kind (the denoiser, a user's model) serves eager at fp32 / fp16 / bf16 only."""
-    if getattr(model, "dynamics", None) is not None:
-        return None
+    kind (the denoiser, a user's model) serves eager at fp32 / fp16 / bf16 only, and a token model with a frame head
+    (MaskGIT / autoregressive passes: `fill`, which those graphs lack) serves eager at any precision."""
     kind = f"model {model.spec.name!r} ({type(model).__name__}, output {model.spec.output!r})"
+    if getattr(model, "dynamics", None) is not None:
+        if getattr(model, "frame_head", None) is not None and ms.backend != "eager":
+            return f"{kind} decodes its frames in {model.spec.decoding} passes of a frame head; --backend " \
+                f"{ms.backend} builds only the trunk's one-pass step graph: serve this model with --backend eager"
+        return None
     if ms.precision in ("int8", "fp8"):
         return f"{kind}: --precision {ms.precision} quantizes the token model's dynamics; this model has none " \
                "(use fp32, fp16 or bf16)"

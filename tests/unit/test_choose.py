@@ -127,3 +127,15 @@ def test_pins_of_other_devices_are_kept(tmp_path):
     doc = json.loads((d / PIN_FILE).read_text())
     assert set(doc["pins"]) == {"cpu", "cuda"} and doc["pins"]["cuda"]["backend"] == "compile"
     assert read_pin(d, "cpu")["precision"] == "int8"
+
+
+def test_a_frame_head_model_serves_eager_only():
+    """maskgit decodes in passes of a frame head (`fill`), which the compiled / ONNX / TensorRT step graphs lack:
+    refused at start-up by name (it used to fail the engine's first step), so tune never measures it either."""
+    from worldserve.model.io import load_model_dir
+    from worldserve.runtime.support import model_problem
+
+    m = load_model_dir(ROOT / "models" / "maskgit")
+    assert model_problem(m, ModelSettings(backend="eager", precision="bf16")) is None
+    for b in ("compile", "onnxruntime", "tensorrt"):
+        assert "serve this model with --backend eager" in model_problem(m, ModelSettings(backend=b))
