@@ -139,3 +139,16 @@ def test_a_frame_head_model_serves_eager_only():
     assert model_problem(m, ModelSettings(backend="eager", precision="bf16")) is None
     for b in ("compile", "onnxruntime", "tensorrt"):
         assert "serve this model with --backend eager" in model_problem(m, ModelSettings(backend=b))
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "models").glob(f"*/{PIN_FILE}")))
+def test_shipped_pins_are_fresh(name):
+    """A shipped pin names its model's weights (retrained weights without `worldserve tune` would silently serve the
+    default), needs only features `choose.needs` knows, and names a combination that serves on its device type."""
+    from worldserve.runtime.support import problem
+
+    d = ROOT / "models" / name
+    p = read_pin(d, "cpu")
+    assert p["weights_sha256"] == sha256_file(d / WEIGHTS), f"{d / PIN_FILE} is stale: run `worldserve tune {d}`"
+    assert p["needs"] == needs("cpu", p["backend"], p["precision"]) and p["measured"]["rows"]
+    assert problem(ModelSettings(dir=d, backend=p["backend"], precision=p["precision"])) is None
