@@ -5,9 +5,11 @@ One `step()` = schedule -> execute -> update:
   2. retire cancelled / expired requests (their slots free up this step)
   3. admit waiting requests into free slots, fairly between API keys (scheduler.py: weighted fair order, chunks of
      candidates, preemption at the step boundary, session headroom): encode + prefill batched, fork the candidates
-  4. one dynamics step for every slot that has an action (bucketed batch), sample, decode where asked,
-     then ONE device->host copy of everything the step produced
-  5. the step's events, handed over in one batch; free finished requests
+  4. execute (engine/execute.py): the rows' inputs in ONE host->device copy (engine/inputs.py), one dynamics step
+     for every slot that has an action (bucketed batch) or one within-frame pass (engine/frames.py), sample, the
+     frames' confidence, decode where asked, then ONE device->host copy of everything the step produced: no other
+     host read in between (on CUDA one wait a step; engine/syncs.py counts them)
+  5. update: the step's events, handed over in one batch; stops at done; free finished requests
 The engine knows no transport: requests in, each step's `list[RolloutEvent]` out (`step()` returns it;
 `run(emit)` hands it to `emit`; engine/host.py runs that loop in a thread for the queue and the worker).
 Thread-safe entry points: `submit`, `act`, `cancel`.
