@@ -158,7 +158,8 @@ def pin_problem(ms, pin: dict, features: set[str] | None = None) -> str | None:
     if want and w.is_file() and sha256_file(w) != want:
         return f"the pin was measured on other weights (weights_sha256 {want[:12]}…); run `worldserve tune` again"
     have = machine_features(ms.device) if features is None else features
-    lack = missing(pin.get("needs") or needs(ms.device, pin["backend"], pin["precision"]), have)
+    need = pin["needs"] if "needs" in pin else needs(ms.device, pin["backend"], pin["precision"])  # [] = nothing
+    lack = missing(need, have)
     if lack:
         return f"this machine lacks {', '.join(lack)} (the pin needs it to be fast)"
     why = problem(ms.model_copy(update={"backend": pin["backend"], "precision": pin["precision"]}))

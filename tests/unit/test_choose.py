@@ -152,3 +152,12 @@ def test_shipped_pins_are_fresh(name):
     assert p["weights_sha256"] == sha256_file(d / WEIGHTS), f"{d / PIN_FILE} is stale: run `worldserve tune {d}`"
     assert p["needs"] == needs("cpu", p["backend"], p["precision"]) and p["measured"]["rows"]
     assert problem(ModelSettings(dir=d, backend=p["backend"], precision=p["precision"])) is None
+
+
+def test_needs_default_to_the_combination_and_empty_means_none(tmp_path):
+    d = model_dir(tmp_path, "tiny")
+    p = pin(d, "bf16", needs=[])
+    assert choose(ModelSettings(dir=d), features=set()).source == "pin"  # a pin that needs nothing
+    del p["needs"]
+    write_pin(d, "cpu", p)  # no `needs`: what choose.needs says bf16 on a CPU needs
+    assert "lacks avx512_bf16|amx_bf16" in choose(ModelSettings(dir=d), features=set()).why
