@@ -107,6 +107,42 @@ def current_principal() -> Principal | None:
     return PRINCIPAL.get()
 
 
+GATE: ContextVar[Gate | None] = ContextVar("worldserve_gate", default=None)  # set by GrpcGate for its calls
+
+
+def hold_sessions(n: int):
+    """A call that opens `n` sessions at once (gRPC VectorSession): each counts against the server's and the key's
+    max_sessions and takes one rate token, as n Session calls would (RateLimited if any does not fit: none is
+    held then). -> a release function (idempotent)."""
+    gate, who = GATE.get(), PRINCIPAL.get()
+    held = 0
+    try:
+        while gate is not None and held < n:
+            gate.enter(who, session=True, concurrent=False)
+            held += 1
+    except RateLimited:
+        for _ in range(held):
+            gate.leave(who, session=True, concurrent=False)
+        raise
+    done = []
+
+    def release() -> None:
+        if not done and gate is not None:
+            done.append(True)
+            for _ in range(held):
+                gate.leave(who, session=True, concurrent=False)
+    return release
+
+
+def take_token() -> None:
+    """One more unit of work inside a long call (a reset in a VectorSession): one token of the key's rate."""
+    who = PRINCIPAL.get()
+    if who is not None:
+        wait = who.bucket.take()
+        if wait > 0:
+            raise RateLimited(f"over this key's rate of {who.limits.rate:g} requests/s", wait)
+
+
 def capped_priority(p: Priority, who: Principal | None) -> Priority:
     """The priority a request runs at: never above its key's cap (INTERACTIVE=0 is the highest)."""
     return p if who is None else Priority(max(int(p), int(who.max_priority)))
@@ -264,8 +300,8 @@ class GrpcGate(grpc.aio.ServerInterceptor):
         reflection = method.startswith("/grpc.reflection.")
         if reflection and (self.gate.auth.public_docs or self.gate.open):
             return handler
-        gate, session = self.gate, method.endswith("/Session")
-        concurrent = method.endswith(("/Predict", "/Rollout", "/Session"))
+        gate, session = self.gate, method.endswith("/Session")  # a VectorSession holds its N sessions itself
+        concurrent = method.endswith(("/Predict", "/Rollout", "/Session", "/VectorSession"))
         token = _bearer(details.invocation_metadata)
 
         async def admit(context) -> Principal | None:
@@ -296,6 +332,7 @@ class GrpcGate(grpc.aio.ServerInterceptor):
         async def streaming(request, context):
             who = await admit(context)
             PRINCIPAL.set(who)  # the RPC's own task: no reset needed
+            GATE.set(gate)
             try:
                 async for item in inner(request, context):
                     yield item

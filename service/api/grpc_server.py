@@ -16,7 +16,7 @@ from ..errors import InvalidArgument, ServiceError
 from ..messages import ModelInfo, RolloutEvent
 from ..settings import ServerSettings
 from ..wire import ENCODINGS, FRAME_MODES, PRIORITIES, PROTO_ENCODING, proto_map
-from .auth import current_principal
+from .auth import current_principal, hold_sessions, take_token
 from .conn import grpc_credentials, grpc_options
 from .dataplane import DataPlane, Options, RolloutInput, WireFrame, raise_for
 from .errors import grpc_status, grpc_trailers
@@ -240,10 +240,15 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
         m = self.dp.model(o.model)
         opts = _options(o.options)
         vec = VectorSessions(self.dp, m, opts, int(o.num_envs), current_principal(), _deadline(context))
+        release = hold_sessions(vec.n)  # N sessions against the server's and the key's max_sessions, N tokens
         try:
             msg = first
             while True:
-                outs = await vec.exchange(self._env_inputs(msg, m))
+                inputs = self._env_inputs(msg, m)
+                if msg is not first:  # a reset opens a session: one token each, like a Session call
+                    for _ in range(sum(isinstance(x, EnvStart) for x in inputs)):
+                        take_token()
+                outs = await vec.exchange(inputs)
                 yield pb.VectorResponse(envs=[pb.EnvOutput(opened=x) if isinstance(x, str)
                                               else pb.EnvOutput(step=_event(x, opts.frame_encoding)) for x in outs])
                 try:
@@ -254,7 +259,10 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
                 if msg.HasField("open"):
                     raise InvalidArgument("a second `open`: a VectorSession takes one `open`, then steps", "open")
         finally:
-            await vec.close()
+            try:
+                await vec.close()  # shielded: goes on if this call is cancelled, but this await does not
+            finally:
+                release()
 
     def _env_inputs(self, msg: pb.VectorRequest, m: ModelInfo) -> list:
         out = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import grpc
 import httpx
@@ -171,3 +172,29 @@ def test_grpc(srv, real_frames):
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     feed.put(None)
     list(first)
+
+
+def test_vector_session_counts_its_sessions(srv, real_frames):
+    # a VectorSession opens N sessions at once: each counts against the key's max_sessions (and takes a token), as
+    # N Session calls would; they come back when the stream ends
+    from worldserve.client.client import GrpcClient, Reset, ServerError
+
+    one = GrpcClient(srv.grpc, api_key="k-one-0123456789")  # max_sessions 1
+    try:
+        with pytest.raises(ServerError) as ei, one.vector_session("tiny", 2) as v:
+            v.exchange([Reset(real_frames[:1], seed=i) for i in range(2)])
+        assert ei.value.code == "RESOURCE_EXHAUSTED" and "sessions" in str(ei.value), ei.value
+        with one.vector_session("tiny", 1) as v:  # one env fits, and its place comes back when the stream ends
+            assert len(v.exchange([Reset(real_frames[:1])])) == 1
+            assert v.exchange([2])[0].frame is not None
+        t0 = time.time()
+        while True:
+            try:
+                with one.session("tiny", real_frames[:1]) as s:
+                    assert s.step(2).frame is not None
+                break
+            except ServerError as e:
+                assert e.code == "RESOURCE_EXHAUSTED" and time.time() - t0 < 5, e
+                time.sleep(0.1)
+    finally:
+        one.close()
