@@ -66,6 +66,9 @@ class RolloutRequest:
     stop_on_done: bool = False  # a candidate stops stepping once the model says done (the world is absorbing)
     tenant: str = ""  # the calling key's name ("" in open mode): the engine shares its slots fairly between keys
     weight: float = 1.0  # that key's share weight (KeyLimits.weight)
+    # sampled randomness keyed by (seed, the candidate's actions so far) instead of (seed + candidate): candidates with
+    # equal prefixes draw the same noise and share their rows (engine/prefix.py); greedy token rollouts share anyway
+    common_random_numbers: bool = False
 
     @property
     def candidates(self) -> int:

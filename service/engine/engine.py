@@ -39,6 +39,7 @@ from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, Sessi
 from ..model.protocol import ModelSpec, WorldModelProtocol, check_model
 from ..runtime.batch import Sampler, run_fixed_chunks
 from ..settings import EngineSettings
+from . import prefix
 from .execute import Executor, StepOutputs
 from .inputs import context_actions, to_device
 from .scheduler import Chunk, Job, Row, Scheduler
@@ -70,6 +71,8 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.device = model.device
+        self.share_prefixes = True  # engine/prefix.py: equal action prefixes of a chunk run as one row (tests: False)
+        self.rows_stepped = 0  # model rows computed (within-frame decoding: one per pass), for tests and bench/
 
     # ---- thread-safe entry points -----------------------------------------------------------
     def info(self, backend: str = "eager", precision: str = "fp32") -> ModelInfo:
@@ -198,6 +201,7 @@ class Engine:
         for j, n in plan.grant:
             for k0, k1, skip in j.take(n):  # from its pending ranges in order (a preempted one replays)
                 c = Chunk(j, k0, [self.free.pop() for _ in range(k1 - k0)], skip)
+                prefix.start(c, self.share_prefixes, self.exec.latent_out)
                 j.chunks.append(c)
                 admitted.append(c)
         if not admitted:
@@ -211,7 +215,9 @@ class Engine:
 
     def _preempt(self, c: Chunk, n: int) -> None:
         """Give back c's last n live candidates: they wait again and replay the steps they already sent."""
-        for i in [i for i, s in enumerate(c.slots) if s >= 0][-n:]:
+        victims = [i for i, s in enumerate(c.slots) if s >= 0][-n:]
+        prefix.give_back(c, victims)  # a group's owner among them hands its slot (the state) to a member first
+        for i in victims:
             self.free.append(c.slots[i])
             c.slots[i] = -1
             c.job.requeue(c.k0 + i, max(c.skip, c.step))
@@ -256,7 +262,9 @@ class Engine:
     def _schedule(self) -> list[Row]:
         rows = []
         for c in self.running:
-            if c.passes_done:  # a frame in progress: its next pass, no new action
+            if c.passes_done and c.share is not None:  # a frame in progress, candidates sharing rows
+                rows.extend(Row(c, c.k0 + o, c.slots[o], None, False, m[1:] or None) for o, m in prefix.groups(c))
+            elif c.passes_done:  # a frame in progress: its next pass, no new action
                 rows.extend(Row(c, c.k0 + i, s, None, fresh=False) for i, s in enumerate(c.slots) if s >= 0)
             elif c.req.session:
                 if c.job.actions:
@@ -264,8 +272,22 @@ class Engine:
             else:  # the chunk's actions at this step in one slice: int per row | float32 [A] per row
                 acts = c.req.actions[c.k0 : c.k0 + len(c.slots), c.step]
                 acts = acts.tolist() if acts.ndim == 1 else list(acts)
-                rows.extend([Row(c, c.k0 + i, s, acts[i]) for i, s in enumerate(c.slots) if s >= 0])
+                if c.share is not None:
+                    rows.extend(self._shared_rows(c, acts))
+                else:
+                    rows.extend([Row(c, c.k0 + i, s, acts[i]) for i, s in enumerate(c.slots) if s >= 0])
+        self.rows_stepped += len(rows)
         return rows
+
+    def _shared_rows(self, c: Chunk, acts: list) -> list[Row]:
+        """Prefix sharing at a frame boundary: split c's groups by this step's actions, fork each new branch's owner
+        from the owner it leaves (before the step), one row per group (engine/prefix.py)."""
+        groups, forks = prefix.split(c, acts)
+        for src, dst in forks.items():  # int64 [D] slots: the copy of a step's inputs, no host read
+            d = torch.tensor([c.slots[i] for i in dst], dtype=torch.int64)
+            self.model.fork(self.state, c.slots[src], d.pin_memory().to(self.device, non_blocking=True)
+                            if self.device.type == "cuda" else d)
+        return [Row(c, c.k0 + o, c.slots[o], acts[o], True, m[1:] or None) for o, m in groups]
 
     def _guarded(self, rows: list[Row]) -> None:
         """Execute; on failure isolate the request(s) at fault when the cache was not yet advanced."""
@@ -320,6 +342,7 @@ class Engine:
         reward, done = host.reward.tolist(), host.done.tolist()  # Python floats, once
         conf = [None] * len(rows) if host.confidence is None else host.confidence.tolist()
         now = time.monotonic()
+        first, shared = len(self._out), False
         for i, r in enumerate(rows):
             c = r.chunk
             if c.step < c.skip:  # replayed after a preemption: this step was sent already
@@ -329,18 +352,24 @@ class Engine:
             if not j.first_event:
                 j.first_event = True
                 metrics.TTFF.labels(self.spec.name).observe(now - j.submitted)
-            self._out.append(RolloutEvent(
-                req.id, r.candidate, c.step, reward[i], done[i],
-                frame=host.frames[frame_of[i]] if i in frame_of else None,
-                tokens=host.tokens[i].astype(np.int64) if req.return_tokens and host.tokens is not None else None,
-                confidence=conf[i],
-            ))
-        metrics.FRAMES.labels(self.spec.name).inc(len(rows))
-        for i in ends:  # a candidate whose world ended: no more steps, its slot freed now
+            frame = host.frames[frame_of[i]] if i in frame_of else None
+            tok = req.return_tokens and host.tokens is not None
+            for k in (r.candidate,) if r.members is None else (r.candidate, *[c.k0 + m for m in r.members]):
+                self._out.append(RolloutEvent(req.id, k, c.step, reward[i], done[i], frame=frame, confidence=conf[i],
+                                              tokens=host.tokens[i].astype(np.int64) if tok else None))
+            shared = shared or r.members is not None
+        if shared:  # a shared row's events go out in candidate order, like unshared rows'
+            pos = {e.request_id: n for n, e in reversed(list(enumerate(self._out[first:])))}
+            self._out[first:] = sorted(self._out[first:], key=lambda e: (pos[e.request_id], e.candidate))
+        metrics.FRAMES.labels(self.spec.name).inc(len(self._out) - first)
+        for i in ends:  # a candidate whose world ended (a shared row: its whole group): no more steps, slots freed now
             r = rows[i]
-            r.chunk.job.stopped[r.candidate] = r.chunk.step
-            self.free.append(r.slot)
-            r.chunk.slots[r.candidate - r.chunk.k0] = -1
+            c, o = r.chunk, r.candidate - r.chunk.k0
+            for m in (o, *(r.members or ())):
+                c.job.stopped[c.k0 + m] = c.step
+                self.free.append(c.slots[m])
+                c.slots[m] = -1
+            prefix.drop(c, o)
         for c in {id(r.chunk): r.chunk for r in rows}.values():
             j = c.job
             c.step += 1

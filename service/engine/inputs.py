@@ -6,7 +6,8 @@ buffer.
     slots        int64 [nb]       the rows' slots; padding rows (up to the bucket nb) write into the scratch slot
     actions      int64 [nb] | float32 [nb, A]   padding rows: 0
     seed         int64 [nb]       (request seed + candidate) mod 2^63: candidate k of a request seeded s draws from
-                                  stream s + k, so a fork equals K requests seeded s .. s+K-1, alone or in any batch
+                                  stream s + k, so a fork equals K requests seeded s .. s+K-1, alone or in any batch;
+                                  common_random_numbers: a hash of (seed, the candidate's actions up to this step)
     step         int64 [nb]       the frame's index in its rollout
     temperature  float32 [nb]     >= 0 (0: greedy)
     want         int64 [F]        rows (of the frames this step completes) whose frame is decoded, in order
@@ -130,8 +131,12 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
     seeds: list[int] = []
     step, temp = np.zeros(nb, np.int64), np.zeros(nb, np.float32)
     for c, i0, i1 in sp:
-        base = c.req.seed
-        seeds.extend((base + k) % (1 << 63) for k in cand[i0:i1])
+        keys = c.job.crn  # common random numbers: int64 [K, T] keyed by the action prefix (engine/prefix.py)
+        if keys is None:
+            base = c.req.seed
+            seeds.extend((base + k) % (1 << 63) for k in cand[i0:i1])
+        else:
+            seeds.extend(keys[cand[i0:i1], c.step].tolist())
         step[i0:i1], temp[i0:i1] = c.step, c.req.temperature
     seed = np.array(seeds + [0] * pad, np.int64)
     if action_dim:  # float32 [nb, A]; a row without an action (a frame in progress) gets zeros

@@ -61,6 +61,7 @@ class Job:
     started: bool = False  # a chunk was admitted once (no longer counts as queued)
     first_event: bool = False
     stopped: dict[int, int] = field(default_factory=dict)  # stop_on_done: candidate -> the step it ended at
+    crn: object = None  # common random numbers: int64 [K, T] stream keys (engine/prefix.crn_keys), made once
     actions: deque = field(default_factory=deque)  # sessions: actions not yet stepped (also before admission)
     last_seen: float = 0.0
     closing: bool = False
@@ -117,6 +118,9 @@ class Chunk:
     skip: int = 0  # steps below this were sent before a preemption: replayed without events
     step: int = 0
     passes_done: int = 0  # within-frame decoding (engine/frames.py): passes of the frame in progress; 0 = none
+    # prefix sharing (engine/prefix.py): owner index -> its group's indices (owner included), candidates whose
+    # actions so far are equal and whose one row is the owner's slot; None: every candidate is its own row
+    share: dict[int, list[int]] | None = None
 
     @property
     def req(self) -> RolloutRequest:
@@ -135,6 +139,7 @@ class Row:
     slot: int
     action: object  # discrete int | continuous float32 [A]; None: a frame in progress takes its next pass
     fresh: bool = True  # starts a frame (its action goes to the model) rather than continuing one
+    members: list[int] | None = None  # prefix sharing: the other chunk indices whose outputs this row also is
 
 
 def headroom(max_slots: int) -> int:
