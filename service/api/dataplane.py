@@ -79,6 +79,7 @@ class Options:
     frame_encoding: str = "png"
     stop_on_done: bool = False  # a candidate stops once the model says done (rollouts; sessions ignore it)
     anytime: bool = False  # at deadline_ms the rollout ends OK with the steps reached so far (see Reach)
+    common_random_numbers: bool = False  # randomness keyed by the action prefix: equal prefixes computed once
 
 
 @dataclass
@@ -398,6 +399,7 @@ class DataPlane:
             actions=actions, context_actions=ctx_actions,
             frames=FrameMode(o.frames), return_tokens=bool(o.return_tokens), seed=int(o.seed),
             stop_on_done=bool(o.stop_on_done) and not session,
+            common_random_numbers=bool(o.common_random_numbers) and not session,
             temperature=float(t), deadline=deadline,
             priority=capped_priority(Priority.INTERACTIVE if session else Priority(o.priority), who),
             session=session, tenant=who.name if who is not None else "",

@@ -97,7 +97,8 @@ def _options(o: pb.RolloutOptions) -> Options:
         raise InvalidArgument(f"options.frame_encoding: unknown encoding {o.frame_encoding}", "options.frame_encoding")
     enc = ENC_NAME[o.frame_encoding] if o.HasField("frame_encoding") else DEFAULT.frame_encoding
     return Options(FRAMES[o.frames], int(o.seed), float(o.temperature), int(o.deadline_ms),
-                   PRIORITY[o.priority], bool(o.return_tokens), enc, bool(o.stop_on_done), bool(o.anytime))
+                   PRIORITY[o.priority], bool(o.return_tokens), enc, bool(o.stop_on_done), bool(o.anytime),
+                   bool(o.common_random_numbers))
 
 
 def _frames(frames) -> list[WireFrame]:

@@ -45,6 +45,10 @@ class OptionsIn(BaseModel):
     anytime: bool = Field(DEFAULT.anytime, description="with deadline_ms: at the deadline the rollout ends OK with the "
                           "steps reached so far; the final line gives `steps_reached` and `truncated` per candidate "
                           "(predict: `truncated`) instead of a DEADLINE_EXCEEDED error")
+    common_random_numbers: bool = Field(DEFAULT.common_random_numbers, description="sampled rollouts: key the "
+                                        "randomness by (seed, the candidate's actions so far) instead of (seed, "
+                                        "candidate): candidates with equal action prefixes draw the same noise (less "
+                                        "noisy comparisons for a planner) and are computed once (greedy ones always)")
 
 
 class LoadModelIn(BaseModel):
@@ -94,7 +98,7 @@ def frames_in(frames: list[FrameIn]) -> list[WireFrame]:
 
 def options_in(o: OptionsIn) -> Options:
     return Options(FRAME_MODES[o.frames], o.seed, o.temperature, o.deadline_ms, PRIORITIES[o.priority],
-                   o.return_tokens, o.frame_encoding, o.stop_on_done, o.anytime)
+                   o.return_tokens, o.frame_encoding, o.stop_on_done, o.anytime, o.common_random_numbers)
 
 
 def describe(errors: list[dict], skip: int = 0) -> tuple[str, str]:

@@ -58,7 +58,7 @@ def cmd_plan(a) -> None:
             rows.append(evaluate("random", RandomPolicy(a.seed), seeds, a.max_steps, log=log, env=a.env))
         elif name == "served":
             world = RemoteWorld(_client(a), a.model, temperature=a.temperature, max_rows=a.max_rows,
-                                tick_ms=a.tick_ms)
+                                tick_ms=a.tick_ms, crn=False if a.independent_futures else None)
             label = f"CEM planner on the served model ({shape}" + (f", tick {a.tick_ms} ms)" if a.tick_ms else ")")
             rows.append(evaluate(label, MPCPolicy(world, cfg), seeds, a.max_steps, cfg, log=log, env=a.env))
         elif name == "sim":
@@ -143,6 +143,9 @@ def add_commands(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="world-model sampling temperature")
     p.add_argument("--futures", type=int, default=1,
                    help="sampled futures per candidate (scored by their mean; use with --temperature 1)")
+    p.add_argument("--independent-futures", action="store_true",
+                   help="sampled rollouts without common random numbers: every candidate row its own noise (default "
+                   "with --temperature > 0: noise keyed by the action prefix, equal prefixes computed once)")
     p.add_argument("--max-rows", type=int, default=64, help="candidate rows per Rollout (the server's max_candidates)")
     p.add_argument("--tick-ms", type=int, default=0, help="a fixed control rate: each tick's Rollouts are anytime "
                    "rollouts ending at what is left of this budget; the planner scores the steps reached (0: none)")

@@ -57,9 +57,12 @@ class ServerError(Exception):
 
 
 def _opts(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal", return_tokens=False,
-          frame_encoding="png", stop_on_done=False, anytime=False) -> dict:
-    return dict(frames=frames, seed=seed, temperature=temperature, deadline_ms=deadline_ms, priority=priority,
-                return_tokens=return_tokens, frame_encoding=frame_encoding, stop_on_done=stop_on_done, anytime=anytime)
+          frame_encoding="png", stop_on_done=False, anytime=False, common_random_numbers=False) -> dict:
+    """common_random_numbers: sampled candidates with equal action prefixes draw the same noise (a planner's less noisy
+    comparisons) and are computed once; sent only when set (a server that predates it still takes the rest)."""
+    out = dict(frames=frames, seed=seed, temperature=temperature, deadline_ms=deadline_ms, priority=priority,
+               return_tokens=return_tokens, frame_encoding=frame_encoding, stop_on_done=stop_on_done, anytime=anytime)
+    return {**out, "common_random_numbers": True} if common_random_numbers else out
 
 
 # ---------------------------------------------------------------------------------------------- REST
@@ -184,10 +187,12 @@ def _pb_seq(seq) -> pb.ActionSequence:
 
 
 def _pb_options(frames="all", seed=0, temperature=0.0, deadline_ms=0, priority="normal", return_tokens=False,
-                frame_encoding="raw", stop_on_done=False, anytime=False) -> pb.RolloutOptions:
+                frame_encoding="raw", stop_on_done=False, anytime=False,
+                common_random_numbers=False) -> pb.RolloutOptions:
     return pb.RolloutOptions(frames=_MODES[frames], seed=seed, temperature=temperature, deadline_ms=deadline_ms,
                              priority=_PRIO[priority], return_tokens=return_tokens,
-                             frame_encoding=_ENC[frame_encoding], stop_on_done=stop_on_done, anytime=anytime)
+                             frame_encoding=_ENC[frame_encoding], stop_on_done=stop_on_done, anytime=anytime,
+                             common_random_numbers=common_random_numbers)
 
 
 class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

@@ -262,8 +262,8 @@ class Engine:
     def _schedule(self) -> list[Row]:
         rows = []
         for c in self.running:
-            if c.passes_done and c.share is not None:  # a frame in progress, candidates sharing rows
-                rows.extend(Row(c, c.k0 + o, c.slots[o], None, False, m[1:] or None) for o, m in prefix.groups(c))
+            if c.share is not None:  # equal action prefixes: one row a group, forked where they diverge
+                rows.extend(prefix.rows(c, self.model, self.state))
             elif c.passes_done:  # a frame in progress: its next pass, no new action
                 rows.extend(Row(c, c.k0 + i, s, None, fresh=False) for i, s in enumerate(c.slots) if s >= 0)
             elif c.req.session:
@@ -272,22 +272,9 @@ class Engine:
             else:  # the chunk's actions at this step in one slice: int per row | float32 [A] per row
                 acts = c.req.actions[c.k0 : c.k0 + len(c.slots), c.step]
                 acts = acts.tolist() if acts.ndim == 1 else list(acts)
-                if c.share is not None:
-                    rows.extend(self._shared_rows(c, acts))
-                else:
-                    rows.extend([Row(c, c.k0 + i, s, acts[i]) for i, s in enumerate(c.slots) if s >= 0])
+                rows.extend([Row(c, c.k0 + i, s, acts[i]) for i, s in enumerate(c.slots) if s >= 0])
         self.rows_stepped += len(rows)
         return rows
-
-    def _shared_rows(self, c: Chunk, acts: list) -> list[Row]:
-        """Prefix sharing at a frame boundary: split c's groups by this step's actions, fork each new branch's owner
-        from the owner it leaves (before the step), one row per group (engine/prefix.py)."""
-        groups, forks = prefix.split(c, acts)
-        for src, dst in forks.items():  # int64 [D] slots: the copy of a step's inputs, no host read
-            d = torch.tensor([c.slots[i] for i in dst], dtype=torch.int64)
-            self.model.fork(self.state, c.slots[src], d.pin_memory().to(self.device, non_blocking=True)
-                            if self.device.type == "cuda" else d)
-        return [Row(c, c.k0 + o, c.slots[o], acts[o], True, m[1:] or None) for o, m in groups]
 
     def _guarded(self, rows: list[Row]) -> None:
         """Execute; on failure isolate the request(s) at fault when the cache was not yet advanced."""

@@ -27,9 +27,10 @@ buffers are per physical slot). Stop at done ends a whole group at once (its mem
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..messages import RolloutRequest
-from .scheduler import Chunk
+from .scheduler import Chunk, Row
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MASK63 = (1 << 63) - 1
@@ -112,9 +113,19 @@ def split(c: Chunk, acts: list) -> tuple[list[tuple[int, list[int]]], dict[int, 
     return groups, forks
 
 
-def groups(c: Chunk) -> list[tuple[int, list[int]]]:
-    """Mid-frame (no new action): the groups as they are, in candidate order."""
-    return sorted(c.share.items())
+def rows(c: Chunk, model, state) -> list[Row]:
+    """Chunk c's rows this step, one per group. At a frame boundary the groups split by this step's actions first
+    and each new branch's owner is forked from the owner it leaves (before the step: the state is still step t's)."""
+    if c.passes_done:  # a frame in progress: its next pass, no new action
+        return [Row(c, c.k0 + o, c.slots[o], None, False, m[1:] or None) for o, m in sorted(c.share.items())]
+    acts = c.req.actions[c.k0 : c.k0 + len(c.slots), c.step]  # int per row | float32 [A] per row
+    acts = acts.tolist() if acts.ndim == 1 else list(acts)
+    groups, forks = split(c, acts)
+    device = model.device
+    for src, dst in forks.items():  # dst int64 [D] slots: a host -> device copy without a wait
+        d = torch.tensor([c.slots[i] for i in dst], dtype=torch.int64)
+        model.fork(state, c.slots[src], d.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else d)
+    return [Row(c, c.k0 + o, c.slots[o], acts[o], True, m[1:] or None) for o, m in groups]
 
 
 def give_back(c: Chunk, victims: list[int]) -> None:

@@ -140,11 +140,18 @@ class RemoteWorld:
     tick_ms > 0: a fixed control rate. Each tick's Rollouts are anytime rollouts whose deadline is what is left of
     the tick: at the deadline the server ends them with the steps reached so far, and the planner scores every
     candidate on the steps it reached (a step not reached adds no reward and no risk). `reached` keeps, per tick,
-    the fraction of candidate-steps that came back."""
+    the fraction of candidate-steps that came back.
+
+    Candidates share their common work on the server (engine/prefix.py): greedy rows with equal action prefixes are
+    computed once. Sampled (temperature > 0) rollouts ask for common random numbers (crn, on by default there): the
+    noise is keyed by the action prefix, so candidates are compared under the same draws (less noisy elites) and
+    equal prefixes are computed once too. Identical rows (the M futures of a candidate) must still be M different
+    futures: the f-th copy of a row goes to the f-th Rollout of the tick, seeded apart (a scenario per copy)."""
 
     def __init__(self, client, model: str = "tiny", context_window: int | None = None, temperature: float = 0.0,
-                 max_rows: int = 64, tick_ms: int = 0):
+                 max_rows: int = 64, tick_ms: int = 0, crn: bool | None = None):
         self.client, self.model, self.temperature, self.max_rows = client, model, temperature, max_rows
+        self.crn = temperature > 0 if crn is None else crn
         self.tick_ms = tick_ms
         self.reached: list[float] = []
         if context_window is None:
@@ -168,23 +175,43 @@ class RemoteWorld:
         seed = (self.seed * 1000 + self.tick) * 4096  # row r of this tick draws from stream seed + r
         end = time.monotonic() + self.tick_ms / 1000
         got = 0
-        for lo in range(0, k, self.max_rows):
-            chunk = cands[lo : lo + self.max_rows]
+        opts = {"common_random_numbers": True} if self.crn else {}
+        for rows, rseed in self._batches(cands, seed):  # int64 [R] row indices of cands, the Rollout's seed
             budget = {}
             if self.tick_ms:
                 left = int((end - time.monotonic()) * 1000)
                 if left < 1:
                     break  # the tick is spent: the rest of the candidates are scored on nothing
                 budget = dict(deadline_ms=left, anytime=True)
-            for ev in self.client.rollout(self.model, np.stack(ctx), chunk.tolist(), context_actions=ctx_actions,
-                                          frames="none", seed=seed + lo, temperature=self.temperature, **budget):
+            for ev in self.client.rollout(self.model, np.stack(ctx), cands[rows].tolist(), context_actions=ctx_actions,
+                                          frames="none", seed=rseed, temperature=self.temperature, **budget, **opts):
                 if hasattr(ev, "truncated"):  # an anytime rollout's end (client.RolloutEnd): steps reached
                     continue
-                rewards[lo + ev.candidate, ev.step] = ev.reward
-                dones[lo + ev.candidate, ev.step] = ev.done
+                rewards[rows[ev.candidate], ev.step] = ev.reward
+                dones[rows[ev.candidate], ev.step] = ev.done
                 got += 1
         self.reached.append(got / (k * h))
         return rewards, dones
+
+
+    def _batches(self, cands: np.ndarray, seed: int) -> list[tuple[np.ndarray, int]]:
+        """The tick's Rollouts: (rows of cands, seed), at most max_rows rows each. Without crn row r draws stream
+        seed + r. With crn the f-th copy of a row goes to scenario f (its own Rollouts, seed + f * 2^20): equal
+        prefixes share noise within a scenario, copies of a candidate are different futures."""
+        k = len(cands)
+        if not self.crn:
+            return [(np.arange(lo, min(k, lo + self.max_rows)), seed + lo) for lo in range(0, k, self.max_rows)]
+        seen: dict[bytes, int] = {}
+        copy = np.empty(k, np.int64)  # how many identical rows came before each row
+        for r in range(k):
+            key = cands[r].tobytes()
+            copy[r] = seen.get(key, 0)
+            seen[key] = copy[r] + 1
+        out = []
+        for f in range(int(copy.max()) + 1):
+            rows = np.flatnonzero(copy == f)
+            out.extend((rows[lo : lo + self.max_rows], seed + f) for lo in range(0, len(rows), self.max_rows))
+        return out
 
 
 class SimWorld:
