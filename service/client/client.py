@@ -226,8 +226,11 @@ class _Details(grpc.ClientCallDetails):
 
 
 def channel(target: str, api_key: str | None = None, root_certificates: bytes | None = None, options=()):
-    """A gRPC channel (TLS when root certificates are given) that sends the API key with every call."""
-    opts = [("grpc.max_receive_message_length", 2**26), *options]
+    """A gRPC channel (TLS when root certificates are given) that sends the API key with every call. Each client its
+    own connection (a local subchannel pool): gRPC would otherwise share one connection between every channel to the
+    same target, and a program with many clients would pass the server's streams-per-connection limit (32) and see
+    its calls refused (RST_STREAM REFUSED_STREAM -> UNAVAILABLE)."""
+    opts = [("grpc.max_receive_message_length", 2**26), ("grpc.use_local_subchannel_pool", 1), *options]
     if root_certificates is not None:
         ch = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=opts)
     else:
