@@ -179,6 +179,24 @@ def _sample_all(logits, temperature, seed, candidate, step, draw):
     return torch.where((temperature > 0)[:, None], got.view(b, n), logits.argmax(-1))
 
 
+_LANES = 64  # a multiple of two AVX-512 float32 vectors (and of two AVX2 ones): torch's vectorized loop covers it all
+
+
+def rowwise_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """sigmoid(x) for x float [B] whose value for a row does not depend on B (batch invariance of `done`).
+
+    torch's CPU elementwise loop computes 2 vectors at a time and the remaining tail with the scalar path, whose exp
+    rounds differently in the last bit: torch.sigmoid over 16 rows (all tail on AVX-512) and over 64 rows (all
+    vectors) give a row different bits. Padding to a multiple of _LANES sends every element through the vector path.
+    On a GPU elementwise kernels are position-independent: plain sigmoid."""
+    if x.is_cuda or x.numel() == 0:
+        return torch.sigmoid(x)
+    flat = x.reshape(-1)
+    pad = -flat.numel() % _LANES
+    padded = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
+    return torch.sigmoid(padded)[: flat.numel()].reshape(x.shape)
+
+
 def token_confidence(logits: torch.Tensor, tokens: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """How sure the model was of each row's frame: the mean over its N tokens of the probability of the chosen token
     under the distribution it was sampled from, softmax(logits / t) (greedy rows, t = 0: t = 1, the model's own

@@ -206,3 +206,17 @@ def test_latent_model_shares_only_with_crn():
         plain, _, rows_p, _ = run(model, [dataclasses.replace(r)], share=False)
         same(shared, plain)
         assert (rows_s < rows_p) == shares
+
+
+def test_rowwise_sigmoid_gives_a_row_the_same_bits_in_any_batch():
+    """The model's done = sigmoid(logit) over the batch differed in its last bit between a 16-row and a 64-row step on
+    AVX-512 (the scalar tail of torch's vectorized loop); sampling.rowwise_sigmoid is the batch-invariant form."""
+    from worldserve.model.sampling import rowwise_sigmoid
+
+    x = torch.randn(200, generator=torch.Generator().manual_seed(0)) * 6
+    full = rowwise_sigmoid(x)
+    assert torch.allclose(full, torch.sigmoid(x), rtol=0, atol=1e-7)
+    for n in (1, 2, 7, 8, 16, 24, 31, 33, 64, 100):
+        for lo in (0, 3, 64):
+            part = x[lo : lo + n].clone()
+            assert torch.equal(rowwise_sigmoid(part), full[lo : lo + n]), (n, lo)
