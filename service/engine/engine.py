@@ -245,7 +245,8 @@ class Engine:
             arrays[f"acts{c}"] = acts
             if known is not None:
                 arrays[f"known{c}"] = known
-        arrays["fork"] = np.array([s for a in admitted for s in a.slots[1:]], np.int64)
+        forked = [a for a in admitted if a.share is None]  # a shared chunk forks where its candidates diverge
+        arrays["fork"] = np.array([s for a in forked for s in a.slots[1:]], np.int64)
         d = to_device(arrays, self.device)
         tokens = run_fixed_chunks(self.model.encode, d["ctx"], self.exec.chunk)  # int64 [sum(C), N], batch-invariant
         off = np.cumsum([0] + [a.req.context.shape[0] for a in admitted]).tolist()
@@ -253,7 +254,7 @@ class Engine:
             ctx_tokens = torch.stack([tokens[off[i] : off[i] + c] for i in idx])  # int64 [G, C, N]
             self.model.prefill(self.state, d[f"first{c}"], ctx_tokens, d[f"acts{c}"], d.get(f"known{c}"))
         f = 0
-        for a in admitted:  # fork: prefill once, copy into the other K-1 slots
+        for a in forked:  # fork: prefill once, copy into the other K-1 slots
             k = len(a.slots) - 1
             if k:
                 self.model.fork(self.state, a.slots[0], d["fork"][f : f + k])
