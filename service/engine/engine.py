@@ -5,6 +5,7 @@ One `step()` = schedule -> execute -> update:
   2. retire cancelled / expired requests (their slots free up this step)
   3. admit waiting requests into free slots, fairly between API keys (scheduler.py: weighted fair order, chunks of
      candidates, preemption at the step boundary, session headroom): encode + prefill batched, fork the candidates
+     (candidates with equal action prefixes step as one row, forked where they diverge: engine/prefix.py)
   4. execute (engine/execute.py): the rows' inputs in ONE host->device copy (engine/inputs.py), one dynamics step
      for every slot that has an action (bucketed batch) or one within-frame pass (engine/frames.py), sample, the
      frames' confidence, decode where asked, then ONE device->host copy of everything the step produced: no other
