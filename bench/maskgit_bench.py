@@ -34,6 +34,7 @@ from worldserve.lab.knobs import configure
 from worldserve.messages import FrameMode, RolloutRequest
 from worldserve.model.config import PRESETS
 from worldserve.model.io import load_model_dir
+from worldserve.model.maskgit import unmask_pass
 from worldserve.model.world_model import build
 from worldserve.settings import EngineSettings
 
@@ -86,8 +87,9 @@ def _median_s(fn, reps: int) -> float:
 
 
 @torch.no_grad()
-def bare_calls(model, rows: int, reps: int) -> tuple[float, float]:
-    """Seconds of the bare trunk call (`begin`) and the bare frame-head call (`fill`, half the frame known) at rows."""
+def bare_calls(model, rows: int, reps: int) -> tuple[float, float, float]:
+    """Seconds of the bare trunk call (`begin`), the bare frame-head call (`fill`, half the frame known) and the
+    pass's sampling and unmasking (`unmask_pass` over fill's logits, temperature 1) at `rows` rows."""
     state = model.allocate_state(rows)
     slots = torch.arange(rows)
     sp = model.spec
@@ -98,7 +100,12 @@ def bare_calls(model, rows: int, reps: int) -> tuple[float, float]:
     known = torch.arange(n).expand(rows, n) < n // 2
     trunk = _median_s(lambda: model.begin(state, slots, acts), reps)
     fill = _median_s(lambda: model.fill(state, slots, partial, known), reps)
-    return trunk, fill
+    logits = model.fill(state, slots, partial, known)
+    z, one = torch.zeros(rows, dtype=torch.int64), torch.ones(rows)
+    after = torch.full((rows,), n // 2 + 1, dtype=torch.int64)
+    unmask = _median_s(lambda: unmask_pass(logits, partial, known, after, one, slots, z, z, z, sp.confidence,
+                                           sp.choice_noise), reps)
+    return trunk, fill, unmask
 
 
 def fit(ps: list[int], ts: list[float]) -> tuple[float, float]:
@@ -107,7 +114,7 @@ def fit(ps: list[int], ts: list[float]) -> tuple[float, float]:
 
 
 def bench(name: str, model, rows: int, passes: list[int], frames: int, reps: int) -> list[str]:
-    trunk, fill = bare_calls(model, rows, reps)
+    trunk, fill, unmask = bare_calls(model, rows, reps)
     per_frame = {}
     lines = [f"### {name}: {rows} rows, vocabulary {model.spec.vocab_size}, default {model.spec.passes} passes", "",
              "| passes | frames/s | engine ms / frame | ms / frame per pass |", "|---|---|---|---|"]
@@ -120,8 +127,10 @@ def bench(name: str, model, rows: int, passes: list[int], frames: int, reps: int
     over = b - fill
     lines += ["", f"Engine time per frame = {1e3 * a:.1f} ms + {1e3 * b:.2f} ms x passes (least squares over "
               f"{', '.join(map(str, passes))} passes). Bare calls at {rows} rows (median of {reps}): trunk (`begin`) "
-              f"{1e3 * trunk:.1f} ms, frame head (`fill`) {1e3 * fill:.2f} ms. **Engine overhead per pass: "
-              f"{1e3 * over:.2f} ms = {over / fill:+.1%} of a model pass** (goal <= 5 %). Frames/s at 1 pass vs "
+              f"{1e3 * trunk:.1f} ms, frame head (`fill`) {1e3 * fill:.2f} ms, the pass's sampling and unmasking "
+              f"(`unmask_pass`, model/maskgit.py) {1e3 * unmask:.2f} ms. **Engine overhead per pass: {1e3 * over:.2f} "
+              f"ms = {over / fill:+.1%} of a model pass** (goal <= 5 %), of which `unmask_pass` "
+              f"{unmask / fill:.1%}, the engine's own bookkeeping {(over - unmask) / fill:+.1%}. Frames/s at 1 pass vs "
               f"{passes[-1]} passes: {per_frame[passes[-1]] / per_frame[passes[0]]:.1f}x.", ""]
     print("\n".join(lines[-2:]), flush=True)
     return lines
