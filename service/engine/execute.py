@@ -45,10 +45,12 @@ class Executor:
         self.frames = FramePasses(model, cfg.max_slots + 1, self.device) if passes else None
         self.chunk = decode_chunk(self.device)  # rows per decode call (fixed: batch invariance)
         self.advanced = False  # the cache was advanced this step: a failure after it cannot be retried
+        self.bucket_rows = 0  # rows the model computed, padding included (bench/prefix_sharing.py)
 
     def run(self, rows: list[Row]) -> StepOutputs | None:
         b = len(rows)
         nb = bucket(b, self.cfg.max_slots)
+        self.bucket_rows += nb
         metrics.BATCH_SIZE.labels(self.spec.name).observe(b)
         if self.frames is not None:
             return self._passes(rows, nb)
