@@ -177,7 +177,9 @@ def evaluate_dir(model_dir: Path, n_episodes: int, write_card: bool = True, vari
     """-> (the variant passes its gates, why not). A variant is a knob setting (lab/knobs.py: a precision, decoding
     knobs, or both); on the stochastic world it must also keep rare collisions within +-20 % of the world's rate."""
     from ..model.io import load_model_dir
+    from .knobs import parse
 
+    parse(variant)  # an unknown knob stops here, before anything is evaluated
     eps = heldout_episodes(n_episodes, env=env)
     model = load_model_dir(model_dir)
     ref = evaluate(model, eps)
