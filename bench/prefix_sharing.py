@@ -150,8 +150,9 @@ confidence and tokens bit-equal; `done` equal except its last bits in {ulps} eve
   the first levels of the tree (3, 9, 27 ... prefixes) are shared.
 - done off by ulps: the model computes done = torch.sigmoid over the step's batch, and on this AVX-512 CPU a row's
   sigmoid differs in its last bit between a 64-row step (vector path) and a step of fewer rows (the scalar tail of
-  torch's vectorized loop); a shared step has fewer rows. Not sharing's doing: the same candidate alone and in a
-  full batch differ alike. Fix: the model's heads use model/sampling.rowwise_sigmoid (batch-invariant, tested).
+  torch's vectorized loop: torch.sigmoid of the same values over 16 and over 64 elements differs, checked); a shared
+  step has fewer rows. A batch-invariance gap of the model, not of sharing: a candidate alone vs in a full batch meets
+  it too. Fix: the model's done uses model/sampling.rowwise_sigmoid (batch-invariant, tested).
 - padded: the rows the model computed, the bucket's padding included (Executor.bucket_rows). Steps run at
   power-of-two buckets (1, 2, 4, ... 64: compiled graphs are keyed on them), so 33 shared rows cost a 64-row step:
   the wall time follows the padded rows, not the rows. Finer buckets above 16 (e.g. multiples of 8) would turn
