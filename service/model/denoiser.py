@@ -27,6 +27,7 @@ from torch import nn
 
 from .protocol import ModelSpec, Noise
 from .quality import psnr
+from .sampling import rowwise_sigmoid
 
 ARCHITECTURE = "denoiser"
 CHUNK = 8  # rows per denoiser call: CPU conv kernels pick their algorithm by batch size (batch invariance)
@@ -236,7 +237,7 @@ class DenoisingWorldModel(nn.Module):
             r, d = self.denoiser.heads(cx, x, ax)
             outs.append((x[:n], r[:n], d[:n]))
         x, reward, done = (torch.cat(t) for t in zip(*outs, strict=True))
-        return x, reward, torch.sigmoid(done)
+        return x, reward, rowwise_sigmoid(done)
 
     def sample(self, ctx: torch.Tensor, actions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Euler steps of the probability-flow ODE from sigma_max * z down to 0. z [B, C, h, w] standard normal."""

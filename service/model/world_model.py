@@ -25,6 +25,7 @@ from .dynamics import Dynamics, KVCache, advance
 from .maskgit import DecodeState, FrameHead
 from .memory import check_state_fits
 from .protocol import ModelSpec, Noise
+from .sampling import rowwise_sigmoid
 from .tokenizer import make_tokenizer
 
 log = logging.getLogger("worldserve.model")
@@ -90,7 +91,7 @@ class WorldModel(nn.Module):
         # a token model: logits [B, N, V] for the engine to sample (noise unused)
         if self.frame_head is None:
             logits, reward, done_logit = self.dynamics.step(cache, slots, actions, known)
-            return logits, reward, torch.sigmoid(done_logit)
+            return logits, reward, rowwise_sigmoid(done_logit)  # done [B]: a row's bits in any batch
         reward, done = self.begin(cache, slots, actions, known)
         nothing = torch.zeros(slots.shape[0], self.cfg.tokens_per_frame, dtype=torch.int64, device=reward.device)
         return self.fill(cache, slots, nothing, nothing.bool()), reward, done
@@ -102,7 +103,7 @@ class WorldModel(nn.Module):
         fill passes (engine/frames.py). `step` = begin + fill with nothing known (pass 0's logits)."""
         _, reward, done_logit, h = self.dynamics.step(state, slots, actions, known, return_hidden=True)
         state.cond[slots] = h.to(state.cond.dtype)
-        return reward, torch.sigmoid(done_logit)
+        return reward, rowwise_sigmoid(done_logit)
 
     @torch.no_grad()
     def fill(self, state: DecodeState, slots: torch.Tensor, partial: torch.Tensor, known: torch.Tensor):

@@ -1,5 +1,5 @@
 """Batch invariance as promised (docs/benchmarks-runtime.md, "Batch invariance: what is promised"): on the CPU a seeded
-rollout's events are bit-equal alone and in any batch, whatever bucket each step runs in (1 row vs 16), for discrete
+rollout's events are bit-equal alone and in any batch, whatever bucket each step runs in (1 row vs 16, 64), for discrete
 and continuous actions: tokens, frames, reward, done and confidence (which moves with the logits' last bit, so it
 also checks the logits). Continuous actions are the case that broke it: the action embedding was a GEMM over the
 batch, which the CPU rounds differently at 1, 2-3 and >= 4 rows (model/dynamics.rowwise_linear)."""
@@ -38,7 +38,7 @@ def actions(model, k, h, seed):
 
 
 def run(model, reqs):
-    eng = Engine(model, EngineSettings(max_slots=16))
+    eng = Engine(model, EngineSettings(max_slots=64))
     for r in reqs:
         eng.submit(r)
     events = []
@@ -47,17 +47,21 @@ def run(model, reqs):
     return {(e.request_id, e.candidate, e.step): e for e in events if not e.final}
 
 
-def test_a_rollout_is_bit_equal_alone_and_in_a_full_batch(model):
+@pytest.mark.parametrize("n_others", [3, 12])  # 16 rows (bucket 16), 61 rows (bucket 64: where done's sigmoid
+def test_a_rollout_is_bit_equal_alone_and_in_a_full_batch(model, n_others):  # took the vector path, 16 the tail)
     ctx = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     mine = RolloutRequest("x", "m", ctx, actions(model, 1, H, 1), frames=FrameMode.ALL, return_tokens=True, seed=3,
                           temperature=1.0)
     alone = run(model, [mine])  # bucket 1 every step
     others = [RolloutRequest(f"n{i}", "m", ctx[:1], actions(model, 5, H, 10 + i), seed=i, temperature=0.5 * i)
-              for i in range(3)]
-    batched = run(model, [*others, mine])  # 16 rows: bucket 16
+              for i in range(n_others)]
+    batched = run(model, [*others, mine])  # 16 or 61 rows: bucket 16 or 64
     assert len(alone) == H
     for key, a in alone.items():
         b = batched[key]
         assert (a.reward, a.done, a.confidence) == (b.reward, b.done, b.confidence), key
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.frame, b.frame)
+    for r in others:  # every row's reward and done, each request alone (5 rows: bucket 8) vs in the full batch
+        for key, a in run(model, [r]).items():
+            assert (a.reward, a.done) == (batched[key].reward, batched[key].done), key
