@@ -8,7 +8,7 @@ Workloads (K candidates x H steps each, latent only, one Rollout per tick, the s
                (temperature 0: shared by default), stop_on_done like the planner's W5 workload
   cem-crn      the same planner's candidates sampled at temperature 1 with common_random_numbers
   random       K uniform random sequences over the 3 actions, greedy (only the first levels of the tree are shared)
-Each tick runs the same request on two engines, sharing on and off (Engine.share_prefixes), in alternating order;
+Each tick runs the same request on two engines, sharing on and off (engine.share_prefixes), in alternating order;
 every event is checked bit-equal between the two (reward, done, confidence, tokens). Rows = model rows computed
 (Engine.rows_stepped); the ratios are unshared / shared. Written to bench/reports/prefix_sharing.md and printed.
 """
@@ -113,8 +113,7 @@ def main() -> None:
     model = load_model_dir(Path(a.model_dir))
     engines = {}
     for share in (True, False):
-        engines[share] = Engine(model, EngineSettings(max_slots=a.k))
-        engines[share].share_prefixes = share
+        engines[share] = Engine(model, EngineSettings(max_slots=a.k, share_prefixes=share))
     f = heldout_episodes(1)[0][0]
     ctx, ctx_actions = f[:1], None  # an episode's start frame, as the planner's first tick sees it
     complete(engines[False], [RolloutRequest("warm", "m", ctx, np.zeros((4, 2), np.int64), frames=FrameMode.NONE)])

@@ -66,6 +66,9 @@ class EngineSettings(BaseModel):
     session_idle_s: float = 300.0
     max_consecutive_failures: int = Field(3, ge=1, description="failing steps in a row before the engine gives "
                                           "up (fatal)")
+    share_prefixes: bool = Field(True, description="candidates of one request with equal action prefixes step as "
+                                 "one row, forked where they diverge (engine/prefix.py; exact: greedy rollouts and "
+                                 "common_random_numbers); off: every candidate its own row")
     isolated: bool = Field(False, description="`serve`: run each model's engine in its own process "
                            "(engine/process.py), so a model that crashes its process takes down only itself; the "
                            "front end ends its requests at once and starts it again")

@@ -72,7 +72,7 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.device = model.device
-        self.share_prefixes = True  # engine/prefix.py: equal action prefixes of a chunk run as one row (tests: False)
+        self.share_prefixes = cfg.share_prefixes  # engine/prefix.py: equal action prefixes of a chunk run as one row
         self.rows_stepped = 0  # model rows computed (within-frame decoding: one per pass), for tests and bench/
 
     # ---- thread-safe entry points -----------------------------------------------------------

@@ -1,6 +1,6 @@
 """Prefix sharing (engine/prefix.py, issue 20 item 3): the candidates of a request whose actions so far are equal run
 as one row, forked where they diverge. Every event (reward, done, frame, tokens, confidence) and every final message
-is bit-equal to the same request run with sharing off (Engine.share_prefixes = False), greedy and with common random
+is bit-equal to the same request run with sharing off (engine.share_prefixes = false), greedy and with common random
 numbers, for discrete (K=16 over 3 actions) and continuous actions, MaskGIT passes and a latent model, with
 stop_on_done and with preemption; and the shared run steps fewer model rows."""
 
@@ -50,8 +50,7 @@ def tree_actions(k=16, h=6, n=3, seed=0):
 
 def run(model, reqs, share=True, slots=32, between=None):
     """Submit reqs, step to the end -> ({(rid, k, step): event}, {rid: final message}, rows stepped, events)."""
-    eng = Engine(model, EngineSettings(max_slots=slots))
-    eng.share_prefixes = share
+    eng = Engine(model, EngineSettings(max_slots=slots, share_prefixes=share))
     for r in reqs:
         eng.submit(r)
     events, n = [], 0
