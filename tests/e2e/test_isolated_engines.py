@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, start_server
@@ -51,21 +52,27 @@ def test_a_killed_engine_process_ends_its_requests_and_comes_back(tmp_path, real
         c = RestClient(srv.http)
         before = c.predict("tiny", real_frames[:2], [2, 1, 2], seed=3, temperature=1.0)
         out: dict = {}
+        started = threading.Event()
+        # distinct random candidates (equal prefixes would be computed once and finish before the kill)
+        cands = np.random.default_rng(0).integers(0, 3, (8, 60)).tolist()
 
         def long_rollout():
             try:
-                out["events"] = list(c.rollout("tiny", real_frames[:2], [[2] * 60] * 8, frames="all"))
+                out["events"] = []
+                for ev in c.rollout("tiny", real_frames[:2], cands, frames="all"):
+                    out["events"].append(ev)
+                    started.set()
             except ServerError as e:
                 out["error"] = e
 
         t = threading.Thread(target=long_rollout)
         t.start()
-        time.sleep(1.0)
+        assert started.wait(30), "the rollout never started"
         t0 = time.time()
         os.kill(max(children.values()), signal.SIGKILL)  # tiny's: the repository's models start in name order
         t.join(10)
         assert not t.is_alive(), "a request of a killed engine process must end at once"
-        assert out["error"].code == "INTERNAL" and "engine process" in str(out["error"]), out
+        assert out["error"].code == "INTERNAL" and "engine process" in str(out["error"]), out.get("error")
         assert time.time() - t0 < 5
         assert httpx.get(srv.http + "/healthz").status_code == 503  # the process is down: the probe says so
         assert c.predict("denoiser", real_frames[:2], [2]).shape[0] == 1  # the other model keeps serving
