@@ -91,14 +91,15 @@ def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frame
 
     from worldserve.engine.engine import Engine
     from worldserve.messages import FrameMode, RolloutRequest
-    from worldserve.model.config import PRESETS
-    from worldserve.model.io import load_model_dir
-    from worldserve.model.world_model import build
-    from worldserve.settings import EngineSettings
+    from worldserve.runtime.loader import prepare
+    from worldserve.settings import EngineSettings, ModelSettings
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)  # as the server (OMP_NUM_THREADS=1): 2 threads thrash on a shared 2-core box
-    model = build(PRESETS[preset]) if preset else load_model_dir(model_dir)
+    # what the server serves: the model directory's pin (backend x precision) or the device default, as `serve`
+    ms = ModelSettings(preset=preset) if preset else ModelSettings(dir=Path(model_dir))
+    model = prepare(ms)
+    print(f"raw engine: {ms.backend} {ms.precision} (as `serve` chooses)", flush=True)
     events = []
     eng = Engine(model, EngineSettings(max_slots=max_slots, max_queue=4 * n))
     ctx = context_frames()

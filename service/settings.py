@@ -69,6 +69,9 @@ class EngineSettings(BaseModel):
     share_prefixes: bool = Field(True, description="candidates of one request with equal action prefixes step as "
                                  "one row, forked where they diverge (engine/prefix.py; exact: greedy rollouts and "
                                  "common_random_numbers); off: every candidate its own row")
+    exact_batches: bool = Field(True, description="an eager model on the CPU steps its rows unpadded (nothing there "
+                                "is compiled per shape); off: power-of-two buckets, as compiled backends and CUDA "
+                                "always use (runtime/batch.exact_batches)")
     isolated: bool = Field(False, description="`serve`: run each model's engine in its own process "
                            "(engine/process.py), so a model that crashes its process takes down only itself; the "
                            "front end ends its requests at once and starts it again")
@@ -89,8 +92,9 @@ class ServerSettings(BaseModel):
                                    "repeated messages in a gRPC request: bounds parse memory")
     max_image_pixels: int = 4096 * 4096
     max_image_bytes: int = 4 * 1024 * 1024
-    max_image_decode_ms: float = Field(250.0, gt=0, description="decode-time budget of one context frame (off the "
-                                       "event loop); a compressed frame that needs longer is refused")
+    max_image_decode_ms: float = Field(250.0, gt=0, description="decode-time budget of one context frame in CPU "
+                                       "time of the decoding thread (off the event loop); a compressed frame "
+                                       "that needs longer is refused")
     max_json_depth: int = Field(32, ge=4, description="deepest nesting of arrays/objects in a REST body or WS message")
     max_request_cost: int = Field(65536, ge=1, description="most candidate-steps (candidates x horizon, x2 when "
                                   "frames come back every step) one request may ask for; a key may have less")

@@ -71,7 +71,9 @@ def check_jpeg_segments(data: bytes, field: str, max_segments: int = MAX_JPEG_SE
 
 
 def _budget(t0: float, max_ms: float | None, field: str, encoding: str) -> None:
-    ms = (time.perf_counter() - t0) * 1000
+    # CPU time of the decoding thread, not wall time: under load a thread waits for the GIL and the cores, and a
+    # plain 64x64 PNG took 311 ms of wall time at 64 REST clients (refused as if it were a bomb)
+    ms = (time.thread_time() - t0) * 1000
     if max_ms is not None and ms > max_ms:
         raise InvalidArgument(f"{field}: the {encoding} image took {ms:.0f} ms to decode, over the {max_ms:g} ms "
                               "budget per frame (server.max_image_decode_ms): send a plainly encoded frame", field)
@@ -80,8 +82,8 @@ def _budget(t0: float, max_ms: float | None, field: str, encoding: str) -> None:
 def decode_frame(encoding: str, data: bytes, height: int, width: int, expect_hw: tuple[int, int],
                  max_pixels: int, max_bytes: int, field: str, max_ms: float | None = None) -> np.ndarray:
     """-> uint8 [H, W, 3] matching expect_hw, or InvalidArgument naming `field` (also when decoding takes longer
-    than `max_ms`: checked after the header is parsed and after the pixels are decoded)."""
-    t0 = time.perf_counter()
+    than `max_ms` of this thread's CPU time: checked after the header is parsed and after the pixels are decoded)."""
+    t0 = time.thread_time()
     eh, ew = expect_hw
     if len(data) > max_bytes:
         raise InvalidArgument(f"{field}: image is {len(data)} bytes, over the {max_bytes}-byte limit", field)

@@ -20,7 +20,7 @@ import torch
 from .. import metrics
 from ..model.protocol import Noise
 from ..model.sampling import token_confidence
-from ..runtime.batch import HostOutputs, Sampler, bucket, decode_chunk, run_fixed_chunks, to_host
+from ..runtime.batch import HostOutputs, Sampler, bucket, decode_chunk, exact_batches, run_fixed_chunks, to_host
 from ..settings import EngineSettings
 from .frames import FramePasses
 from .inputs import StepInputs, pack
@@ -46,10 +46,11 @@ class Executor:
         self.chunk = decode_chunk(self.device)  # rows per decode call (fixed: batch invariance)
         self.advanced = False  # the cache was advanced this step: a failure after it cannot be retried
         self.bucket_rows = 0  # rows the model computed, padding included (bench/prefix_sharing.py)
+        self.exact = cfg.exact_batches and exact_batches(model)  # unpadded steps (eager on the CPU) or pow2 buckets
 
     def run(self, rows: list[Row]) -> StepOutputs | None:
         b = len(rows)
-        nb = bucket(b, self.cfg.max_slots)
+        nb = bucket(b, self.cfg.max_slots, self.exact)
         self.bucket_rows += nb
         metrics.BATCH_SIZE.labels(self.spec.name).observe(b)
         if self.frames is not None:
@@ -70,7 +71,7 @@ class Executor:
         return self._outputs(rows, inp, nxt, reward[:b], done[:b], conf)  # e
 
     def _pack(self, rows: list[Row], nb: int, passes: int = 0) -> StepInputs:
-        return pack(rows, nb, self.pad_slot, self.spec.action_dim, self.device, self.cfg.max_slots, passes)
+        return pack(rows, nb, self.pad_slot, self.spec.action_dim, self.device, self.cfg.max_slots, passes, self.exact)
 
     def _passes(self, rows: list[Row], nb: int) -> StepOutputs | None:
         """b'. Within-frame decoding: the trunk for rows starting a frame, then ONE fill over every row at whatever

@@ -121,9 +121,10 @@ def outputs_wanted(rows: list[Row]) -> tuple[list[int], set[int], list[int], boo
 
 
 def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch.device, max_slots: int,
-         passes: int = 0) -> StepInputs:
+         passes: int = 0, exact: bool = False) -> StepInputs:
     """The rows' inputs, padded to the bucket nb, on the device in one copy. passes: the model's passes per frame
-    (within-frame decoding), 0 for a model whose step makes the frame."""
+    (within-frame decoding), 0 for a model whose step makes the frame. exact: the fresh rows unpadded too
+    (runtime/batch.exact_batches)."""
     b, pad = len(rows), nb - len(rows)
     sp = spans(rows)
     slots = np.array([r.slot for r in rows] + [pad_slot] * pad, np.int64)
@@ -156,7 +157,7 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
         arrays["pass_idx"] = pidx
         fresh = [i for i, r in enumerate(rows) if r.fresh]
         if fresh:
-            nf = bucket(len(fresh), max_slots)
+            nf = bucket(len(fresh), max_slots, exact)
             fs = np.full(nf, pad_slot, np.int64)
             fs[: len(fresh)] = slots[fresh]
             fa = np.zeros((nf, *acts.shape[1:]), acts.dtype)

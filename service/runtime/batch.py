@@ -1,5 +1,6 @@
 """How a batch runs on the device, shared by the engine and the runtime backends:
-- shape buckets: step batches are padded to 1, 2, 4, ... max so compiled graphs and TensorRT profiles are reused;
+- shape buckets: step batches are padded to 1, 2, 4, ... max so compiled graphs and TensorRT profiles are reused
+  (an eager model on the CPU runs its rows as they are: padding there is work for nothing, `exact_batches`);
 - fixed chunks: encode / decode in chunks of exactly CHUNK rows on the CPU, GPU_CHUNK on CUDA (batch invariance:
   a row's frame never depends on how many rows were decoded with it);
 - the token sampler: the chunked PyTorch sampler (worldserve.model.sampling.sample) or the Triton kernel (on CUDA
@@ -26,8 +27,17 @@ def pow2(n: int) -> int:
     return b
 
 
-def bucket(n: int, max_n: int) -> int:
-    return min(pow2(n), max(max_n, n))
+def bucket(n: int, max_n: int, exact: bool = False) -> int:
+    # rows a step computes for n rows: n (exact) or its power-of-two bucket, capped at the cache's slots
+    return n if exact else min(pow2(n), max(max_n, n))
+
+
+def exact_batches(model) -> bool:
+    """Whether a model runs its rows unpadded: an eager PyTorch model on the CPU, where nothing is compiled or captured
+    per shape (a 58-row step padded to 64 pays 10 % for nothing; 33 rows paid for 64). Compiled graphs, ONNX Runtime,
+    TensorRT profiles and CUDA keep the power-of-two buckets. Batch invariance holds either way
+    (tests/unit/test_engine_invariance.py)."""
+    return model.device.type == "cpu" and getattr(model, "backend", "eager") == "eager"
 
 
 def buckets(max_n: int) -> list[int]:
