@@ -24,11 +24,12 @@ from fastapi import APIRouter, FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
+from ..metrics import exposition
 from ..settings import ServerSettings
 from .admin import admin_router
 from .auth import WS_PROTOCOL, Gate, HttpGate, current_principal
@@ -96,7 +97,7 @@ def probes(dp: DataPlane) -> APIRouter:
 
     @r.get("/metrics")
     async def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return r
 

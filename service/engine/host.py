@@ -16,6 +16,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+from .. import metrics
+
 log = logging.getLogger("worldserve.engine")
 
 
@@ -202,8 +204,11 @@ class ProcessHost:
                     events, fatal = ipc.decode_events(payload)
                     if events:
                         self._loop.call_soon_threadsafe(self._on_events, events, fatal)
+                elif kind == ipc.METRICS:
+                    metrics.set_remote(self.name, payload.decode())
         except (ipc.Closed, OSError):
             pass
+        metrics.set_remote(self.name, None)  # a dead process's gauges (slots, sessions) are not current
         code = _wait(proc, 10)
         self.down = f"engine process exited with code {code}"
         if not self._stopping:

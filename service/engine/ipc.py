@@ -8,6 +8,7 @@ JSON header and the raw buffers of the arrays), never bare tuples. No torch here
     MSG    : pack(RolloutRequest | SessionAction | Cancel)                             front end -> engine
     EVENTS : u8 fatal | u32 n | n x (u32 length | pack(RolloutEvent))  (one engine step) engine -> front end
     STOP   : empty                                                                     front end -> engine
+    METRICS: Prometheus text of the engine process, every METRICS_EVERY_S             engine -> front end
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import struct
 
 from ..messages import RolloutEvent, pack, unpack
 
-CONFIG, READY, MSG, EVENTS, STOP = 1, 2, 3, 4, 5
+CONFIG, READY, MSG, EVENTS, STOP, METRICS = 1, 2, 3, 4, 5, 6
+METRICS_EVERY_S = 0.5  # how stale the front end's /metrics may be for an isolated engine
 _HEAD = struct.Struct("<IB")
 _U32 = struct.Struct("<I")
 MAX_FRAME = 1 << 30  # a corrupt length ends the connection instead of allocating it

@@ -5,7 +5,8 @@ model here, so a model that crashes its process (a kernel fault, an OOM kill) ta
     python -m worldserve.engine.process FD      # FD: this end of a socketpair made by the front end
 
 1. CONFIG arrives: build the engine as `serve` would (engine/build.py), answer READY with the model's info.
-2. The engine runs in a thread; each step's events go back as one EVENTS frame.
+2. The engine runs in a thread; each step's events go back as one EVENTS frame; this process's metrics go back as a
+   METRICS frame every ipc.METRICS_EVERY_S (the front end's /metrics merges them).
 3. This (main) thread reads MSG frames: requests are submitted (a refusal is answered as the request's final
    event: there is no synchronous reply over the socket), session actions and cancels handed over.
 4. STOP or the front end gone (EOF): stop the engine and exit 0; an engine that failed exits EXIT_ENGINE_DEAD.
@@ -51,6 +52,8 @@ def serve(sock: socket.socket) -> int:
         ipc.send(sock, ipc.READY, info.to_json().encode())
     runner = threading.Thread(target=engine.run, args=(emit,), name=f"engine-{info.name}", daemon=True)
     runner.start()
+    stopped = threading.Event()
+    threading.Thread(target=_send_metrics, args=(sock, lock, stopped), name="metrics", daemon=True).start()
     try:
         while runner.is_alive():
             kind, payload = ipc.recv(sock)
@@ -71,9 +74,22 @@ def serve(sock: socket.socket) -> int:
                 engine.cancel(msg.request_id)
     except (ipc.Closed, OSError):
         log.warning("engine process %s: the front end went away; stopping", info.name)
+    stopped.set()
     engine.stop()
     runner.join(30)
     return EXIT_ENGINE_DEAD if engine.fatal is not None else 0
+
+
+def _send_metrics(sock: socket.socket, lock: threading.Lock, stopped: threading.Event) -> None:
+    from prometheus_client import generate_latest
+
+    while not stopped.wait(ipc.METRICS_EVERY_S):
+        text = generate_latest()
+        try:
+            with lock:
+                ipc.send(sock, ipc.METRICS, text)
+        except OSError:
+            return
 
 
 def main(argv: list[str] | None = None) -> None:

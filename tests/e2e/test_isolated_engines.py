@@ -1,7 +1,8 @@
 """`serve` with isolated engines (engine.isolated, issue 20 item 7), as an operator runs it: the real server as a
 subprocess over a model repository (tiny + denoiser), each model's engine in its own process. SIGKILL one model's
 engine process while a rollout runs: the rollout ends with a status at once, /healthz says so, the other model
-keeps serving, and the process comes back by itself. The front end itself never imports torch."""
+keeps serving, and the process comes back by itself. The front end itself never imports torch; its /metrics shows
+the engine processes' figures."""
 
 from __future__ import annotations
 
@@ -51,6 +52,14 @@ def test_a_killed_engine_process_ends_its_requests_and_comes_back(tmp_path, real
         assert "libtorch" not in torch_maps, "the front end loaded torch: its engines are not isolated"
         c = RestClient(srv.http)
         before = c.predict("tiny", real_frames[:2], [2, 1, 2], seed=3, temperature=1.0)
+        # the engine processes' metrics reach the front end's /metrics (merged every ipc.METRICS_EVERY_S)
+        frames = [0.0]
+        deadline = time.time() + 10
+        while frames[0] < 3 and time.time() < deadline:
+            time.sleep(0.2)
+            frames = [float(line.split()[-1]) for line in httpx.get(srv.http + "/metrics").text.splitlines()
+                      if line.startswith('worldserve_frames_total{model="tiny"}')] or [0.0]
+        assert frames[0] >= 3, "the tiny engine process's frames never reached /metrics"
         out: dict = {}
         started = threading.Event()
         # distinct random candidates (equal prefixes would be computed once and finish before the kill)
