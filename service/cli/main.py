@@ -1,4 +1,4 @@
-"""`worldserve` command line: collect, train, eval, serve, api, worker, rollout, plan, export."""
+"""`worldserve` command line: collect, train, eval, fidelity, calibrate, serve, api, worker, rollout, plan, export."""
 
 from __future__ import annotations
 
@@ -203,6 +203,17 @@ def cmd_fidelity(a) -> None:
     fidelity_dir(Path(a.model_dir), a.states, a.k, a.variants.split(","), a.rare_states, not a.no_card)
 
 
+def cmd_calibrate(a) -> None:
+    import torch
+
+    from ..lab.calibrate import calibrate_dir
+
+    torch.set_num_threads(a.threads)
+    command = (f"worldserve calibrate {a.model_dir} --states {a.states} --rare-states {a.rare_states} --k {a.k} "
+               f"--world-k {a.world_k} --seed {a.seed} --threads {a.threads}")
+    calibrate_dir(Path(a.model_dir), a.states, a.rare_states, a.k, a.world_k, a.seed, not a.no_write, command)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="worldserve", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -290,6 +301,19 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--no-card", action="store_true")
     f.set_defaults(fn=cmd_fidelity)
+
+    c = sub.add_parser("calibrate", help="fit the done head's calibration (Platt scaling) of a model of the "
+                       "stochastic world on its own sampled futures vs the simulator's collisions; into config.json")
+    c.add_argument("model_dir")
+    c.add_argument("--states", type=int, default=48, help="calibration states of every risk (seeds from 500,000)")
+    c.add_argument("--rare-states", type=int, default=24, help="calibration states chosen as the rare-collision "
+                   "evaluation chooses its own (world p in (0, 5 %%]; seeds from 550,000)")
+    c.add_argument("--k", type=int, default=32, help="sampled futures per state, through the engine")
+    c.add_argument("--world-k", type=int, default=512, help="simulator futures per state")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--no-write", action="store_true", help="print the fit; leave config.json and the card alone")
+    c.set_defaults(fn=cmd_calibrate)
 
     from . import plan as cli_plan
     from . import runtime as cli_runtime

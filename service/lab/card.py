@@ -11,7 +11,8 @@ def write_card_table(model_dir: Path, text: str, section: str = "eval") -> None:
     card = model_dir / "MODEL_CARD.md"
     body = card.read_text()
     title = {"eval": "Evaluation", "fidelity": "Distribution fidelity",
-             "drift": "Long rollouts (drift)", "knobs": "Joint fidelity against the speed knobs"}.get(section, section)
+             "drift": "Long rollouts (drift)", "knobs": "Joint fidelity against the speed knobs",
+             "calibration": "Done-head calibration"}.get(section, section)
     block = f"<!-- {section}:start -->\n## {title}\n\n{text}\n<!-- {section}:end -->"
     if f"<!-- {section}:start -->" in body:
         body = re.sub(rf"<!-- {section}:start -->.*<!-- {section}:end -->", lambda _: block, body, flags=re.S)

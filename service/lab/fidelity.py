@@ -176,7 +176,7 @@ class RareEvents:
 
     true_rate: float  # simulator frequency, pooled over the states
     rates: dict[str, float]  # variant -> the model's sampled frequency, pooled
-    ci: dict[str, tuple[float, float]]  # variant -> 95 % Wilson interval of that frequency
+    ci: dict[str, tuple[float, float]]  # variant -> 95 % interval of that frequency
     n_states: int
     k: int
 
@@ -205,13 +205,14 @@ def mean_ci(x: np.ndarray, z: float = 1.96) -> tuple[float, tuple[float, float]]
 
 
 def rare_states(n_states: int, k: int, horizon: int = 4, p_max: float = 0.05, candidates: int | None = None,
-                seed: int = 0, world_k: int = 0) -> tuple[list[State], float]:
+                seed: int = 0, world_k: int = 0, seed0: int = HELDOUT_SEED0 + 50_000) -> tuple[list[State], float]:
     """States where the world gives a collision within `horizon` probability in (0, p_max] (over K simulator futures):
     -> (states, the world's pooled rate).
 
     world_k > 0: the rate from world_k fresh simulator futures per state, independent of the K that chose the states
-    (keeping a state because its K futures had a hit in (0, p_max] biases those same futures' rate)."""
-    pool = heldout_states(candidates or 8 * n_states, horizon, seed0=HELDOUT_SEED0 + 50_000)
+    (keeping a state because its K futures had a hit in (0, p_max] biases those same futures' rate). seed0: the
+    pool's first episode seed (the evaluation's pool by default; lab/calibrate.py draws its own, disjoint)."""
+    pool = heldout_states(candidates or 8 * n_states, horizon, seed0=seed0)
     kept, hits, n = [], 0, 0
     for j, st in enumerate(pool):
         _, hit = simulate(st, k, seed + j)
@@ -228,29 +229,20 @@ def rare_states(n_states: int, k: int, horizon: int = 4, p_max: float = 0.05, ca
 
 def rare_events(variants: dict, n_states: int, k: int = 256, horizon: int = 4, p_max: float = 0.05,
                 candidates: int | None = None, seed: int = 0, world_k: int = 0) -> RareEvents:
-    """Each variant (name -> model) samples K futures per state; a future 'collides' when the model's done
-    probability passes 0.5 within `horizon` steps. States are kept where the simulator's collision frequency over
-    K clones is in (0, p_max]: the rare futures that quantization could wash out."""
+    """Each variant (name -> model) samples K futures per state through the engine; its rate is the collision
+    probability within `horizon` its futures imply (maskgit_fidelity.rare_rate, the rule of lab/knobs.py's
+    rare_check). States are kept where the simulator's collision frequency over K clones is in (0, p_max]: the rare
+    futures that quantization could wash out."""
     from ..engine.engine import Engine
     from ..settings import EngineSettings
+    from .maskgit_fidelity import rare_rate
 
     kept, true_rate = rare_states(n_states, k, horizon, p_max, candidates, seed, world_k)
     rates, ci = {}, {}
     for name, model in variants.items():
         eng = Engine(model, EngineSettings(max_slots=k, max_queue=4, max_candidates=k))
-        hits = 0
-        for j, st in enumerate(kept):
-            _, done = sample_model(eng, st, k, seed + j * k)
-            hits += int((done > 0.5).any(1).sum())
-        n = k * len(kept)
-        rates[name], ci[name] = hits / max(n, 1), wilson(hits, n)
+        rates[name], ci[name] = rare_rate(model, kept, k, seed=seed, engine=eng)
     return RareEvents(true_rate, rates, ci, len(kept), k)
-
-
-def rare_gate(r: RareEvents, name: str, rel: float = 0.2) -> bool:
-    """A variant keeps the rare futures when its frequency lies inside fp32's 95 % interval widened by `rel`."""
-    lo, hi = r.ci["fp32"]
-    return (1 - rel) * lo <= r.rates[name] <= (1 + rel) * hi
 
 
 def rare_table(r: RareEvents) -> str:

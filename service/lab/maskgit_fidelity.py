@@ -8,9 +8,9 @@ On held-out states of the stochastic world (fidelity.heldout_states), K futures 
   set of ball cells of a frame), model vs world (futures still running); the floor is the world against itself at
   the same K;
 - rare collisions: collision within the horizon in states where the world gives it probability in (0, p_max]
-  (the pool of fidelity.rare_events), the model's sampled frequency (done probability > 0.5) vs the world's; the
-  world's rate comes from an independent, larger set of simulator futures than the one that chose the states (the
-  choice alone would bias it).
+  (fidelity.rare_states), the collision probability the model's futures imply (1 - prod_t (1 - done_t)) vs the
+  world's frequency; the world's rate comes from an independent, larger set of simulator futures than the one that
+  chose the states (the choice alone would bias it).
 
     python -m worldserve.lab.maskgit_fidelity models/maskgit --settings default,cosine:sampled:8:1 --k 256
 """

@@ -53,6 +53,11 @@ class ModelConfig:
     head_layers: int = 0  # 0: no frame head
     head_d_model: int = 128
     head_heads: int = 4
+    # post-hoc calibration of the done head (lab/calibrate.py, Platt scaling): the served done probability is
+    # sigmoid(done_scale * logit + done_bias), applied in Dynamics.heads so every backend and precision gets it;
+    # the default is the identity (the logit untouched, bit for bit)
+    done_scale: float = 1.0
+    done_bias: float = 0.0
 
     @property
     def tokens_per_frame(self) -> int:
@@ -87,6 +92,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["fsq_levels"] = list(self.fsq_levels)
         d["action_names"] = list(self.action_names)
+        if self.done_scale == 1.0 and self.done_bias == 0.0:  # uncalibrated: config.json and export keys as before
+            del d["done_scale"], d["done_bias"]
         return d
 
     @classmethod
@@ -120,6 +127,9 @@ class ModelConfig:
             raise ValueError("passes must be >= 1, tokens_per_pass >= 0, decode_temperature and choice_noise >= 0")
         if self.schedule not in SCHEDULES or self.confidence not in CONFIDENCES:
             raise ValueError(f"schedule must be one of {SCHEDULES} and confidence one of {CONFIDENCES}")
+        if not self.done_scale > 0 or self.done_bias != self.done_bias:
+            raise ValueError(f"done_scale must be > 0 (a monotone calibration) and done_bias a number, got "
+                             f"{self.done_scale!r}, {self.done_bias!r}")
         if self.head_layers and (self.head_d_model % self.head_heads):
             raise ValueError("head_d_model must split into head_heads heads")
 

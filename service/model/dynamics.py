@@ -3,7 +3,8 @@
 Sequence layout: frame t contributes N tokens. The input at frame t is
     tok_emb(z_t) + pos_emb[n] + act_emb(a_t)                       # [B, N, d]
 where a_t is the action taken *after* observing frame t. The outputs at frame t predict every
-token of frame t+1 in one pass (logits [B, N, V]) plus the reward and done of taking a_t.
+token of frame t+1 in one pass (logits [B, N, V]) plus the reward and done of taking a_t (the done logit through
+the config's post-hoc calibration, done_scale * logit + done_bias: identity unless lab/calibrate.py fitted one).
 Attention is block-causal with a sliding window: a token of frame t attends to all tokens of
 frames t-W+1 .. t. Time enters through rotary embeddings over the frame index only (relative,
 so the ring-buffer cache can run forever); space through a learned per-token embedding.
@@ -197,8 +198,11 @@ class Dynamics(nn.Module):
         # the model dtype: small, and callers turn them into numbers)
         h = self.ln_f(h)
         pooled = h.mean(2)  # [B, T, d]; the heads below are not GEMMs over the batch (rowwise_linear)
-        return (self.head(h), rowwise_linear(pooled, self.reward_head).squeeze(-1).float(),
-                rowwise_linear(pooled, self.done_head).squeeze(-1).float())
+        done = rowwise_linear(pooled, self.done_head).squeeze(-1).float()  # [B, T]
+        a, b = self.cfg.done_scale, self.cfg.done_bias
+        if a != 1.0 or b != 0.0:  # post-hoc calibration (config, lab/calibrate.py); identity: not even an op
+            done = done * a + b
+        return self.head(h), rowwise_linear(pooled, self.reward_head).squeeze(-1).float(), done
 
     # ---- full sequence (training, prefill, reference) ----------------------------------------
     def block_mask(self, t: int, device) -> torch.Tensor:
