@@ -133,6 +133,81 @@ def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frame
             "step_p99_ms": 1e3 * pct(step_times, 99)}
 
 
+def served_sessions(target: str, model: str, n: int, duration: float, actions):
+    """N WebSocket sessions, each stepping one action at a time with a frame each step (a player, W4's shape)."""
+    ctx = context_frames()
+    ttff, gaps, counts, errors = [], [], [0] * n, []
+    stop = time.time() + duration
+
+    def client(i):
+        try:
+            with RestClient(target).session(model, ctx, frames="all", seed=i) as s:
+                acts, t = actions(i, 0), 0
+                while time.time() < stop:
+                    t0 = time.perf_counter()
+                    s.step(acts[t % len(acts)])
+                    (gaps if t else ttff).append(time.perf_counter() - t0)
+                    counts[i] += 1
+                    t += 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    return {"frames_per_s": sum(counts) / wall, "ttff_p50_ms": 1e3 * pct(ttff, 50), "ttff_p99_ms": 1e3 * pct(ttff, 99),
+            "gap_p50_ms": 1e3 * pct(gaps, 50), "gap_p99_ms": 1e3 * pct(gaps, 99), "errors": errors[:3]}
+
+
+def raw_sessions(model_dir, preset, n: int, duration: float, actions, max_slots: int):
+    """The sessions' ceiling: N sessions in the engine loop of this process, every session acting each step."""
+    import torch
+
+    from worldserve.engine.engine import Engine
+    from worldserve.messages import FrameMode, RolloutRequest, SessionAction
+    from worldserve.runtime.loader import prepare
+    from worldserve.settings import EngineSettings, ModelSettings
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    ms = ModelSettings(preset=preset) if preset else ModelSettings(dir=Path(model_dir))
+    model = prepare(ms)
+    eng = Engine(model, EngineSettings(max_slots=max_slots, max_queue=4 * n))
+    ctx = context_frames()
+    empty = np.zeros((1, 0, model.spec.action_dim), np.float32) if model.spec.action_dim else np.zeros((1, 0), np.int64)
+    for i in range(n):
+        eng.submit(RolloutRequest(f"s{i}", model.cfg.name, ctx, empty, frames=FrameMode.ALL, seed=i, session=True))
+    step_times, frames, t = [], 0, 0
+
+    def one_round(t):
+        for i in range(n):
+            acts = actions(i, 0)
+            eng.act(SessionAction(f"s{i}", np.asarray(acts[t % len(acts)])))
+        got = 0
+        while got < n:
+            s0 = time.perf_counter()
+            got += sum(not e.final for e in eng.step())
+            step_times.append(time.perf_counter() - s0)
+        return got
+
+    for t in range(2):  # warm-up (admission, first steps), untimed
+        one_round(t)
+    step_times.clear()
+    t_end, t0 = time.time() + duration, time.time()
+    while time.time() < t_end:
+        t += 1
+        frames += one_round(t)
+    wall = time.time() - t0
+    for i in range(n):
+        eng.cancel(f"s{i}")
+    return {"frames_per_s": frames / wall, "step_p50_ms": 1e3 * pct(step_times, 50),
+            "step_p99_ms": 1e3 * pct(step_times, 99)}
+
+
 def mean_of(parts: list[dict]) -> dict:
     """Mean of the numeric fields of repeated chunks of one point (errors: concatenated)."""
     out = {k: float(np.mean([p[k] for p in parts])) for k, v in parts[0].items() if isinstance(v, float | int)}
@@ -177,8 +252,10 @@ def main() -> None:
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--frames", default="all", choices=["all", "last", "none"])
-    p.add_argument("--transports", default="grpc,http")
-    p.add_argument("--modes", default="local", help="local,isolated,redis")
+    p.add_argument("--transports", default="grpc,http", help="grpc,http (rollouts) and ws (sessions: one action at "
+                   "a time, a frame each; raw: the same sessions in the engine loop)")
+    p.add_argument("--modes", default="local", help="local (serve's defaults), inproc (engine.isolated off), "
+                   "isolated (on), redis")
     p.add_argument("--max-slots", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1, help="alternate raw and served chunks this many times")
     p.add_argument("--tag", default=None)
@@ -252,9 +329,11 @@ def run(a) -> None:
     rows, report = [], {"args": vars(a), "results": []}
     for mode in a.modes.split(","):
         redis = None
-        if mode in ("local", "isolated"):  # isolated: `serve` with each engine in its own process
+        if mode in ("local", "inproc", "isolated"):  # `serve`: its defaults, engines in-process, in their own
+            key = "WORLDSERVE_ENGINE__ISOLATED"
+            iso = {"inproc": {key: "false"}, "isolated": {key: "true"}}
             srv = start_server(tmp, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024",
-                               env={"WORLDSERVE_ENGINE__ISOLATED": "true"} if mode == "isolated" else None)
+                               env=iso.get(mode))
         else:
             redis = start_redis(tmp)
             srv = start_stack(tmp, redis, 1, (*model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024"),
@@ -264,15 +343,21 @@ def run(a) -> None:
             for n in [int(x) for x in a.clients.split(",")]:
                 if n * a.candidates > a.max_slots:
                     continue
-                raws, serv = [], {tr: [] for tr in a.transports.split(",")}
+                serv = {tr: [] for tr in a.transports.split(",")}
+                raws: dict[str, list] = {"rollout": [], "session": []}
+                d = a.duration / a.repeats
                 for _ in range(a.repeats):  # raw and served alternate: drift of a shared machine hits both
-                    raws.append(raw_engine(a.model_dir, a.preset, n, a.candidates, a.horizon,
-                                           a.duration / a.repeats, a.frames, actions, a.max_slots))
+                    if set(serv) - {"ws"}:
+                        raws["rollout"].append(raw_engine(a.model_dir, a.preset, n, a.candidates, a.horizon, d,
+                                                          a.frames, actions, a.max_slots))
+                    if "ws" in serv:
+                        raws["session"].append(raw_sessions(a.model_dir, a.preset, n, d, actions, a.max_slots))
                     for tr in serv:
-                        serv[tr].append(served(srv.grpc if tr == "grpc" else srv.http, tr, model, n, a.candidates,
-                                               a.horizon, a.duration / a.repeats, a.frames, actions))
-                raw = mean_of(raws)
+                        serv[tr].append(served_sessions(srv.http, model, n, d, actions) if tr == "ws" else
+                                        served(srv.grpc if tr == "grpc" else srv.http, tr, model, n, a.candidates,
+                                               a.horizon, d, a.frames, actions))
                 for tr in serv:
+                    raw = mean_of(raws["session" if tr == "ws" else "rollout"])
                     s = mean_of(serv[tr])
                     row = {"mode": mode, "transport": tr, "clients": n, "K": a.candidates, "H": a.horizon, **s,
                            "raw_frames_per_s": raw["frames_per_s"], "raw_step_p50_ms": raw["step_p50_ms"],

@@ -72,7 +72,7 @@ class EngineSettings(BaseModel):
     exact_batches: bool = Field(True, description="an eager model on the CPU steps its rows unpadded (nothing there "
                                 "is compiled per shape); off: power-of-two buckets, as compiled backends and CUDA "
                                 "always use (runtime/batch.exact_batches)")
-    isolated: bool = Field(False, description="`serve`: run each model's engine in its own process "
+    isolated: bool = Field(True, description="`serve`: run each model's engine in its own process "
                            "(engine/process.py), so a model that crashes its process takes down only itself; the "
                            "front end ends its requests at once and starts it again")
 

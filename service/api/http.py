@@ -97,6 +97,9 @@ def probes(dp: DataPlane) -> APIRouter:
 
     @r.get("/metrics")
     async def metrics():
+        refresh = getattr(dp.queue, "refresh_metrics", None)  # isolated engines: their figures as of now
+        if refresh is not None:
+            await refresh()
         return Response(exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return r

@@ -77,11 +77,16 @@ class EngineHost:
 
 
 class _EngineProxy:
-    """What the local queue calls on an engine, for an engine in another process: submit / act / cancel are sent
-    (a refusal comes back as the request's final event); `fatal` is why the process is gone, while it is."""
+    """What the local queue calls on an engine, for an engine in another process: submit / act / cancel are sent;
+    `fatal` is why the process is gone, while it is. A full queue is refused here, at once, as an in-process engine
+    refuses it (REST 429 before the stream starts): requests sent that have had no event yet count as waiting, at
+    most engine.max_queue (sessions, which answer only actions, are left to the engine). Any other refusal inside the
+    process comes back as the request's final event."""
 
-    def __init__(self, host: ProcessHost):
+    def __init__(self, host: ProcessHost, max_queue: int):
         self._host = self.process_host = host
+        self.max_queue = max_queue
+        self.waiting: set[str] = set()  # request ids sent without an event back yet (reader thread discards)
 
     @property
     def fatal(self) -> str | None:
@@ -92,7 +97,18 @@ class _EngineProxy:
 
         if self._host.down is not None or not self._host.started():
             raise Unavailable(f"engine process of {self._host.name!r} is not running ({self._host.down}); retry")
-        self._host.send_msg(req)
+        if not req.session:
+            if len(self.waiting) >= self.max_queue:
+                from ..errors import QueueFull
+
+                metrics.REQUESTS.labels(self._host.info.name if self._host.info else self._host.name, "rejected").inc()
+                raise QueueFull(f"queue full ({self.max_queue} requests waiting); retry later")
+            self.waiting.add(req.id)
+        try:
+            self._host.send_msg(req)
+        except Exception:
+            self.waiting.discard(req.id)
+            raise
 
     def act(self, action) -> None:
         self._host.send_msg(action)
@@ -100,6 +116,7 @@ class _EngineProxy:
     def cancel(self, request_id: str) -> None:
         from ..messages import Cancel
 
+        self.waiting.discard(request_id)
         self._host.send_msg(Cancel(request_id))
 
     def alive(self) -> bool:
@@ -125,7 +142,7 @@ class ProcessHost:
     def __init__(self, name: str, config: dict, restart_backoff_s: float = 0.5, ready_timeout_s: float = 600):
         self.name, self.config = name, config
         self.backoff, self.ready_timeout_s = restart_backoff_s, ready_timeout_s
-        self.engine = _EngineProxy(self)
+        self.engine = _EngineProxy(self, config.get("settings", {}).get("engine", {}).get("max_queue", 1 << 30))
         self.info = None
         self.error: BaseException | None = None
         self.down: str | None = "not started"
@@ -138,10 +155,12 @@ class ProcessHost:
         self._on_events: Callable | None = None
         self._on_exit: Callable | None = None
         self._reader: threading.Thread | None = None
+        self._fresh = asyncio.Event()  # set (in the loop) when the process answers METRICS_NOW
 
     # ---- the process ----------------------------------------------------------------------------------------
     def spawn(self):
-        """Start the process and wait for READY; returns its ModelInfo. Raises RuntimeError if it dies first."""
+        """Start the process and wait for READY; returns its ModelInfo. Raises the build's own error (FAILED: a
+        ServiceError, as in-process) or RuntimeError if the process dies first."""
         import json
         import socket
         import subprocess
@@ -164,6 +183,10 @@ class ProcessHost:
             code = _wait(proc, 5)
             raise RuntimeError(f"engine process of {self.name!r} ended before it was ready (exit code {code}): "
                                f"{type(e).__name__}: {e}; its log is above") from e
+        if kind == ipc.FAILED:  # the engine could not be built: the same error an in-process build raises
+            ours.close()
+            _wait(proc, 10)
+            raise ipc.decode_failure(payload)
         if kind != ipc.READY:
             raise RuntimeError(f"engine process of {self.name!r} answered frame kind {kind} instead of READY")
         self.info, self.proc, self._sock, self.down = ModelInfo.from_json(payload), proc, ours, None
@@ -202,13 +225,18 @@ class ProcessHost:
                 kind, payload = ipc.recv(sock)
                 if kind == ipc.EVENTS:
                     events, fatal = ipc.decode_events(payload)
+                    for ev in events:  # started (or ended): no longer waiting
+                        self.engine.waiting.discard(ev.request_id)
                     if events:
                         self._loop.call_soon_threadsafe(self._on_events, events, fatal)
-                elif kind == ipc.METRICS:
+                elif kind in (ipc.METRICS, ipc.METRICS_FRESH):
                     metrics.set_remote(self.name, payload.decode())
+                    if kind == ipc.METRICS_FRESH:
+                        self._loop.call_soon_threadsafe(self._fresh.set)
         except (ipc.Closed, OSError):
             pass
         metrics.set_remote(self.name, None)  # a dead process's gauges (slots, sessions) are not current
+        self.engine.waiting.clear()  # its requests end now (on_exit)
         code = _wait(proc, 10)
         self.down = f"engine process exited with code {code}"
         if not self._stopping:
@@ -228,7 +256,7 @@ class ProcessHost:
                 return
             try:
                 self.spawn()
-            except RuntimeError as e:
+            except Exception as e:  # noqa: BLE001 - a failed start (dead process or refused build): try again
                 log.error("%s; next try in %.1f s", e, min(30.0, wait * 2))
                 wait = min(30.0, wait * 2)
                 continue
@@ -236,6 +264,20 @@ class ProcessHost:
             log.warning("engine process of %s is back (restart %d)", self.name, self.restarts)
             self._start_reader()
             return
+
+    async def refresh_metrics(self, timeout: float = 1.0) -> None:
+        """Before a /metrics answer: the process's figures as of now (else up to ipc.METRICS_EVERY_S old)."""
+        from . import ipc
+
+        if self.down is not None or self._sock is None:
+            return
+        self._fresh.clear()
+        try:
+            with self._send_lock:
+                ipc.send(self._sock, ipc.METRICS_NOW)
+            await asyncio.wait_for(self._fresh.wait(), timeout)
+        except (OSError, TimeoutError):
+            pass  # a busy or dying process: the last figures it sent
 
     def started(self) -> bool:
         return self._reader is not None

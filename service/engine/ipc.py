@@ -9,16 +9,22 @@ JSON header and the raw buffers of the arrays), never bare tuples. No torch here
     EVENTS : u8 fatal | u32 n | n x (u32 length | pack(RolloutEvent))  (one engine step) engine -> front end
     STOP   : empty                                                                     front end -> engine
     METRICS: Prometheus text of the engine process, every METRICS_EVERY_S             engine -> front end
+    METRICS_NOW: empty: send the metrics now (a /metrics scrape)                       front end -> engine
+    METRICS_FRESH: Prometheus text, the answer to METRICS_NOW                          engine -> front end
+    FAILED : JSON {"code", "message", "field", "kind"}: the engine could not be built  engine -> front end
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 
-from ..messages import RolloutEvent, pack, unpack
+from ..errors import ServiceError, from_code
+from ..messages import ErrorCode, RolloutEvent, pack, unpack
+from ..model.config import ConfigurationError
 
-CONFIG, READY, MSG, EVENTS, STOP, METRICS = 1, 2, 3, 4, 5, 6
+CONFIG, READY, MSG, EVENTS, STOP, METRICS, FAILED, METRICS_NOW, METRICS_FRESH = 1, 2, 3, 4, 5, 6, 7, 8, 9
 METRICS_EVERY_S = 0.5  # how stale the front end's /metrics may be for an isolated engine
 _HEAD = struct.Struct("<IB")
 _U32 = struct.Struct("<I")
@@ -49,6 +55,32 @@ def recv(sock: socket.socket) -> tuple[int, bytes]:
     if n > MAX_FRAME:
         raise Closed(f"frame of {n} bytes: corrupt stream")
     return kind, _exactly(sock, n) if n else b""
+
+
+# what a build raises for a bad configuration or directory (most specific first: ModelLoadError is a
+# ConfigurationError, which `worldserve serve` reports without a traceback, and a ValueError, the admin API's 400)
+_KINDS = {k.__name__: k for k in (ConfigurationError, ValueError, TypeError, OSError, RuntimeError)}
+
+
+def encode_failure(e: Exception) -> bytes:
+    """A failed build, as the front end re-raises it: a ServiceError by its code, a bad configuration / directory
+    by its kind (_KINDS), anything else as RuntimeError."""
+    if isinstance(e, ServiceError):
+        d = {"code": int(e.code), "message": e.message, "field": e.field, "kind": None}
+    else:
+        kind = next((k.__name__ for k in type(e).__mro__ if k.__name__ in _KINDS), None)
+        d = {"code": int(ErrorCode.INTERNAL), "message": str(e) if kind else f"{type(e).__name__}: {e}",
+             "field": None, "kind": kind or "RuntimeError"}
+    return json.dumps(d).encode()
+
+
+def decode_failure(payload: bytes) -> Exception:
+    d = json.loads(payload)
+    if d.get("kind") is None:
+        e = from_code(ErrorCode(d["code"]), d["message"])
+        e.field = d.get("field")
+        return e
+    return _KINDS.get(d["kind"], RuntimeError)(d["message"])
 
 
 def encode_events(events: list[RolloutEvent], fatal: bool) -> bytes:

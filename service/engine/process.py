@@ -4,7 +4,9 @@ model here, so a model that crashes its process (a kernel fault, an OOM kill) ta
 
     python -m worldserve.engine.process FD      # FD: this end of a socketpair made by the front end
 
-1. CONFIG arrives: build the engine as `serve` would (engine/build.py), answer READY with the model's info.
+1. CONFIG arrives: build the engine as `serve` would (engine/build.py), answer READY with the model's info, or
+   FAILED with the error that stopped it (the front end raises it as an in-process build would: a refused
+   directory is the operator's 4xx, not "the process ended").
 2. The engine runs in a thread; each step's events go back as one EVENTS frame; this process's metrics go back as a
    METRICS frame every ipc.METRICS_EVERY_S (the front end's /metrics merges them).
 3. This (main) thread reads MSG frames: requests are submitted (a refusal is answered as the request's final
@@ -27,6 +29,7 @@ from . import ipc
 
 log = logging.getLogger("worldserve.engine")
 EXIT_ENGINE_DEAD = 70
+EXIT_BUILD_FAILED = 78  # the engine could not be built (a refused directory, a bad configuration): said in FAILED
 
 
 def serve(sock: socket.socket) -> int:
@@ -40,7 +43,13 @@ def serve(sock: socket.socket) -> int:
     s = cfg["settings"]
     settings = Settings(model=ModelSettings.model_validate(s["model"]),
                         engine=EngineSettings.model_validate(s["engine"]))
-    engine, info = build_engine(settings, cfg.get("weights_sha256"))
+    try:
+        engine, info = build_engine(settings, cfg.get("weights_sha256"))
+    except Exception as e:
+        ipc.send(sock, ipc.FAILED, ipc.encode_failure(e))  # the front end raises it (and logs it) as its own
+        if not isinstance(e, ServiceError | ValueError | TypeError | OSError):
+            raise  # unexpected: the traceback is the report
+        return EXIT_BUILD_FAILED
     lock = threading.Lock()  # the engine thread and this thread both send
 
     def emit(events: list[RolloutEvent]) -> None:
@@ -59,6 +68,12 @@ def serve(sock: socket.socket) -> int:
             kind, payload = ipc.recv(sock)
             if kind == ipc.STOP:
                 break
+            if kind == ipc.METRICS_NOW:  # a scrape: what the engine has done up to now (every step already emitted)
+                from prometheus_client import generate_latest
+
+                with lock:
+                    ipc.send(sock, ipc.METRICS_FRESH, generate_latest())
+                continue
             if kind != ipc.MSG:
                 continue
             msg = unpack(payload)

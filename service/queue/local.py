@@ -211,6 +211,11 @@ class LocalQueue:
             if not finished:  # client went away or deadline passed: free the slots within one step
                 s.engine.cancel(req.id)
 
+    async def refresh_metrics(self) -> None:
+        """Engines in their own processes send their figures now (the /metrics answer waits for them)."""
+        hosts = [s.host for s in list(self.served.values()) if hasattr(s.host, "refresh_metrics")]
+        await asyncio.gather(*(h.refresh_metrics() for h in hosts))
+
     async def act(self, action: SessionAction) -> None:
         route = self._routes.get(action.request_id)
         if route is not None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import metric_value
-from worldserve.client.client import ServerError
+from worldserve.client.client import Event, ServerError
 
 pytestmark = pytest.mark.e2e
 MODEL = "tiny"
@@ -71,7 +71,9 @@ def test_grpc_rollout_streams_every_candidate_and_step_in_order(server, real_fra
 def test_seeded_rollout_identical_alone_and_in_a_batch_of_32(server, real_frames):
     g = server.grpc_client()
     cands = [[2, 0, 2, 2, 1, 2, 2, 2]] * 2
-    alone = [e.frame for e in g.rollout(MODEL, real_frames[:4], cands, seed=11, temperature=1.0)]
+    # keyed by (candidate, step): the order of one step's candidates on the wire follows their rows in the batch
+    alone = {(e.candidate, e.step): e.frame for e in g.rollout(MODEL, real_frames[:4], cands, seed=11,
+                                                                temperature=1.0) if isinstance(e, Event)}
     results, errors = {}, []
 
     def other(i):
@@ -85,13 +87,15 @@ def test_seeded_rollout_identical_alone_and_in_a_batch_of_32(server, real_frames
     for t in threads:
         t.start()
     time.sleep(0.05)
-    results["batched"] = [e.frame for e in g.rollout(MODEL, real_frames[:4], cands, seed=11, temperature=1.0)]
+    results["batched"] = {(e.candidate, e.step): e.frame for e in g.rollout(MODEL, real_frames[:4], cands, seed=11,
+                                                                             temperature=1.0) if isinstance(e, Event)}
     for t in threads:
         t.join()
     assert not errors
     assert len(alone) == len(results["batched"]) == 16
-    for a, b in zip(alone, results["batched"], strict=True):
-        np.testing.assert_array_equal(a, b)
+    assert alone.keys() == results["batched"].keys()
+    for key, a in alone.items():
+        np.testing.assert_array_equal(a, results["batched"][key], err_msg=str(key))
 
 
 def test_fork_equals_separate_requests(server, real_frames):
