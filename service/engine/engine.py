@@ -94,8 +94,12 @@ class Engine:
         self._wake.set()
 
     def act(self, a: SessionAction) -> None:
-        with self._lock:  # the inbox is only touched under the lock (submit scans it)
-            self._inbox.append(("act", a, 0.0))
+        self.act_many([a])
+
+    def act_many(self, actions: list[SessionAction]) -> None:
+        """Actions handed over together are taken in the same step (the inbox is only touched under the lock)."""
+        with self._lock:
+            self._inbox.extend(("act", a, 0.0) for a in actions)
         self._wake.set()
 
     def cancel(self, request_id: str) -> None:

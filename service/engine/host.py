@@ -87,6 +87,7 @@ class _EngineProxy:
         self._host = self.process_host = host
         self.max_queue = max_queue
         self.waiting: set[str] = set()  # request ids sent without an event back yet (reader thread discards)
+        self._acts: list = []  # session actions of this loop pass, sent together (ACTS) at its end
 
     @property
     def fatal(self) -> str | None:
@@ -105,18 +106,34 @@ class _EngineProxy:
                 raise QueueFull(f"queue full ({self.max_queue} requests waiting); retry later")
             self.waiting.add(req.id)
         try:
+            self.flush()  # what was sent before goes first
             self._host.send_msg(req)
         except Exception:
             self.waiting.discard(req.id)
             raise
 
     def act(self, action) -> None:
-        self._host.send_msg(action)
+        """Called in the loop: the actions of one loop pass (a vector env's N pumps) go as one ACTS frame, so the
+        engine process takes them in one step, as an in-process engine does."""
+        self._acts.append(action)
+        if len(self._acts) == 1:
+            self._host._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        from . import ipc
+
+        acts, self._acts = self._acts, []
+        if acts:
+            try:
+                self._host.send_frame(ipc.ACTS, ipc.encode_msgs(acts))
+            except Exception as e:  # noqa: BLE001 - the process is gone: its death ends these sessions (on_exit)
+                log.warning("engine process of %s: %d session actions not delivered: %s", self._host.name, len(acts), e)
 
     def cancel(self, request_id: str) -> None:
         from ..messages import Cancel
 
         self.waiting.discard(request_id)
+        self.flush()
         self._host.send_msg(Cancel(request_id))
 
     def alive(self) -> bool:
@@ -196,9 +213,14 @@ class ProcessHost:
         from ..messages import pack
         from . import ipc
 
+        self.send_frame(ipc.MSG, pack(msg))
+
+    def send_frame(self, kind: int, payload: bytes) -> None:
+        from . import ipc
+
         try:
             with self._send_lock:  # the engine process reads continuously: a send waits at most for a buffer
-                ipc.send(self._sock, ipc.MSG, pack(msg))
+                ipc.send(self._sock, kind, payload)
         except (OSError, AttributeError) as e:
             from ..errors import Unavailable
 

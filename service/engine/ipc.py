@@ -10,6 +10,7 @@ JSON header and the raw buffers of the arrays), never bare tuples. No torch here
     STOP   : empty                                                                     front end -> engine
     METRICS: Prometheus text of the engine process, every METRICS_EVERY_S             engine -> front end
     METRICS_NOW: empty: send the metrics now (a /metrics scrape)                       front end -> engine
+    ACTS   : u32 n | n x (u32 length | pack(SessionAction)): one loop pass's actions      front end -> engine
     METRICS_FRESH: Prometheus text, the answer to METRICS_NOW                          engine -> front end
     FAILED : JSON {"code", "message", "field", "kind"}: the engine could not be built  engine -> front end
 """
@@ -24,7 +25,7 @@ from ..errors import ServiceError, from_code
 from ..messages import ErrorCode, RolloutEvent, pack, unpack
 from ..model.config import ConfigurationError
 
-CONFIG, READY, MSG, EVENTS, STOP, METRICS, FAILED, METRICS_NOW, METRICS_FRESH = 1, 2, 3, 4, 5, 6, 7, 8, 9
+CONFIG, READY, MSG, EVENTS, STOP, METRICS, FAILED, METRICS_NOW, METRICS_FRESH, ACTS = range(1, 11)
 METRICS_EVERY_S = 0.5  # how stale the front end's /metrics may be for an isolated engine
 _HEAD = struct.Struct("<IB")
 _U32 = struct.Struct("<I")
@@ -83,20 +84,28 @@ def decode_failure(payload: bytes) -> Exception:
     return _KINDS.get(d["kind"], RuntimeError)(d["message"])
 
 
-def encode_events(events: list[RolloutEvent], fatal: bool) -> bytes:
-    parts = [bytes([int(fatal)]), _U32.pack(len(events))]
-    for ev in events:
-        b = pack(ev)
+def encode_msgs(msgs: list) -> bytes:
+    parts = [_U32.pack(len(msgs))]
+    for m in msgs:
+        b = pack(m)
         parts += [_U32.pack(len(b)), b]
     return b"".join(parts)
 
 
-def decode_events(payload: bytes) -> tuple[list[RolloutEvent], bool]:
-    fatal, (n,) = bool(payload[0]), _U32.unpack_from(payload, 1)
-    off, events = 1 + _U32.size, []
+def decode_msgs(payload: bytes, off: int = 0) -> list:
+    (n,) = _U32.unpack_from(payload, off)
+    off, msgs = off + _U32.size, []
     for _ in range(n):
         (size,) = _U32.unpack_from(payload, off)
         off += _U32.size
-        events.append(unpack(payload[off : off + size]))
+        msgs.append(unpack(payload[off : off + size]))
         off += size
-    return events, fatal
+    return msgs
+
+
+def encode_events(events: list[RolloutEvent], fatal: bool) -> bytes:
+    return bytes([int(fatal)]) + encode_msgs(events)
+
+
+def decode_events(payload: bytes) -> tuple[list[RolloutEvent], bool]:
+    return decode_msgs(payload, 1), bool(payload[0])

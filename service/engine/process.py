@@ -74,6 +74,9 @@ def serve(sock: socket.socket) -> int:
                 with lock:
                     ipc.send(sock, ipc.METRICS_FRESH, generate_latest())
                 continue
+            if kind == ipc.ACTS:  # the actions of one front-end loop pass (a vector env's N): one engine step
+                engine.act_many(ipc.decode_msgs(payload))
+                continue
             if kind != ipc.MSG:
                 continue
             msg = unpack(payload)
