@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     f.set_defaults(fn=cmd_fidelity)
 
     c = sub.add_parser("calibrate", help="fit the done head's calibration (Platt scaling) of a model of the "
-                       "stochastic world on its own sampled futures vs the simulator's collisions; into config.json")
+                       "stochastic world on its own sampled futures vs the simulator's episode ends; into config.json")
     c.add_argument("model_dir")
     c.add_argument("--states", type=int, default=48, help="calibration states of every risk (seeds from 500,000)")
     c.add_argument("--rare-states", type=int, default=24, help="calibration states chosen as the rare-collision "
