@@ -86,11 +86,13 @@ def engine_alone(n: int, steps: int) -> float:
     from worldserve.client.gym import minigrid_context
     from worldserve.engine.engine import Engine, complete
     from worldserve.messages import RolloutRequest
-    from worldserve.model.io import load_model_dir
-    from worldserve.settings import EngineSettings
+    from worldserve.runtime.loader import prepare
+    from worldserve.settings import EngineSettings, ModelSettings
 
     torch.set_num_threads(1)
-    eng = Engine(load_model_dir(ROOT / "models" / "tiny"), EngineSettings(max_slots=64))
+    torch.set_grad_enabled(False)
+    # what `serve` serves: the model directory's pin (eager bf16 on this CPU) or the device default
+    eng = Engine(prepare(ModelSettings(dir=ROOT / "models" / "tiny")), EngineSettings(max_slots=64))
     ctx, _ = minigrid_context()(0)
     acts = np.random.default_rng(0).integers(0, 3, (n, steps))
     complete(eng, [RolloutRequest("warm", "tiny", ctx, acts[:, :2], seed=1, temperature=1.0)])
