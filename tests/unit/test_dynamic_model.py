@@ -90,7 +90,9 @@ def test_long_session_stays_well_formed(model):
     cells = np.stack([read_cells(f) for f in frames])  # [steps, 8, 8]
     agents = (cells == AGENT).sum((1, 2))
     assert (agents >= 1).mean() >= 0.9, f"the agent vanished in {(agents == 0).mean():.0%} of the frames"
-    done = np.array([e.done > 0.5 for e in got])
+    # the model's first predicted collision: where its done head's own logit turns positive (raw p > 0.5); served
+    # through the calibration sigmoid(done_scale * logit + done_bias) (done_scale > 0), that is p > sigmoid(done_bias)
+    done = np.array([e.done > 1 / (1 + np.exp(-model.cfg.done_bias)) for e in got])
     first_done = int(np.argmax(done)) if done.any() else steps
     live = slice(0, max(first_done, 8))
     assert (agents[live] == 1).mean() >= 0.95, (first_done, agents[live])
