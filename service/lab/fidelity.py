@@ -230,18 +230,18 @@ def rare_states(n_states: int, k: int, horizon: int = 4, p_max: float = 0.05, ca
 def rare_events(variants: dict, n_states: int, k: int = 256, horizon: int = 4, p_max: float = 0.05,
                 candidates: int | None = None, seed: int = 0, world_k: int = 0) -> RareEvents:
     """Each variant (name -> model) samples K futures per state through the engine; its rate is the collision
-    probability within `horizon` its futures imply (maskgit_fidelity.rare_rate, the rule of lab/knobs.py's
-    rare_check). States are kept where the simulator's collision frequency over K clones is in (0, p_max]: the rare
-    futures that quantization could wash out."""
+    probability within `horizon` its futures imply (collision_prob: the rule of maskgit_fidelity.rare_rate and of
+    lab/knobs.py's rare_check). States are kept where the simulator's collision frequency over K clones is in
+    (0, p_max]: the rare futures that quantization could wash out."""
     from ..engine.engine import Engine
     from ..settings import EngineSettings
-    from .maskgit_fidelity import rare_rate
 
     kept, true_rate = rare_states(n_states, k, horizon, p_max, candidates, seed, world_k)
     rates, ci = {}, {}
     for name, model in variants.items():
         eng = Engine(model, EngineSettings(max_slots=k, max_queue=4, max_candidates=k))
-        rates[name], ci[name] = rare_rate(model, kept, k, seed=seed, engine=eng)
+        probs = [collision_prob(sample_model(eng, st, k, seed + j * k)[1]) for j, st in enumerate(kept)]  # [K] each
+        rates[name], ci[name] = mean_ci(np.concatenate(probs) if probs else np.zeros(0))
     return RareEvents(true_rate, rates, ci, len(kept), k)
 
 
