@@ -157,7 +157,8 @@ def report(tag: str, a, facts: dict, check: dict, rows: list[dict], ratios: list
           f"interleaved per point ({a.rounds} rounds, order rotated, samples pooled): read the ratios, not the "
           "absolute numbers.", "",
           f"Command: `{meta['command']}`", "",
-          f"worldserve: `worldserve serve` (embedded, in-process queue), --max-slots {a.max_slots}, 1 torch thread. "
+          f"worldserve: `worldserve serve` (embedded queue, engine in its own process), --max-slots {a.max_slots}"
+          f"{' ' + a.ours_args if a.ours_args else ''}, 1 torch thread. "
           f"Peer: LitServe {meta['litserve']}, 1 worker, max_batch_size={a.peer_max_batch}, "
           f"batch_timeout={a.peer_batch_timeout}s (peer-b1: batching off), 1 torch thread, JSON + base64 PNG.{ray} "
           "Same weights "
@@ -215,6 +216,9 @@ def main(argv=None) -> None:
     p.add_argument("--suite", choices=["issue20"], default=None,
                    help="issue20: the five workloads W1-W5 at their client counts (replaces --planner/--player-*)")
     p.add_argument("--tag", default=None)
+    p.add_argument("--ours-args", default="", help="extra `serve` flags for ours, e.g. '--backend eager --precision "
+                   "fp32' (the peers' precision); default: serve's own choice (the model's pin)")
+    p.add_argument("--only", default=None, help="with --suite: only these workloads, e.g. W2,W3")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rerender", metavar="JSON", help="only rewrite the report from a saved bench/out/peer-*.json")
     a = p.parse_args(argv)
@@ -257,9 +261,11 @@ def main(argv=None) -> None:
             (Workload("player", h=a.player_steps, frames="all", tag="W4"), "32"),  # players, one action a time
             (Workload("cem", 64, 16, stop_on_done=True, tag="W5"), "8"),  # the real CEM planner's iterations
         ]
+        if a.only:
+            workloads = [w for w in workloads if w[0].tag in a.only.split(",")]
     ctx = context_frames(8)
     load_start = os.getloadavg()[0]
-    srv = start_server(logs, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024")
+    srv = start_server(logs, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024", *a.ours_args.split())
     peers = []
     try:
         peers.append(Peer(logs / f"peer-{tag}.log", model_args, a.peer_max_batch, a.peer_batch_timeout))
