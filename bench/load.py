@@ -176,6 +176,10 @@ def raw_sessions(model_dir, preset, n: int, duration: float, actions, max_slots:
     torch.set_num_threads(1)
     ms = ModelSettings(preset=preset) if preset else ModelSettings(dir=Path(model_dir))
     model = prepare(ms)
+    from worldserve.engine.scheduler import headroom
+
+    if n > max_slots - headroom(max_slots):  # the rest would wait for a slot forever (sessions never end here)
+        raise SystemExit(f"{n} sessions: at most {max_slots - headroom(max_slots)} fit in {max_slots} slots")
     eng = Engine(model, EngineSettings(max_slots=max_slots, max_queue=4 * n))
     ctx = context_frames()
     empty = np.zeros((1, 0, model.spec.action_dim), np.float32) if model.spec.action_dim else np.zeros((1, 0), np.int64)
