@@ -28,6 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.peer_clients import run_clients  # noqa: E402
 from tests.conftest import MODEL_DIR, start_redis, start_server, start_stack  # noqa: E402
 from worldserve.client.client import GrpcClient, RestClient  # noqa: E402
 
@@ -72,34 +73,40 @@ def served(target: str, transport: str, model: str, n: int, k: int, h: int, dura
                 errors.append(repr(e))
                 return
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    t0 = time.time()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.time() - t0
+    wall = run_clients(client, n)
     # inter-frame gap per *step*: events of the K candidates of one step arrive together
-    step_gaps = [g for g in gaps if g > 1e-4] if k > 1 else gaps
+    return summary(counts, wall, ttff, [g for g in gaps if g > 1e-4] if k > 1 else gaps, errors)
+
+
+def summary(counts: list[int], wall: float, ttff: list[float], gaps: list[float], errors: list[str]) -> dict:
     return {"frames_per_s": sum(counts) / wall, "ttff_p50_ms": 1e3 * pct(ttff, 50), "ttff_p99_ms": 1e3 * pct(ttff, 99),
-            "gap_p50_ms": 1e3 * pct(step_gaps, 50), "gap_p99_ms": 1e3 * pct(step_gaps, 99), "errors": errors[:3]}
+            "gap_p50_ms": 1e3 * pct(gaps, 50), "gap_p99_ms": 1e3 * pct(gaps, 99), "errors": errors[:3]}
+
+
+def serving_model(model_dir, preset):
+    """What `serve` serves, in this process for the raw loops: the model directory's pin (backend x precision) or the
+    device default; 1 torch thread as the server (OMP_NUM_THREADS=1: 2 threads thrash on a shared 2-core box)."""
+    import torch
+
+    from worldserve.runtime.loader import prepare
+    from worldserve.settings import ModelSettings
+
+    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)
+    ms = ModelSettings(preset=preset) if preset else ModelSettings(dir=Path(model_dir))
+    model = prepare(ms)
+    print(f"raw engine: {ms.backend} {ms.precision} (as `serve` chooses)", flush=True)
+    return model
 
 
 def raw_engine(model_dir, preset, n: int, k: int, h: int, duration: float, frames: str, actions, max_slots: int):
     """Same model, same batch composition, no server: the ceiling."""
-    import torch
 
     from worldserve.engine.engine import Engine
     from worldserve.messages import FrameMode, RolloutRequest
-    from worldserve.runtime.loader import prepare
-    from worldserve.settings import EngineSettings, ModelSettings
+    from worldserve.settings import EngineSettings
 
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(1)  # as the server (OMP_NUM_THREADS=1): 2 threads thrash on a shared 2-core box
-    # what the server serves: the model directory's pin (backend x precision) or the device default, as `serve`
-    ms = ModelSettings(preset=preset) if preset else ModelSettings(dir=Path(model_dir))
-    model = prepare(ms)
-    print(f"raw engine: {ms.backend} {ms.precision} (as `serve` chooses)", flush=True)
+    model = serving_model(model_dir, preset)
     events = []
     eng = Engine(model, EngineSettings(max_slots=max_slots, max_queue=4 * n))
     ctx = context_frames()
@@ -152,34 +159,19 @@ def served_sessions(target: str, model: str, n: int, duration: float, actions):
         except Exception as e:  # noqa: BLE001
             errors.append(repr(e))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    t0 = time.time()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.time() - t0
-    return {"frames_per_s": sum(counts) / wall, "ttff_p50_ms": 1e3 * pct(ttff, 50), "ttff_p99_ms": 1e3 * pct(ttff, 99),
-            "gap_p50_ms": 1e3 * pct(gaps, 50), "gap_p99_ms": 1e3 * pct(gaps, 99), "errors": errors[:3]}
+    return summary(counts, run_clients(client, n), ttff, gaps, errors)
 
 
 def raw_sessions(model_dir, preset, n: int, duration: float, actions, max_slots: int):
     """The sessions' ceiling: N sessions in the engine loop of this process, every session acting each step."""
-    import torch
-
     from worldserve.engine.engine import Engine
-    from worldserve.messages import FrameMode, RolloutRequest, SessionAction
-    from worldserve.runtime.loader import prepare
-    from worldserve.settings import EngineSettings, ModelSettings
-
-    torch.set_grad_enabled(False)
-    torch.set_num_threads(1)
-    ms = ModelSettings(preset=preset) if preset else ModelSettings(dir=Path(model_dir))
-    model = prepare(ms)
     from worldserve.engine.scheduler import headroom
+    from worldserve.messages import FrameMode, RolloutRequest, SessionAction
+    from worldserve.settings import EngineSettings
 
     if n > max_slots - headroom(max_slots):  # the rest would wait for a slot forever (sessions never end here)
         raise SystemExit(f"{n} sessions: at most {max_slots - headroom(max_slots)} fit in {max_slots} slots")
+    model = serving_model(model_dir, preset)
     eng = Engine(model, EngineSettings(max_slots=max_slots, max_queue=4 * n))
     ctx = context_frames()
     empty = np.zeros((1, 0, model.spec.action_dim), np.float32) if model.spec.action_dim else np.zeros((1, 0), np.int64)

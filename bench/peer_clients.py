@@ -105,6 +105,17 @@ class Player:
             self.sess.__exit__(None, None, None)
 
 
+def run_clients(client, n: int) -> float:
+    """client(i) for i in range(n), each in its own thread, all started then joined: -> wall seconds."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.time() - t0
+
+
 @dataclass
 class Workload:
     name: str  # "planner" | "player" | "cem" (the real CEM planner's successive iterations, lab/plan.py)
@@ -174,13 +185,7 @@ def run_point(system: str, target: str, model: str, w: Workload, n: int, duratio
         finally:
             c.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    t0 = time.time()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.time() - t0
+    wall = run_clients(client, n)
     ms = 1e3 * np.asarray(lat) if lat else np.asarray([np.nan])
     return {"system": system, "workload": w.label, "kind": w.name, "clients": n, "frames_per_s": sum(counts) / wall,
             "lat_p50_ms": float(np.percentile(ms, 50)), "lat_p99_ms": float(np.percentile(ms, 99)),
