@@ -289,16 +289,16 @@ class ProcessHost:
 
     async def refresh_metrics(self, timeout: float = 1.0) -> None:
         """Before a /metrics answer: the process's figures as of now (else up to ipc.METRICS_EVERY_S old)."""
+        from ..errors import Unavailable
         from . import ipc
 
         if self.down is not None or self._sock is None:
             return
         self._fresh.clear()
         try:
-            with self._send_lock:
-                ipc.send(self._sock, ipc.METRICS_NOW)
+            self.send_frame(ipc.METRICS_NOW, b"")
             await asyncio.wait_for(self._fresh.wait(), timeout)
-        except (OSError, TimeoutError):
+        except (Unavailable, TimeoutError):
             pass  # a busy or dying process: the last figures it sent
 
     def started(self) -> bool:

@@ -62,17 +62,14 @@ def serve(sock: socket.socket) -> int:
     runner = threading.Thread(target=engine.run, args=(emit,), name=f"engine-{info.name}", daemon=True)
     runner.start()
     stopped = threading.Event()
-    threading.Thread(target=_send_metrics, args=(sock, lock, stopped), name="metrics", daemon=True).start()
+    threading.Thread(target=_metrics_every, args=(sock, lock, stopped), name="metrics", daemon=True).start()
     try:
         while runner.is_alive():
             kind, payload = ipc.recv(sock)
             if kind == ipc.STOP:
                 break
             if kind == ipc.METRICS_NOW:  # a scrape: what the engine has done up to now (every step already emitted)
-                from prometheus_client import generate_latest
-
-                with lock:
-                    ipc.send(sock, ipc.METRICS_FRESH, generate_latest())
+                _send_metrics(sock, lock, ipc.METRICS_FRESH)
                 continue
             if kind == ipc.ACTS:  # the actions of one front-end loop pass (a vector env's N): one engine step
                 engine.act_many(ipc.decode_msgs(payload))
@@ -98,14 +95,18 @@ def serve(sock: socket.socket) -> int:
     return EXIT_ENGINE_DEAD if engine.fatal is not None else 0
 
 
-def _send_metrics(sock: socket.socket, lock: threading.Lock, stopped: threading.Event) -> None:
+def _send_metrics(sock: socket.socket, lock: threading.Lock, kind: int) -> None:
     from prometheus_client import generate_latest
 
+    text = generate_latest()  # outside the lock: the engine thread's events do not wait for it
+    with lock:
+        ipc.send(sock, kind, text)
+
+
+def _metrics_every(sock: socket.socket, lock: threading.Lock, stopped: threading.Event) -> None:
     while not stopped.wait(ipc.METRICS_EVERY_S):
-        text = generate_latest()
         try:
-            with lock:
-                ipc.send(sock, ipc.METRICS, text)
+            _send_metrics(sock, lock, ipc.METRICS)
         except OSError:
             return
 
