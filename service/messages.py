@@ -98,6 +98,9 @@ class RolloutEvent:
     # how sure the model was of this frame, in [0, 1]: for token models the mean probability of the frame's chosen
     # tokens (under the distribution each was sampled from); None where the model gives none
     confidence: float | None = None
+    # stop_on_done: this candidate's world ended at this step (no more events for it). Greedy rollouts end where
+    # done > 0.5; sampled ones with probability done (a draw from the candidate's seeded stream)
+    ended: bool = False
     final: bool = False  # last event of the request (may carry an error)
     error: ErrorCode = ErrorCode.OK
     message: str = ""

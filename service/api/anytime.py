@@ -30,17 +30,16 @@ class Reach:
 
     horizon: int
     steps: list[int]  # per candidate: steps delivered
-    stop_on_done: bool = False
     stopped: set[int] = field(default_factory=set)  # candidates that ended at done (not cut)
     truncated: list[bool] = field(default_factory=list)  # filled at the end: cut by the deadline before the horizon
 
     @classmethod
     def of(cls, req: RolloutRequest) -> Reach:
-        return cls(req.horizon, [0] * req.candidates, req.stop_on_done)
+        return cls(req.horizon, [0] * req.candidates)
 
     def see(self, ev: RolloutEvent) -> None:
         self.steps[ev.candidate] = max(self.steps[ev.candidate], ev.step + 1)
-        if self.stop_on_done and ev.done > 0.5:  # the engine's stop rule
+        if ev.ended:  # the engine ended this candidate's world (stop_on_done)
             self.stopped.add(ev.candidate)
 
     def end(self, ev: RolloutEvent) -> RolloutEvent:

@@ -125,7 +125,7 @@ def _info(m: ModelInfo) -> pb.ModelInfo:
 
 def _event(ev: RolloutEvent, enc: str) -> pb.RolloutEvent:
     out = pb.RolloutEvent(request_id=ev.request_id, candidate=ev.candidate, step=ev.step, reward=ev.reward,
-                          done=ev.done)
+                          done=ev.done, ended=ev.ended)
     if ev.frame is not None:
         h, w = ev.frame.shape[:2]
         out.frame.CopyFrom(pb.Frame(encoding=ENC_PB[enc], height=h, width=w, data=encode_frame(ev.frame, enc)))

@@ -132,6 +132,8 @@ def event_json(ev: RolloutEvent, encoding: str, reach: Reach | None = None) -> d
         d["tokens"] = ev.tokens.tolist()
     if ev.confidence is not None:  # absent when the model gives none
         d["confidence"] = ev.confidence
+    if ev.ended:  # stop_on_done: this candidate's world ended here (absent otherwise)
+        d["ended"] = True
     return d
 
 

@@ -39,6 +39,7 @@ class Event:
     frame: np.ndarray | None = None  # uint8 [H, W, 3]
     tokens: list[int] | None = None
     confidence: float | None = None  # in [0, 1]: how sure the model was of the frame (None: the model gives none)
+    ended: bool = False  # stop_on_done: the candidate's world ended at this step (no more events for it)
 
 
 @dataclass
@@ -93,7 +94,8 @@ class RestClient:
         frame = None
         if fr:
             frame = decode_any(fr["encoding"], base64.b64decode(fr["data"]), fr["height"], fr["width"])
-        return Event(d["candidate"], d["step"], d["reward"], d["done"], frame, d.get("tokens"), d.get("confidence"))
+        return Event(d["candidate"], d["step"], d["reward"], d["done"], frame, d.get("tokens"), d.get("confidence"),
+                     bool(d.get("ended", False)))
 
     @staticmethod
     def _raise(r: httpx.Response) -> None:
@@ -259,7 +261,8 @@ class GrpcClient:
         if e.HasField("frame"):
             frame = decode_any(_ENC_NAME[e.frame.encoding], e.frame.data, e.frame.height, e.frame.width)
         return Event(e.candidate if hasattr(e, "candidate") else 0, e.step, e.reward, e.done, frame,
-                     list(e.tokens) or None, e.confidence if e.HasField("confidence") else None)
+                     list(e.tokens) or None, e.confidence if e.HasField("confidence") else None,
+                     bool(getattr(e, "ended", False)))  # session frames carry no `ended`
 
     @staticmethod
     def _wrap(e: grpc.RpcError) -> ServerError:

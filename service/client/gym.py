@@ -7,7 +7,9 @@ trained inside the served world ("in imagination") and evaluated on the real env
 
 reset(seed) starts a session from real context frames (by default: the first frame of a real MiniGrid layout
 drawn with that seed) with the session's sampling seed derived from it, so a seeded episode replays exactly.
-Observations are uint8 [H, W, 3]; terminated is the model's done probability > 0.5; truncated after `max_steps`.
+Observations are uint8 [H, W, 3]; truncated after `max_steps`. terminated: at temperature > 0 drawn with the model's
+done probability (one uniform a step from the env's seeded generator, so a calibrated done head ends episodes as
+often as the world does and a seeded episode still replays); greedy (temperature 0): done > 0.5.
 
 `RemoteVectorEnv` is gymnasium's vector env over N sessions stepped in lockstep over ONE gRPC stream
 (VectorSession): each vector step is one message of N inputs (actions, and resets for the envs that autoreset) and
@@ -66,9 +68,11 @@ def wire_action(space: spaces.Space, action):
     return np.asarray(action, np.float32).tolist() if isinstance(space, spaces.Box) else int(action)
 
 
-def ends(ev, t: int, max_steps: int) -> tuple[bool, bool]:
-    """-> (terminated: the model's done probability > 0.5, truncated: `max_steps` reached without it)."""
-    terminated = bool(ev.done > 0.5)
+def ends(ev, t: int, max_steps: int, rng: np.random.Generator, temperature: float) -> tuple[bool, bool]:
+    """-> (terminated: the world ended (drawn with probability done when sampling, done > 0.5 when greedy),
+    truncated: `max_steps` reached without it). One draw from the env's generator per sampled step."""
+    threshold = rng.random() if temperature > 0 else 0.5
+    terminated = bool(ev.done > threshold)
     return terminated, not terminated and t >= max_steps
 
 
@@ -112,7 +116,7 @@ class RemoteWorldEnv(gym.Env):
             raise RuntimeError("call reset() before step()")
         ev = self._session.step(wire_action(self.action_space, action))
         self._frame, self._t = ev.frame, self._t + 1
-        terminated, truncated = ends(ev, self._t, self.max_steps)
+        terminated, truncated = ends(ev, self._t, self.max_steps, self.np_random, self.temperature)
         return self._frame.copy(), float(ev.reward), terminated, truncated, step_info(ev)
 
     def render(self):
@@ -147,7 +151,7 @@ class RemoteVectorEnv(VectorEnv):
         info = next((m for m in self.client.models() if m.name == model), None)
         if info is None:
             raise ValueError(f"model {model!r} is not served at {target}")
-        self.model, self.num_envs, self.max_steps = model, num_envs, max_steps
+        self.model, self.num_envs, self.max_steps, self.temperature = model, num_envs, max_steps, temperature
         self.context_fn = context_fn or minigrid_context(world_of(model))
         self.single_observation_space = spaces.Box(0, 255, (info.height, info.width, 3), np.uint8)
         self.single_action_space = (spaces.Box(-1.0, 1.0, (info.action_dim,), np.float32) if info.action_dim
@@ -205,7 +209,8 @@ class RemoteVectorEnv(VectorEnv):
             else:
                 self._t[i] += 1
                 obs[i], rewards[i] = out.frame, out.reward
-                terminated[i], truncated[i] = ends(out, int(self._t[i]), self.max_steps)
+                terminated[i], truncated[i] = ends(out, int(self._t[i]), self.max_steps, self._rngs[i],
+                                                   self.temperature)
                 info = step_info(out)
             infos = self._add_info(infos, info, i)
         self._autoreset = terminated | truncated

@@ -349,7 +349,8 @@ class Engine:
             tok = req.return_tokens and host.tokens is not None
             for k in (r.candidate,) if r.members is None else (r.candidate, *[c.k0 + m for m in r.members]):
                 self._out.append(RolloutEvent(req.id, k, c.step, reward[i], done[i], frame=frame, confidence=conf[i],
-                                              tokens=host.tokens[i].astype(np.int64) if tok else None))
+                                              tokens=host.tokens[i].astype(np.int64) if tok else None,
+                                              ended=i in ends))
             shared = shared or r.members is not None
         if shared:  # a shared row's events go out in candidate order, like unshared rows'
             pos = {e.request_id: n for n, e in reversed(list(enumerate(self._out[first:])))}

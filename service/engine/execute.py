@@ -101,6 +101,6 @@ class Executor:
             frames = run_fixed_chunks(self.model.decode, nxt.index_select(0, inp.want), self.chunk)
         tokens = nxt if inp.tokens and not self.latent_out else None
         host = to_host(reward, done, conf, tokens, frames)
-        ends = {i for i in inp.stop_rows if host.done[i] > 0.5}
+        ends = {i for i, u in inp.stop_at.items() if host.done[i] > u}  # 0.5 greedy; a seeded draw when sampled
         frame_of = {i: j for j, i in enumerate(inp.want_rows) if i not in inp.if_end or i in ends}
         return StepOutputs(rows, host, ends, frame_of)

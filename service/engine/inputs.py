@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..messages import FrameMode
+from ..model.sampling import done_thresholds
 from ..runtime.batch import bucket
 from .scheduler import Chunk, Row
 
@@ -65,7 +66,7 @@ class StepInputs:
     want: torch.Tensor
     want_rows: list[int]  # host copy of `want`: frame j of the step is row want_rows[j]
     if_end: set[int]  # rows decoded only in case they end at done this step (stop_on_done + frames LAST)
-    stop_rows: list[int]  # rows whose candidate ends if the model says done (stop_on_done)
+    stop_at: dict[int, float]  # stop_on_done rows -> the done probability above which their world ends now
     tokens: bool  # a row asked for its tokens
     pass_idx: torch.Tensor | None = None
     fresh_slots: torch.Tensor | None = None
@@ -166,11 +167,20 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
         complete_rows = [i for c, i0, i1 in sp if c.passes_done == last for i in range(i0, i1)]
         arrays["complete"] = np.array(complete_rows, np.int64)
         wanted = outputs_wanted([rows[i] for i in complete_rows])  # indices among the completing rows
+        at = np.array(complete_rows, np.int64)
     else:
         wanted = outputs_wanted(rows)
-    arrays["want"] = np.array(wanted[0], np.int64)
+        at = np.arange(b)
+    want, if_end, stop, tokens = wanted
+    stop_at = {}
+    if stop:  # model/sampling.done_thresholds: 0.5 greedy, a draw from the row's stream when sampled
+        i = at[stop]
+        u = done_thresholds(torch.from_numpy(seed[i]), torch.from_numpy(step[i]), torch.from_numpy(temp[i]))
+        stop_at = dict(zip(stop, u.tolist(), strict=True))
+    arrays["want"] = np.array(want, np.int64)
     d = to_device(arrays, device)
-    return StepInputs(b, nb, d["slots"], d["actions"], d["seed"], d["step"], d["temperature"], d["want"], *wanted,
+    return StepInputs(b, nb, d["slots"], d["actions"], d["seed"], d["step"], d["temperature"], d["want"], want,
+                      if_end, stop_at, tokens,
                       d.get("pass_idx"), d.get("fresh_slots"), d.get("fresh_actions"), d.get("complete"),
                       complete_rows)
 

@@ -56,6 +56,21 @@ def token_uniform(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tenso
     return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 high bits -> (0, 1)
 
 
+DONE_DRAW = 0x0D0E  # the stream of a step's end-of-world draw (within-frame passes use draws 1 .. 2P)
+
+
+def done_thresholds(seed: torch.Tensor, step: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """The done probability above which each row's world ends this step (stop_on_done). seed, step int64 [B],
+    temperature float [B] (CPU) -> float32 [B] in (0, 1).
+
+    Greedy rows (temperature 0): 0.5, the likelier outcome. Sampled rows: a uniform from the row's own (seed, step)
+    stream, so a world ends with the probability its (calibrated) done head gives, and the end is the same alone, in
+    any batch and on any worker; with common random numbers candidates with equal action prefixes end together."""
+    zeros = torch.zeros_like(seed)
+    u = token_uniform(seed, zeros, step, 1, torch.full_like(seed, DONE_DRAW))[:, 0]
+    return torch.where(temperature > 0, u, torch.full_like(u, 0.5))
+
+
 def _row_hash(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     # int64 [B] keys -> uint32 [B, 1]: the per-row prefix of every counter-based stream
     seed = seed[:, None]

@@ -141,3 +141,28 @@ def test_vector_env_over_both_queue_modes(server):
             env.close()
 
     np.testing.assert_array_equal(run(), run())
+
+
+def test_ended_marks_the_step_a_world_ends_on_rest_and_grpc(server):
+    """stop_on_done: the event of the step a candidate's world ends carries `ended` (REST NDJSON and gRPC alike), and
+    no event after it comes; a candidate that never ends carries it nowhere."""
+    from worldserve.lab.evaluate import CONTEXT, heldout_episodes
+
+    f, a, _, d = next(e for e in heldout_episodes(80)
+                      if not e[3][: CONTEXT - 1].any() and e[3][CONTEXT - 1 : CONTEXT + 5].any())
+    h = 10
+    acts = [np.resize(a[CONTEXT - 1 :], h).tolist(), [0] * h]  # the episode's own actions end it; spinning never
+    end = int(np.argmax(d[CONTEXT - 1 :]))
+    kw = dict(context_actions=a[: CONTEXT - 1].tolist(), stop_on_done=True, frames="none")
+    rest, g = server.rest(), server.grpc_client()
+    try:
+        got = {"rest": list(rest.rollout(MODEL, f[:CONTEXT], acts, **kw)),
+               "grpc": list(g.rollout(MODEL, f[:CONTEXT], acts, **kw))}
+    finally:
+        rest.close()
+        g.close()
+    for name, evs in got.items():
+        c0 = [(e.step, e.ended) for e in evs if e.candidate == 0]
+        c1 = [e.ended for e in evs if e.candidate == 1]
+        assert c0 == [(s, s == end) for s in range(end + 1)], (name, c0)
+        assert len(c1) == h and not any(c1), name

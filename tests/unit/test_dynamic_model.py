@@ -66,6 +66,39 @@ def test_seeded_futures_replay_alone_and_in_a_batch(model):
     assert len({alone[("a", c, 5)].tobytes() for c in range(8)}) > 1  # the futures differ
 
 
+def test_sampled_stop_on_done_ends_each_future_with_its_seeded_draw(model):
+    """A sampled rollout with stop_on_done ends candidate k at the first step whose done beats the draw of its own
+    (seed + k, step) stream (model/sampling.done_thresholds), flags that event `ended`, sends nothing after it, and
+    ends the same alone and beside another request; the calibrated done head's mid-range probabilities end some
+    futures that a done > 0.5 rule would run on."""
+    import torch
+
+    from worldserve.model.sampling import done_thresholds
+
+    eng = Engine(model, EngineSettings(max_slots=64))
+    ctx = np.stack([np.asarray(f) for f in _start(5)])
+    acts = np.random.default_rng(1).integers(0, 3, (48, 12))
+    req = RolloutRequest("a", "dynamic", ctx, acts, seed=5, temperature=1.0, stop_on_done=True)
+    alone = [e for e in complete(eng, [req]) if not e.final]
+    beside = [e for e in complete(eng, [RolloutRequest("b", "dynamic", ctx, acts[:7], seed=9, temperature=1.0,
+                                                       stop_on_done=True), req]) if e.request_id == "a" and not e.final]
+    assert [(e.candidate, e.step, e.done, e.ended) for e in alone] == [
+        (e.candidate, e.step, e.done, e.ended) for e in beside]
+    under_half = 0
+    for k in range(48):
+        ev = [e for e in alone if e.candidate == k]
+        u = done_thresholds(torch.full((len(ev),), 5 + k), torch.tensor([e.step for e in ev]),
+                            torch.ones(len(ev))).tolist()
+        ends = [i for i, e in enumerate(ev) if e.done > u[i]]
+        if ends:  # the world ended at the first step whose done beat its draw: the last event, flagged
+            assert ends[0] == len(ev) - 1 and ev[-1].ended, (k, [(e.done, x) for e, x in zip(ev, u, strict=True)])
+            under_half += ev[-1].done <= 0.5
+        else:
+            assert len(ev) == 12 and not any(e.ended for e in ev)
+        assert not any(e.ended for e in ev[:-1])
+    assert sum(e.ended for e in alone) >= 3 and under_half >= 1, [e.done for e in alone if e.ended]
+
+
 def test_long_session_stays_well_formed(model):
     """400 steps (50x the window) at temperature 1: finite heads, no blank frames, always an agent drawn; until the
     model's first predicted collision, one agent, obstacles present and a world that moves. (What does not hold over
