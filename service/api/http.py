@@ -35,7 +35,7 @@ from .admin import admin_router
 from .auth import WS_PROTOCOL, Gate, HttpGate, current_principal
 from .dataplane import DataPlane, RolloutInput
 from .errors import error_body, http_status, retry_after_header, send_json_error
-from .schemas import JsonDepth, PredictIn, RolloutIn, describe, event_json, frames_in, options_in
+from .schemas import JsonDepth, PredictIn, RolloutIn, describe, event_bytes, frames_in, options_in
 from .ws import run_ws_session
 
 STATIC = Path(__file__).parent / "static"
@@ -137,8 +137,10 @@ def models(dp: DataPlane) -> APIRouter:
             return Response(status_code=499)
         rid, events, truncated = work.result()
         enc = body.options.frame_encoding
-        out = {"request_id": rid, "steps": [event_json(e, enc) for e in events]}
-        return {**out, "truncated": truncated} if body.options.anytime else out
+        tail = f',"truncated":{json.dumps(truncated)}' if body.options.anytime else ""
+        return Response(b"".join((f'{{"request_id":{json.dumps(rid)},"steps":['.encode(),
+                                  b",".join(event_bytes(e, enc) for e in events), f"]{tail}}}".encode())),
+                        media_type="application/json")
 
     @r.post("/v1/models/{name}/rollouts")
     async def rollouts(name: str, body: RolloutIn):
@@ -150,7 +152,7 @@ def models(dp: DataPlane) -> APIRouter:
 
         async def lines():
             async for ev in events:  # closing this generator (client gone) cancels the request
-                yield json.dumps(event_json(ev, enc, reach)) + "\n"
+                yield event_bytes(ev, enc, reach) + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson", headers={"x-request-id": req.id})
 

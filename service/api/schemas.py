@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any, Literal
 
 import numpy as np
@@ -115,7 +116,25 @@ def validation_error(ve: ValidationError) -> InvalidArgument:
     return InvalidArgument(msg, where)
 
 
-def event_json(ev: RolloutEvent, encoding: str, reach: Reach | None = None) -> dict:
+_DATA = "\x00"  # stands for a frame's base64 in event_bytes (json.dumps writes it as "\u0000")
+_DATA_JSON = json.dumps(_DATA)
+
+
+def event_bytes(ev: RolloutEvent, encoding: str, reach: Reach | None = None, head: dict | None = None) -> bytes:
+    """event_json as compact JSON bytes (`head`'s keys first), the frame's base64 spliced in as bytes: base64 needs no
+    JSON escaping, and running a 64x64 raw frame's 16 KB through json.dumps was ~60 of the ~80 us an event cost."""
+    d = event_json(ev, encoding, reach, data=False)
+    text = json.dumps(d if head is None else {**head, **d}, separators=(",", ":"))
+    if ev.final or ev.frame is None:
+        return text.encode()
+    before, after = text.split(_DATA_JSON, 1)  # the sentinel is the only such string: other values are numbers
+    return b"".join((before.encode(), b'"', base64.b64encode(encode_frame(ev.frame, encoding)), b'"',
+                     after.encode()))
+
+
+def event_json(ev: RolloutEvent, encoding: str, reach: Reach | None = None, data: bool = True) -> dict:
+    """An event as the JSON the REST and WebSocket adapters send (data=False: the frame's data is a placeholder that
+    event_bytes fills)."""
     if ev.final:
         if ev.error == ErrorCode.OK:  # an OK end may still say something (stop_on_done: which candidates stopped)
             d = {"final": True, "error": None, **({"message": ev.message} if ev.message else {})}
@@ -127,7 +146,7 @@ def event_json(ev: RolloutEvent, encoding: str, reach: Reach | None = None) -> d
     if ev.frame is not None:
         h, w = ev.frame.shape[:2]
         d["frame"] = {"encoding": encoding, "height": h, "width": w,
-                      "data": base64.b64encode(encode_frame(ev.frame, encoding)).decode()}
+                      "data": base64.b64encode(encode_frame(ev.frame, encoding)).decode() if data else _DATA}
     if ev.tokens is not None:
         d["tokens"] = ev.tokens.tolist()
     if ev.confidence is not None:  # absent when the model gives none

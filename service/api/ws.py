@@ -25,7 +25,7 @@ from ..errors import InvalidArgument, ServiceError
 from .auth import current_principal
 from .dataplane import DataPlane, RolloutInput
 from .errors import WS_UNSUPPORTED_DATA, code_name, ws_close_code
-from .schemas import JsonDepth, SessionOpenIn, event_json, frames_in, options_in, validation_error
+from .schemas import JsonDepth, SessionOpenIn, event_bytes, frames_in, options_in, validation_error
 from .session import CLOSE, session_events
 
 log = logging.getLogger("worldserve.api.ws")
@@ -110,7 +110,7 @@ async def run_ws_session(ws: WebSocket, dp: DataPlane, name: str) -> None:
             await ws.send_json(error_message(e))
 
         async for ev in session_events(dp, req, events, _inbox(ws, srv.max_json_depth), rejected):
-            await ws.send_json({"type": "frame", "t": time.time(), **event_json(ev, enc)})
+            await ws.send_text(event_bytes(ev, enc, head={"type": "frame", "t": time.time()}).decode())
         await _close(ws, None, 1000)
     except WebSocketDisconnect:
         pass

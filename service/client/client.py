@@ -72,6 +72,20 @@ def auth_headers(api_key: str | None) -> dict:
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
 
+def _ndjson(r: httpx.Response) -> Iterator[bytes]:
+    """The non-empty lines of an NDJSON stream as bytes (json.loads takes bytes: no text decoding of the frames'
+    base64, which httpx's iter_lines does per line)."""
+    buf = b""
+    for chunk in r.iter_bytes():
+        buf += chunk
+        if b"\n" not in chunk:
+            continue
+        *lines, buf = buf.split(b"\n")
+        yield from (ln for ln in lines if ln.strip())
+    if buf.strip():
+        yield buf
+
+
 class RestClient:
     def __init__(self, base_url: str, timeout: float = 120.0, context_encoding: str = "png", api_key: str | None = None,
                  verify=True):
@@ -129,9 +143,7 @@ class RestClient:
             if r.status_code >= 400:
                 r.read()
                 self._raise(r)
-            for line in r.iter_lines():
-                if not line:
-                    continue
+            for line in _ndjson(r):
                 d = json.loads(line)
                 if d.get("final"):
                     if d["error"]:
