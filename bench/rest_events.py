@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -60,7 +59,7 @@ def main() -> None:
         oc, nc = per_call_us(old_client, lines) / 16, per_call_us(new_client, lines) / 16
         rows.append((enc, len(body) // 16, old, new, oc, nc))
     out = ["# REST event encoding: per-event cost, before / after (one run)", "",
-           "`python -m bench.rest_events` (best of 3 x {n} events, one thread, a real 64x64 frame).".format(n=a.n), "",
+           f"`python -m bench.rest_events` (best of 3 x {a.n} events, one thread, a real 64x64 frame).", "",
            "| frame encoding | line bytes | server: json.dumps(event_json) us | server: event_bytes us | ratio | "
            "client: iter_lines + loads us | client: bytes lines + loads us | ratio |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
