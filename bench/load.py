@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -29,8 +30,49 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.peer_clients import run_clients  # noqa: E402
+from bench.wrk_load import wrk_served  # noqa: E402
 from tests.conftest import MODEL_DIR, start_redis, start_server, start_stack  # noqa: E402
 from worldserve.client.client import GrpcClient, RestClient  # noqa: E402
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of one process, all its threads (Linux /proc)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                pass
+    return out
+
+
+class CpuShare:
+    """Cores used during a served chunk by the server's front end, its engine processes (children) and this load
+    generator (its client threads): where the CPU of a 2-core box goes (the raw loop has no front end, no client)."""
+
+    def __init__(self, server_pid: int):
+        self.pid = server_pid
+
+    def sample(self) -> dict:
+        t = os.times()  # + the load generators this process ran and waited for (wrk)
+        return {"t": time.perf_counter(), "front": proc_cpu_s(self.pid),
+                "engine": sum(proc_cpu_s(c) for c in children(self.pid)),
+                "client": proc_cpu_s(os.getpid()) + t.children_user + t.children_system}
+
+    @staticmethod
+    def cores(a: dict, b: dict) -> dict:
+        wall = b["t"] - a["t"]
+        return {f"{k}_cores": (b[k] - a[k]) / wall for k in ("front", "engine", "client")}
 
 
 def pct(xs, q):
@@ -48,20 +90,24 @@ def context_frames(n: int = 2):
 
 
 def served(target: str, transport: str, model: str, n: int, k: int, h: int, duration: float, frames: str,
-           actions):
-    """N clients looping rollouts for `duration` seconds. Returns frames/s, ttff, inter-frame gaps."""
+           actions, encoding: str | None = None):
+    """N clients looping rollouts for `duration` seconds. Returns frames/s, ttff, inter-frame gaps.
+    encoding: the frames' encoding both ways (context and predicted), None: each client's defaults (REST png, gRPC
+    raw)."""
+    enc = {} if encoding is None else {"frame_encoding": encoding}
     ctx = context_frames()
     ttff, gaps, counts, errors = [], [], [0] * n, []
     stop = time.time() + duration
 
     def client(i):
-        c = GrpcClient(target) if transport == "grpc" else RestClient(target)
+        ce = {} if encoding is None else {"context_encoding": encoding}
+        c = GrpcClient(target, **ce) if transport == "grpc" else RestClient(target, **ce)
         cands = [actions(i, j) for j in range(k)]
         while time.time() < stop:
             t0 = time.perf_counter()
             last = None
             try:
-                for _ in c.rollout(model, ctx, cands, frames=frames, seed=i):
+                for _ in c.rollout(model, ctx, cands, frames=frames, seed=i, **enc):
                     now = time.perf_counter()
                     if last is None:
                         ttff.append(now - t0)
@@ -248,10 +294,14 @@ def main() -> None:
     p.add_argument("--horizon", type=int, default=16)
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--frames", default="all", choices=["all", "last", "none"])
-    p.add_argument("--transports", default="grpc,http", help="grpc,http (rollouts) and ws (sessions: one action at "
-                   "a time, a frame each; raw: the same sessions in the engine loop)")
+    p.add_argument("--transports", default="grpc,http", help="grpc,http (rollouts), http-wrk (the same REST "
+                   "rollouts from wrk, a C load generator: bench/wrk_load.py) and ws (sessions: one action at a time, "
+                   "a frame each; raw: the same sessions in the engine loop)")
     p.add_argument("--modes", default="local", help="local (serve's defaults), inproc (engine.isolated off), "
                    "isolated (on), redis")
+    p.add_argument("--encoding", default=None, choices=["raw", "png", "jpeg"],
+                   help="frames both ways (context and predicted) for every transport (default: each client's own: "
+                   "REST png, gRPC raw)")
     p.add_argument("--max-slots", type=int, default=64)
     p.add_argument("--repeats", type=int, default=1, help="alternate raw and served chunks this many times")
     p.add_argument("--tag", default=None)
@@ -335,6 +385,7 @@ def run(a) -> None:
             srv = start_stack(tmp, redis, 1, (*model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024"),
                               api_env={"WORLDSERVE_QUEUE__STREAM_MAXLEN": "4096"})
         model = a.preset or GrpcClient(srv.grpc).models()[0].name  # the served model's own name
+        cpu = CpuShare(srv.proc.pid) if redis is None else None
         try:
             for n in [int(x) for x in a.clients.split(",")]:
                 if n * a.candidates > a.max_slots:
@@ -349,9 +400,17 @@ def run(a) -> None:
                     if "ws" in serv:
                         raws["session"].append(raw_sessions(a.model_dir, a.preset, n, d, actions, a.max_slots))
                     for tr in serv:
-                        serv[tr].append(served_sessions(srv.http, model, n, d, actions) if tr == "ws" else
-                                        served(srv.grpc if tr == "grpc" else srv.http, tr, model, n, a.candidates,
-                                               a.horizon, d, a.frames, actions))
+                        c0 = cpu.sample() if cpu else None
+                        if tr == "ws":
+                            serv[tr].append(served_sessions(srv.http, model, n, d, actions))
+                        elif tr == "http-wrk":  # bench/wrk_load.py: the same requests from a C load generator
+                            serv[tr].append(wrk_served(srv.http, model, n, a.candidates, a.horizon, d, a.frames,
+                                                       actions, context_frames(), a.encoding or "raw"))
+                        else:
+                            serv[tr].append(served(srv.grpc if tr == "grpc" else srv.http, tr, model, n,
+                                                   a.candidates, a.horizon, d, a.frames, actions, a.encoding))
+                        if cpu:
+                            serv[tr][-1].update(CpuShare.cores(c0, cpu.sample()))
                 for tr in serv:
                     raw = mean_of(raws["session" if tr == "ws" else "rollout"])
                     s = mean_of(serv[tr])
@@ -372,16 +431,20 @@ def run(a) -> None:
     report["engine"] = engine_rows
     report["time"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     (out / f"load-{tag}.json").write_text(json.dumps(report, indent=2))
-    md = [f"### {tag}: K={a.candidates}, H={a.horizon}, frames={a.frames}, {a.duration:.0f}s per point"
+    md = [f"### {tag}: K={a.candidates}, H={a.horizon}, frames={a.frames}, {a.duration:.0f}s per point, encoding "
+          f"{a.encoding or 'the clients defaults (REST png, gRPC raw)'}"
           + (f" (raw and served alternating in {a.repeats} chunks, figures averaged)" if a.repeats > 1 else ""),
           "", "| mode | transport | clients | served frames/s | raw frames/s | served/raw | TTFF p50/p99 ms | "
-          "inter-frame p50/p99 ms | raw step p50/p99 ms | overhead p50/p99 ms |", "|" + "---|" * 10]
+          "inter-frame p50/p99 ms | raw step p50/p99 ms | overhead p50/p99 ms | cores: front end / engines / "
+          "load generator |", "|" + "---|" * 11]
     for r in rows:
         md.append(f"| {r['mode']} | {r['transport']} | {r['clients']} | {r['frames_per_s']:.0f} | "
                   f"{r['raw_frames_per_s']:.0f} | {r['served_over_raw']:.2f} | {r['ttff_p50_ms']:.1f} / "
                   f"{r['ttff_p99_ms']:.1f} | {r['gap_p50_ms']:.2f} / {r['gap_p99_ms']:.2f} | "
                   f"{r['raw_step_p50_ms']:.2f} / {r['raw_step_p99_ms']:.2f} | "
-                  f"{r['gap_p50_ms'] - r['raw_step_p50_ms']:.2f} / {r['gap_p99_ms'] - r['raw_step_p99_ms']:.2f} |")
+                  f"{r['gap_p50_ms'] - r['raw_step_p50_ms']:.2f} / {r['gap_p99_ms'] - r['raw_step_p99_ms']:.2f} | "
+                  + (f"{r['front_cores']:.2f} / {r['engine_cores']:.2f} / {r['client_cores']:.2f} |"
+                     if "front_cores" in r else "- |"))
     if "fork" in report:
         f = report["fork"]
         md += ["", f"Fork (a full context window, H=4, latent only): K=64 in one request {f['fork_s']:.3f}s "

@@ -1,0 +1,73 @@
+"""A C load generator for the REST edge: wrk (`apt-get install wrk`), closed loop, N keep-alive connections.
+
+The Python load generator (bench/load.py `served`: N threads of httpx) spends ~2x the CPU of the gRPC one under the
+GIL and answers each final NDJSON line late, so at 64 clients the engine waits for the clients' next requests
+(bench/load.py's cores column: the engine process at 0.85 of a core over REST vs 0.98 over gRPC). wrk sends the same
+requests (N bodies, client i's actions and seed) from one C thread: what the REST edge serves when the client is not
+the bottleneck. Each response is read to its end (the rollout's every NDJSON line); only 200s count.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from worldserve.api.images import encode_frame
+
+LUA = """
+bodies = {%s}
+counter = 0
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "%s", {["Content-Type"] = "application/json"}, bodies[(counter %% #bodies) + 1])
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%f %%f %%f\\n", summary.requests, summary.duration,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, summary.bytes, 0, latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def available() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def lua_string(s: str) -> str:
+    return "[==[" + s + "]==]"
+
+
+def wrk_served(http: str, model: str, n: int, k: int, h: int, duration: float, frames: str, actions, ctx: np.ndarray,
+               encoding: str = "raw") -> dict:
+    """N wrk connections looping rollouts for `duration` s -> frames/s (completed 200 responses x K x H when frames
+    are sent every step, else candidate-steps/s), request latency p50/p99 (the whole rollout), errors."""
+    frame = [{"encoding": encoding, "height": int(f.shape[0]), "width": int(f.shape[1]),
+              "data": base64.b64encode(encode_frame(f, encoding)).decode()} for f in ctx]
+    bodies = [json.dumps({"context": frame, "candidates": [actions(i, j) for j in range(k)],
+                          "options": {"frames": frames, "frame_encoding": encoding, "seed": i}}) for i in range(n)]
+    path = f"/v1/models/{model}/rollouts"
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(LUA % (", ".join(lua_string(b) for b in bodies), path))
+        script = f.name
+    try:
+        out = subprocess.run(["wrk", "-t1", f"-c{n}", f"-d{duration:g}s", "--timeout", "30s", "-s", script, http],
+                             capture_output=True, text=True, timeout=duration + 60)
+    finally:
+        Path(script).unlink(missing_ok=True)
+    m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+)", out.stdout)
+    if not m:
+        raise RuntimeError(f"wrk gave no result: {out.stdout[-500:]} {out.stderr[-500:]}")
+    reqs, dur_us, errors, status_errors = (int(m.group(i)) for i in range(1, 5))
+    ok = reqs - status_errors
+    wall = dur_us / 1e6
+    return {"frames_per_s": ok * k * h / wall, "requests_per_s": ok / wall, "latency_p50_ms": float(m.group(7)) / 1e3,
+            "latency_p99_ms": float(m.group(8)) / 1e3, "ttff_p50_ms": float("nan"), "ttff_p99_ms": float("nan"),
+            "gap_p50_ms": float("nan"), "gap_p99_ms": float("nan"),
+            "errors": [f"{errors} socket errors, {status_errors} non-2xx"] if errors or status_errors else []}
