@@ -198,7 +198,7 @@ def cmd_fidelity(a) -> None:
             f"{a.rare_states} --rare-k {a.rare_k or a.k} --world-k {a.world_k}"
             + (f" --baseline {a.baseline}" if a.baseline else ""))
         knobs_dir(Path(a.model_dir), knobs, a.baseline, a.states, a.k, a.rare_states, a.world_k, not a.no_card,
-                  command, a.rare_k)
+                  command, a.rare_k, a.jobs)
         return
     fidelity_dir(Path(a.model_dir), a.states, a.k, a.variants.split(","), a.rare_states, not a.no_card)
 
@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                    "(e.g. models/dynamic); its card gets the table too")
     f.add_argument("--world-k", type=int, default=1024, help="--knobs: simulator futures per rare state")
     f.add_argument("--rare-k", type=int, default=0, help="--knobs: sampled futures per rare state (0: --k)")
+    f.add_argument("--jobs", type=int, default=1, help="--knobs: measure the rows in this many worker processes (one "
+                   "torch thread each; the same figures as one process)")
     f.add_argument("--threads", type=int, default=2)
     f.add_argument("--no-card", action="store_true")
     f.set_defaults(fn=cmd_fidelity)

@@ -154,10 +154,21 @@ def measure(model, name: str, worlds, rare: list, world_rate: float, k: int, see
                    f["floor"], r, ci, world_rate, time.time() - t0)
 
 
+_WORK: list = []  # the rows of a knob_table with jobs > 1, inherited by its forked workers (states hold simulators)
+
+
+def _measure_in_worker(i: int) -> KnobRow:
+    import torch
+
+    torch.set_num_threads(1)
+    return measure(*_WORK[i])
+
+
 def knob_table(models: dict, n_states: int, k: int, rare_n: int, world_k: int = 1024, seed: int = 0,
-               log=None, rare_k: int = 0) -> list[KnobRow]:
+               log=None, rare_k: int = 0, jobs: int = 1) -> list[KnobRow]:
     """models: {model: [knob settings]} (e.g. the parallel baseline's ["fp32"] and a MaskGIT model's default_knobs);
-    the same states and world side for every row."""
+    the same states and world side for every row. jobs > 1: the rows in that many worker processes (one torch thread
+    each; every row is measured alone on the same states, so the figures are those of jobs=1)."""
     from .fidelity import heldout_states
 
     log = log or (lambda line: print(line, flush=True))
@@ -167,11 +178,24 @@ def knob_table(models: dict, n_states: int, k: int, rare_n: int, world_k: int = 
     rare, world = rare_states(rare_n, max(k, SELECT_K), world_k=world_k, seed=seed) if rare_n else ([], float("nan"))
     log(f"world side: {time.time() - t0:.0f} s; {n_states} states, {len(rare)} rare states (world rate {world:.4f} "
         f"over {world_k} futures each), K = {k}, {rare_k} on rare states")
-    rows = []
-    for model, names in models.items():
-        for name in names:
-            rows.append(measure(model, name, worlds, rare, world, k, seed, rare_k))
+    work = [(model, name, worlds, rare, world, k, seed, rare_k) for model, names in models.items() for name in names]
+    if jobs <= 1:
+        rows = []
+        for w in work:
+            rows.append(measure(*w))
             log(row_line(rows[-1]))
+        return rows
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    _WORK[:] = work
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
+            rows = list(pool.map(_measure_in_worker, range(len(work))))
+    finally:
+        _WORK.clear()
+    for r in rows:
+        log(row_line(r))
     return rows
 
 
@@ -210,7 +234,7 @@ def table_text(rows: list[KnobRow], n_states: int, k: int, rare_n: int, world_k:
 
 
 def knobs_dir(model_dir, knobs: list[str] | None, baseline_dir, n_states: int, k: int, rare_n: int, world_k: int,
-              write_card: bool, command: str, rare_k: int = 0) -> str:
+              write_card: bool, command: str, rare_k: int = 0, jobs: int = 1) -> str:
     """`worldserve fidelity --knobs`: the table, printed and written into the model's card (and the baseline's)."""
     from pathlib import Path
 
@@ -222,7 +246,7 @@ def knobs_dir(model_dir, knobs: list[str] | None, baseline_dir, n_states: int, k
     if baseline_dir:
         models[load_model_dir(baseline_dir)] = ["fp32"]
     models[model] = knobs or default_knobs(model)
-    rows = knob_table(models, n_states, k, rare_n, world_k, rare_k=rare_k)
+    rows = knob_table(models, n_states, k, rare_n, world_k, rare_k=rare_k, jobs=jobs)
     text = table_text(rows, n_states, k, rare_n, world_k, command, rare_k)
     print(text)
     if write_card:

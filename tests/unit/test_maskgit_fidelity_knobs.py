@@ -68,7 +68,10 @@ def test_knob_table_goes_into_the_card(tmp_path):
     d = tmp_path / "maskgit"
     shutil.copytree(ROOT / "models" / "maskgit", d)
     text = knobs_dir(d, ["passes=1", "passes=2"], None, n_states=1, k=8, rare_n=1, world_k=64, write_card=True,
-                     command="test")
+                     command="test", jobs=2)
+    alone = knobs_dir(d, ["passes=1", "passes=2"], None, n_states=1, k=8, rare_n=1, world_k=64, write_card=False,
+                      command="test")
+    assert text == alone  # the rows measured in 2 worker processes = in this one
     card = (d / "MODEL_CARD.md").read_text()
     assert "<!-- knobs:start -->" in card and "maskgit: 2 passes, fp32" in card and text in card
     assert card.rstrip().splitlines()[-1].startswith("weights_sha256:")  # the digest line stays last
