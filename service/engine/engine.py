@@ -32,17 +32,16 @@ from collections.abc import Callable
 from dataclasses import fields
 
 import numpy as np
-import torch
 
 from .. import metrics
 from ..errors import InvalidArgument, QueueFull, Unavailable
 from ..messages import ErrorCode, ModelInfo, RolloutEvent, RolloutRequest, SessionAction
 from ..model.protocol import ModelSpec, WorldModelProtocol, check_model
-from ..runtime.batch import Sampler, run_fixed_chunks
+from ..runtime.batch import Sampler
 from ..settings import EngineSettings
 from . import prefix
 from .execute import Executor, StepOutputs
-from .inputs import context_actions, to_device
+from .prefill import prefill
 from .scheduler import Chunk, Job, Row, Scheduler
 
 log = logging.getLogger("worldserve.engine")
@@ -237,33 +236,7 @@ class Engine:
         self.running = [x for x in self.running if x is not c]
 
     def _prefill(self, admitted: list[Chunk]) -> None:
-        """3b. Encode every context frame of every admitted request in one batch, prefill per context length in one
-        batch, fork each request's cache into its other candidates' slots. Every host array goes to the device in
-        one copy (inputs.to_device): the frames, the first slots, the context actions, the fork targets."""
-        groups: dict[int, list[int]] = {}  # context length -> indices of `admitted`
-        for i, a in enumerate(admitted):
-            groups.setdefault(a.req.context.shape[0], []).append(i)
-        arrays = {"ctx": np.concatenate([a.req.context for a in admitted])}  # uint8 [sum(C), H, W, 3]
-        for c, idx in groups.items():
-            arrays[f"first{c}"] = np.array([admitted[i].slots[0] for i in idx], np.int64)
-            acts, known = context_actions(self.model, [admitted[i].req for i in idx], c - 1)
-            arrays[f"acts{c}"] = acts
-            if known is not None:
-                arrays[f"known{c}"] = known
-        forked = [a for a in admitted if a.share is None]  # a shared chunk forks where its candidates diverge
-        arrays["fork"] = np.array([s for a in forked for s in a.slots[1:]], np.int64)
-        d = to_device(arrays, self.device)
-        tokens = run_fixed_chunks(self.model.encode, d["ctx"], self.exec.chunk)  # int64 [sum(C), N], batch-invariant
-        off = np.cumsum([0] + [a.req.context.shape[0] for a in admitted]).tolist()
-        for c, idx in groups.items():
-            ctx_tokens = torch.stack([tokens[off[i] : off[i] + c] for i in idx])  # int64 [G, C, N]
-            self.model.prefill(self.state, d[f"first{c}"], ctx_tokens, d[f"acts{c}"], d.get(f"known{c}"))
-        f = 0
-        for a in forked:  # fork: prefill once, copy into the other K-1 slots
-            k = len(a.slots) - 1
-            if k:
-                self.model.fork(self.state, a.slots[0], d["fork"][f : f + k])
-                f += k
+        prefill(self.model, self.state, admitted, self.device, self.exec.chunk)  # 3b (engine/prefill.py)
 
     def _schedule(self) -> list[Row]:
         rows = []
