@@ -405,7 +405,7 @@ def run(a) -> None:
                             serv[tr].append(served_sessions(srv.http, model, n, d, actions))
                         elif tr == "http-wrk":  # bench/wrk_load.py: the same requests from a C load generator
                             serv[tr].append(wrk_served(srv.http, model, n, a.candidates, a.horizon, d, a.frames,
-                                                       actions, context_frames(), a.encoding or "raw"))
+                                                       actions, context_frames(), a.encoding or "png"))
                         else:
                             serv[tr].append(served(srv.grpc if tr == "grpc" else srv.http, tr, model, n,
                                                    a.candidates, a.horizon, d, a.frames, actions, a.encoding))

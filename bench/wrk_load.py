@@ -3,8 +3,9 @@
 The Python load generator (bench/load.py `served`: N threads of httpx) spends ~2x the CPU of the gRPC one under the
 GIL and answers each final NDJSON line late, so at 64 clients the engine waits for the clients' next requests
 (bench/load.py's cores column: the engine process at 0.85 of a core over REST vs 0.98 over gRPC). wrk sends the same
-requests (N bodies, client i's actions and seed) from one C thread: what the REST edge serves when the client is not
-the bottleneck. Each response is read to its end (the rollout's every NDJSON line); only 200s count.
+requests (N bodies, client i's actions and seed, the same encodings: png both ways unless --encoding says otherwise)
+from one C thread: what the REST edge serves when the client is not the bottleneck. Each response is read to its end
+(the rollout's every NDJSON line); only 200s whose last line is an OK end count.
 """
 
 from __future__ import annotations
@@ -24,14 +25,29 @@ from worldserve.api.images import encode_frame
 LUA = """
 bodies = {%s}
 counter = 0
+failed = 0
+threads = {}
+setup = function(thread)
+  table.insert(threads, thread)
+end
+response = function(status, headers, body)
+  -- a 200 whose last NDJSON line is not an OK end (an engine error, a deadline) is not a served rollout
+  if status == 200 and not string.find(body, '"final":true,"error":null', 1, true) then
+    failed = failed + 1
+  end
+end
 request = function()
   counter = counter + 1
   return wrk.format("POST", "%s", {["Content-Type"] = "application/json"}, bodies[(counter %% #bodies) + 1])
 end
 done = function(summary, latency, requests)
+  local bad = 0
+  for _, t in ipairs(threads) do
+    bad = bad + t:get("failed")
+  end
   io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%f %%f %%f\\n", summary.requests, summary.duration,
     summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    summary.errors.status, summary.bytes, 0, latency:percentile(50), latency:percentile(99), latency.mean))
+    summary.errors.status, summary.bytes, bad, latency:percentile(50), latency:percentile(99), latency.mean))
 end
 """
 
@@ -45,7 +61,7 @@ def lua_string(s: str) -> str:
 
 
 def wrk_served(http: str, model: str, n: int, k: int, h: int, duration: float, frames: str, actions, ctx: np.ndarray,
-               encoding: str = "raw") -> dict:
+               encoding: str = "png") -> dict:
     """N wrk connections looping rollouts for `duration` s -> frames/s (completed 200 responses x K x H when frames
     are sent every step, else candidate-steps/s), request latency p50/p99 (the whole rollout), errors."""
     frame = [{"encoding": encoding, "height": int(f.shape[0]), "width": int(f.shape[1]),
@@ -65,9 +81,11 @@ def wrk_served(http: str, model: str, n: int, k: int, h: int, duration: float, f
     if not m:
         raise RuntimeError(f"wrk gave no result: {out.stdout[-500:]} {out.stderr[-500:]}")
     reqs, dur_us, errors, status_errors = (int(m.group(i)) for i in range(1, 5))
-    ok = reqs - status_errors
+    bad = int(m.group(6))  # 200s whose stream did not end OK
+    ok = reqs - status_errors - bad
     wall = dur_us / 1e6
     return {"frames_per_s": ok * k * h / wall, "requests_per_s": ok / wall, "latency_p50_ms": float(m.group(7)) / 1e3,
             "latency_p99_ms": float(m.group(8)) / 1e3, "ttff_p50_ms": float("nan"), "ttff_p99_ms": float("nan"),
             "gap_p50_ms": float("nan"), "gap_p99_ms": float("nan"),
-            "errors": [f"{errors} socket errors, {status_errors} non-2xx"] if errors or status_errors else []}
+            "errors": ([f"{errors} socket errors, {status_errors} non-2xx, {bad} streams not ending OK"]
+                       if errors or status_errors or bad else [])}

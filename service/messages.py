@@ -99,7 +99,8 @@ class RolloutEvent:
     # tokens (under the distribution each was sampled from); None where the model gives none
     confidence: float | None = None
     # stop_on_done: this candidate's world ended at this step (no more events for it). Greedy rollouts end where
-    # done > 0.5; sampled ones with probability done (a draw from the candidate's seeded stream)
+    # done > 0.5; sampled ones (and every rollout of a latent model) with probability done (a draw from the
+    # candidate's seeded stream)
     ended: bool = False
     final: bool = False  # last event of the request (may carry an error)
     error: ErrorCode = ErrorCode.OK

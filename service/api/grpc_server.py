@@ -159,7 +159,8 @@ class WorldModelServicer(pbg.WorldModelServiceServicer):
             e = _event(ev, enc)
             steps.append(pb.StepResult(step=e.step, frame=e.frame if ev.frame is not None else None,
                                        reward=e.reward, done=e.done, tokens=e.tokens,
-                                       confidence=e.confidence if e.HasField("confidence") else None))
+                                       confidence=e.confidence if e.HasField("confidence") else None,
+                                       ended=ev.ended))
         return pb.PredictResponse(request_id=rid, steps=steps, truncated=truncated)
 
     @maps_errors

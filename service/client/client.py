@@ -75,15 +75,18 @@ def auth_headers(api_key: str | None) -> dict:
 def _ndjson(r: httpx.Response) -> Iterator[bytes]:
     """The non-empty lines of an NDJSON stream as bytes (json.loads takes bytes: no text decoding of the frames'
     base64, which httpx's iter_lines does per line)."""
-    buf = b""
+    parts: list[bytes] = []  # the current line's pieces (a long line in many chunks: joined once)
     for chunk in r.iter_bytes():
-        buf += chunk
         if b"\n" not in chunk:
+            parts.append(chunk)
             continue
-        *lines, buf = buf.split(b"\n")
-        yield from (ln for ln in lines if ln.strip())
-    if buf.strip():
-        yield buf
+        first, *lines, rest = chunk.split(b"\n")
+        parts.append(first)
+        yield from (ln for ln in (b"".join(parts), *lines) if ln.strip())
+        parts = [rest]
+    tail = b"".join(parts)
+    if tail.strip():
+        yield tail
 
 
 class RestClient:

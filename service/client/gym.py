@@ -9,7 +9,8 @@ reset(seed) starts a session from real context frames (by default: the first fra
 drawn with that seed) with the session's sampling seed derived from it, so a seeded episode replays exactly.
 Observations are uint8 [H, W, 3]; truncated after `max_steps`. terminated: at temperature > 0 drawn with the model's
 done probability (one uniform a step from the env's seeded generator, so a calibrated done head ends episodes as
-often as the world does and a seeded episode still replays); greedy (temperature 0): done > 0.5.
+often as the world does and a seeded episode still replays); greedy (temperature 0): done > 0.5 (a latent model
+samples its frames at any temperature: give it temperature > 0 for drawn ends too).
 
 `RemoteVectorEnv` is gymnasium's vector env over N sessions stepped in lockstep over ONE gRPC stream
 (VectorSession): each vector step is one message of N inputs (actions, and resets for the envs that autoreset) and

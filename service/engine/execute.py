@@ -71,7 +71,8 @@ class Executor:
         return self._outputs(rows, inp, nxt, reward[:b], done[:b], conf)  # e
 
     def _pack(self, rows: list[Row], nb: int, passes: int = 0) -> StepInputs:
-        return pack(rows, nb, self.pad_slot, self.spec.action_dim, self.device, self.cfg.max_slots, passes, self.exact)
+        return pack(rows, nb, self.pad_slot, self.spec.action_dim, self.device, self.cfg.max_slots, passes, self.exact,
+                    sampled=self.latent_out)
 
     def _passes(self, rows: list[Row], nb: int) -> StepOutputs | None:
         """b'. Within-frame decoding: the trunk for rows starting a frame, then ONE fill over every row at whatever

@@ -122,10 +122,11 @@ def outputs_wanted(rows: list[Row]) -> tuple[list[int], set[int], list[int], boo
 
 
 def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch.device, max_slots: int,
-         passes: int = 0, exact: bool = False) -> StepInputs:
+         passes: int = 0, exact: bool = False, sampled: bool = False) -> StepInputs:
     """The rows' inputs, padded to the bucket nb, on the device in one copy. passes: the model's passes per frame
     (within-frame decoding), 0 for a model whose step makes the frame. exact: the fresh rows unpadded too
-    (runtime/batch.exact_batches)."""
+    (runtime/batch.exact_batches). sampled: every row's future is sampled whatever its temperature (a latent model
+    draws its noise always), so its world's end is drawn too."""
     b, pad = len(rows), nb - len(rows)
     sp = spans(rows)
     slots = np.array([r.slot for r in rows] + [pad_slot] * pad, np.int64)
@@ -175,7 +176,8 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
     stop_at = {}
     if stop:  # model/sampling.done_thresholds: 0.5 greedy, a draw from the row's stream when sampled
         i = at[stop]
-        u = done_thresholds(torch.from_numpy(seed[i]), torch.from_numpy(step[i]), torch.from_numpy(temp[i]))
+        t = np.ones(len(i), np.float32) if sampled else temp[i]
+        u = done_thresholds(torch.from_numpy(seed[i]), torch.from_numpy(step[i]), torch.from_numpy(t))
         stop_at = dict(zip(stop, u.tolist(), strict=True))
     arrays["want"] = np.array(want, np.int64)
     d = to_device(arrays, device)

@@ -186,17 +186,19 @@ def knob_table(models: dict, n_states: int, k: int, rare_n: int, world_k: int = 
             log(row_line(rows[-1]))
         return rows
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     _WORK[:] = work
     try:
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
-            rows = list(pool.map(_measure_in_worker, range(len(work))))
+            futs = {pool.submit(_measure_in_worker, i): i for i in range(len(work))}
+            done = {}
+            for f in as_completed(futs):  # each row logged as it comes; the table keeps the rows' order
+                done[futs[f]] = f.result()
+                log(row_line(done[futs[f]]))
     finally:
         _WORK.clear()
-    for r in rows:
-        log(row_line(r))
-    return rows
+    return [done[i] for i in range(len(work))]
 
 
 HEADER = ("| setting (through the engine) | model calls a frame | right count step 1 | right count step 4 | config TV "

@@ -32,3 +32,15 @@ def test_event_bytes_carries_an_anytime_end():
     reach.truncated = [False, True]
     ev = RolloutEvent.end("r", ErrorCode.OK, "anytime: cut")
     assert json.loads(event_bytes(ev, "raw", reach)) == event_json(ev, "raw", reach)
+
+
+def test_the_rest_client_reads_ndjson_lines_across_chunks():
+    import httpx
+
+    from worldserve.client.client import _ndjson
+
+    body = b'{"a":1}\n\n{"b":"' + b"x" * 5000 + b'"}\r\n{"c":3}'  # a blank line, CRLF, no final newline
+    for size in (1, 7, 64, 10_000):
+        chunks = [body[i : i + size] for i in range(0, len(body), size)]
+        lines = [json.loads(ln) for ln in _ndjson(httpx.Response(200, content=iter(chunks)))]
+        assert lines == [{"a": 1}, {"b": "x" * 5000}, {"c": 3}], size
