@@ -140,27 +140,32 @@ def cmd_train_denoiser(a) -> None:
     from ..model.io import save_model_dir
 
     torch.set_num_threads(a.threads)
-    data_path = Path(a.data) / "train.npz"
+    data_path = Path(a.data) / ("train.npz" if a.env == "minigrid" else f"{a.env}-train.npz")
     if not data_path.exists():
-        save(collect(a.episodes, a.seed), data_path)
+        save(collect(a.episodes, a.seed, env=a.env), data_path)
     data = load(data_path)
     t0 = time.time()
-    cfg = DenoiserConfig()
+    cfg = DenoiserConfig(name=Path(a.out).name)
     budget = a.time_budget_min * 60 if a.time_budget_min else None
     model, stats = run(data, Path(a.ckpt), cfg, a.ae_steps, a.dyn_steps, a.batch, a.seed, budget)
     minutes = (time.time() - t0) / 60
     n_eps = len(data["frame_offsets"]) - 1
-    card = f"""# worldserve denoiser — MiniGrid continuous-latent (denoising) world model
+    env_flag = "" if a.env == "minigrid" else f" --env {a.env} --out {a.out}"
+    world = ("as `tiny` (MiniGrid random layouts, 64x64, actions left/right/forward)" if a.env == "minigrid" else
+             "the stochastic world of `dynamic` (MiniGrid random layouts, 64x64, actions left/right/forward; 2 blue "
+             "balls random-walk after every action, a collision ends the episode with reward -1)")
+    card = f"""# worldserve {cfg.name} — MiniGrid continuous-latent (denoising) world model
 
 - Architecture `denoiser` (worldserve.model.denoiser): per-patch MLP autoencoder to a {cfg.latent_ch}-channel
   8x8 latent grid; the next latent is denoised in {cfg.denoise_steps} Euler steps (EDM preconditioning, Karras
   schedule sigma {cfg.sigma_max} -> {cfg.sigma_min}) by a residual conv net ({cfg.n_blocks} blocks x {cfg.channels}
   channels, FiLM on noise level + action) conditioned on the last {cfg.context} frame latents; reward and done
   heads over (context, next latent, action). No tokens; the noise comes from the engine's counter-based streams.
-- Environment and data: as `tiny` (MiniGrid random layouts, 64x64, actions left/right/forward): {n_eps} episodes,
+- Environment and data: {world}: {n_eps} episodes,
   seeds {a.seed}..{a.seed + n_eps - 1}, epsilon-expert behaviour; held-out seeds from 1,000,000 on.
-- Training: `worldserve train --arch denoiser --ae-steps {a.ae_steps} --dyn-steps {a.dyn_steps} --batch {a.batch}
-  --seed {a.seed}` on {a.threads} CPU threads, {minutes:.1f} minutes ({stats['denoiser_steps']} denoiser steps).
+- Training: `worldserve train --arch denoiser{env_flag} --ae-steps {a.ae_steps} --dyn-steps {a.dyn_steps}
+  --batch {a.batch} --seed {a.seed}` on {a.threads} CPU threads, {minutes:.1f} minutes
+  ({stats['denoiser_steps']} denoiser steps).
   Autoencoder: {stats['distinct_patches']} distinct training patches, {100 * stats['exact_patches']:.1f}% exact.
 - Parameters: {model.param_counts()}
 """

@@ -2,8 +2,9 @@
 to rare ones, measured through the engine (the serving path), on held-out states of the stochastic world.
 
 A knob setting is a string: a precision (fp32 | bf16 | int8 | fp8), decoding knobs of a frame-head model
-(passes=P, decode_temperature=T, schedule=cosine|sequential, confidence=sampled|max, choice_noise=X), or several
-joined by '+' ("bf16+passes=4"). `configure` gives the model as the server would run it under that setting; every
+(passes=P, decode_temperature=T, schedule=cosine|sequential, confidence=sampled|max, choice_noise=X), the sampler
+of a denoising model (denoise_steps=S: Euler steps of its probability-flow ODE a frame), or several joined by '+'
+("bf16+passes=4"). `configure` gives the model as the server would run it under that setting; every
 figure then comes from K futures per state through `Engine` (maskgit_fidelity.joint_fidelity / rare_rate with an
 engine). Per setting:
 - right ball count at steps 1 and 4, configuration TV at steps 1 and 4 with the world-vs-world floor at the same K;
@@ -26,17 +27,28 @@ from .maskgit_fidelity import joint_fidelity, rare_rate, rare_states, world_side
 
 PRECISIONS = ("fp32", "bf16", "fp16", "int8", "fp8")
 BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "int8": 8, "fp8": 8}
-DECODE_KNOBS = {"passes": int, "decode_temperature": float, "schedule": str, "confidence": str, "choice_noise": float}
+DECODE_KNOBS = {"passes": int, "decode_temperature": float, "schedule": str, "confidence": str, "choice_noise": float,
+                "denoise_steps": int}
+DENOISE_STEPS = (1, 2, 3, 5)  # the denoising-steps rows of a denoiser's table
 SELECT_K = 64  # simulator futures that pick the rare states (p in (0, 5 %] needs K >= 20 to be seen at all)
 GOALS = {"count1": 0.95, "count4": 0.90, "tv1": 0.25, "rare_rel": 0.20}
 
 
 def default_knobs(model) -> list[str]:
-    """The table's rows for a model: passes 1, 2, 4, 8, 16 and its default (frame-head models), then bf16 and int8."""
+    """The table's rows for a model: passes 1, 2, 4, 8, 16 and its default (frame-head models), then bf16 and int8;
+    a denoiser: denoising steps 1, 2, 3, 5 and its default, then bf16 (it serves eager at fp32 / fp16 / bf16)."""
+    if is_denoiser(model):
+        steps = sorted({*DENOISE_STEPS, model.cfg.denoise_steps})
+        return [f"denoise_steps={n}" for n in steps] + ["bf16"]
     if model.spec.decoding == "parallel":
         return ["fp32", "bf16", "int8"]
     passes = sorted({1, 2, 4, 8, 16, model.spec.passes})
     return [f"passes={p}" for p in passes] + ["bf16", "int8"]
+
+
+def is_denoiser(model) -> bool:
+    """A model that samples its frames by denoising (its config names the number of steps)."""
+    return hasattr(getattr(model, "cfg", None), "denoise_steps")
 
 
 def parse(name: str) -> tuple[str, dict]:
@@ -60,12 +72,17 @@ def configure(model, name: str):
 
     precision, changes = parse(name)
     if changes:
-        if model.spec.decoding == "parallel":
-            raise ValueError(f"{name!r}: {model.spec.name} decodes a frame in one parallel pass; it has no "
-                             f"{'/'.join(changes)} knob")
+        own = {f.name for f in dataclasses.fields(model.cfg)} if dataclasses.is_dataclass(model.cfg) else set()
+        if model.spec.decoding == "parallel" and not is_denoiser(model) or not set(changes) <= own:
+            kind = "denoises a frame" if is_denoiser(model) else "decodes a frame in one parallel pass"
+            raise ValueError(f"{name!r}: {model.spec.name} {kind}; it has no "
+                             f"{'/'.join(sorted(set(changes) - own) or changes)} knob")
+        if changes.get("denoise_steps", 1) < 1:
+            raise ValueError(f"{name!r}: denoise_steps must be >= 1")
         model = copy.copy(model)  # the same weights; only the spec (from cfg) changes
         model.cfg = dataclasses.replace(model.cfg, **changes)
-        model.cfg.validate()
+        if hasattr(model.cfg, "validate"):
+            model.cfg.validate()
     return with_precision(model, precision)
 
 
@@ -73,6 +90,8 @@ def label(model, name: str) -> str:
     """'maskgit: 4 passes, bf16' (other decoding knobs appended)."""
     precision, changes = parse(name)
     sp = model.spec
+    if is_denoiser(model):
+        return f"{sp.name}: {changes.get('denoise_steps', model.cfg.denoise_steps)} denoising steps, {precision}"
     if sp.decoding == "parallel":
         return f"{sp.name}: parallel, {precision}"
     extra = "".join(f", {key} {val}" for key, val in changes.items() if key != "passes")
@@ -80,8 +99,11 @@ def label(model, name: str) -> str:
 
 
 def calls_per_frame(model, name: str) -> int:
-    """Model calls a frame costs: the trunk once, then one frame-head pass each (engine/frames.py); parallel: 1."""
+    """Model calls a frame costs: the trunk once, then one frame-head pass each (engine/frames.py); a denoiser: one
+    denoiser call per Euler step (its heads ride on the last); parallel: 1."""
     _, changes = parse(name)
+    if is_denoiser(model):
+        return changes.get("denoise_steps", model.cfg.denoise_steps)
     if model.spec.decoding == "parallel":
         return 1
     return 1 + changes.get("passes", model.spec.passes)

@@ -188,12 +188,14 @@ def unmask_pass(logits: torch.Tensor, partial: torch.Tensor, known: torch.Tensor
     n_known_after int64 [B]        tokens known after this pass, in [known.sum(1), N] (the schedule at the row's pass)
     temperature   float [B]        >= 0 (0: greedy tokens, confidence without noise)
     seed, candidate, step, pass_idx: int64 [B], the row's keys (pass_idx: which pass of the frame this is)
-    order         every unknown position samples a token at `temperature`; which new ones are kept:
+    order         a token at `temperature` for each position kept; which new ones are kept:
                   "sampled": the most confident, confidence = log p(sampled token) + noise * temperature * Gumbel
                   noise (MaskGIT / Genie; noise: MaskGIT's choice temperature, the model's spec.choice_noise).
                   "max": the same with log max_v p(v), the position's confidence before sampling: the choice does
                   not depend on the values drawn, so with a right head the frame is an exact sample ("sampled"
-                  keeps likely values first and resamples the others: it leans to the mode).
+                  keeps likely values first and resamples the others: it leans to the mode). "max" and "raster"
+                  choose first and draw only the kept positions (each one's token is the one drawing every
+                  position would give it: keyed by its position).
                   "raster": the first unknown positions in raster order (autoregressive).
     -> partial int64 [B, N], known bool [B, N]: row b has exactly n_known_after[b] known tokens, the known ones
        unchanged; unknown positions hold 0.
@@ -204,23 +206,28 @@ def unmask_pass(logits: torch.Tensor, partial: torch.Tensor, known: torch.Tensor
     b, n, _ = logits.shape
     t = temperature.to(torch.float32)
     draw = 2 * pass_idx + 1  # this pass's token stream; 2 * pass_idx + 2: its Gumbel noise
-    tok = sample(logits, t, seed, candidate, step, draw)  # int64 [B, N]: a token for every position
     pos = torch.arange(n, device=logits.device)
     if order not in CONFIDENCES and order != "raster":
         raise ValueError(f"unknown order {order!r}")
     t_lp = torch.where(t > 0, t, torch.ones_like(t))[:, None, None]  # greedy rows: log p at temperature 1
     logp = torch.log_softmax(logits.float() / t_lp, -1)  # [B, N, V]
-    chosen = logp.gather(-1, tok[..., None]).squeeze(-1)  # [B, N] <= 0: log p of the token each position drew
+    tok = None
+    if order == "sampled":  # the choice ranks the values drawn: a token for every position first
+        tok = sample(logits, t, seed, candidate, step, draw)  # int64 [B, N]
+        lp = logp.gather(-1, tok[..., None]).squeeze(-1)  # [B, N] <= 0
     if order == "raster":
         conf = -pos.to(torch.float32).expand(b, n)  # earlier positions first
     else:
-        lp = chosen if order == "sampled" else logp.amax(-1)  # [B, N] <= 0
+        lp = lp if order == "sampled" else logp.amax(-1)  # [B, N] <= 0
         u = token_uniform(seed, candidate, step, n, draw + 1)  # [B, N] in (0, 1)
         conf = lp + (noise * t)[:, None] * -torch.log(-torch.log(u))  # + temperature-scaled Gumbel noise
     conf = conf.masked_fill(known, float("inf"))  # the known tokens rank first and stay
     ranked = torch.sort(conf, dim=1, descending=True, stable=True).indices  # [B, N] positions, most confident first
     rank = torch.empty_like(ranked).scatter_(1, ranked, pos.expand(b, n))  # [B, N] each position's place
     new_known = (rank < n_known_after[:, None]) | known
+    if tok is None:  # "max" / "raster" chose before drawing: only the positions kept now need a token
+        tok = sample(logits, t, seed, candidate, step, draw, where=new_known & ~known)  # int64 [B, N]
+    chosen = logp.gather(-1, tok[..., None]).squeeze(-1)  # [B, N] <= 0: log p of the token each position drew
     partial = torch.where(known, partial, torch.where(new_known, tok, torch.zeros_like(tok)))
     kept = torch.where(new_known & ~known, chosen.exp(), torch.zeros_like(chosen)).sum(1)  # float32 [B]
     return partial, new_known, kept

@@ -145,10 +145,14 @@ def _sample_rows(flat: torch.Tensor, sel: torch.Tensor, t: torch.Tensor, u: torc
     return (blk * bs + torch.minimum(j, last_j)).squeeze(1)
 
 
-def sample(logits, temperature, seed, candidate, step, draw=None):
+def sample(logits, temperature, seed, candidate, step, draw=None, where=None):
     """logits float [B, N, V]; temperature float [B] (0 = greedy); seed/candidate/step int64 [B] -> int64 [B, N].
 
     draw: int64 [B] or None (the step's own stream): see `token_uniform`.
+    where: bool [B, N] or None (every position): the positions that need a token; a sampled row draws only those (a
+    position's token depends only on its own key, so it is the token drawing every position would give it) and
+    holds 0 elsewhere. MaskGIT passes that choose their positions before drawing (model/maskgit.unmask_pass) draw
+    only the positions they keep.
     On the CPU greedy rows skip the draws (which rows are greedy is read on the host); on a GPU that read would be a
     synchronisation, so every row is drawn and greedy rows take their argmax by `where` (the same tokens)."""
     b, n, v = logits.shape
@@ -166,13 +170,22 @@ def sample(logits, temperature, seed, candidate, step, draw=None):
     t = temperature[rows].float().clamp(min=1e-6).repeat_interleave(n)  # [S * N]
     flat = logits.reshape(b * n, v)  # a view for contiguous logits
     idx = (rows[:, None] * n + torch.arange(n, device=logits.device)).reshape(-1)  # [S * N] rows of flat
-    got = torch.empty(n_hot * n, dtype=torch.int64, device=logits.device)
+    if where is not None:  # only the positions asked for: their keys' uniforms and temperatures, the rest 0
+        out[rows] = 0
+        pick = where[rows].reshape(-1).nonzero().squeeze(1)  # [M] of S * N
+        idx, u, t = idx[pick], u[pick], t[pick]
+        if idx.shape[0] == 0:
+            return out
+    got = torch.empty(idx.shape[0], dtype=torch.int64, device=logits.device)
     size = chunk_rows(v)
     nb_bs = -(-v // block_size(v)) * block_size(v)
     scratch = torch.zeros(min(size, idx.shape[0]), nb_bs, dtype=torch.float32, device=logits.device)
     for i in range(0, idx.shape[0], size):  # chunks bound the scratch; every op below is row-independent
         sel = idx[i : i + size]
         got[i : i + sel.shape[0]] = _sample_rows(flat, sel, t[i : i + size], u[i : i + size], scratch)
+    if where is not None:
+        out.view(-1)[idx] = got
+        return out
     out[rows] = got.view(n_hot, n)
     return out
 

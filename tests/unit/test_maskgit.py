@@ -80,6 +80,80 @@ def test_unmask_pass_fills_exactly_n_known_after_and_keeps_the_known_tokens():
             assert torch.equal(one[0][0], new[i]) and torch.equal(one[1][0], new_known[i])
 
 
+def unmask_pass_drawing_everything(logits, partial, known, after, t, seed, cand, step, pass_idx, order, noise=1.0):
+    """The plain reference of unmask_pass: a token drawn at every position, then the choice (the pass as it was
+    before "max" / "raster" drew only the positions they keep)."""
+    from worldserve.model.sampling import sample, token_uniform
+
+    b, n, _ = logits.shape
+    draw = 2 * pass_idx + 1
+    tok = sample(logits, t, seed, cand, step, draw)
+    pos = torch.arange(n)
+    logp = torch.log_softmax(logits.float() / torch.where(t > 0, t, torch.ones_like(t))[:, None, None], -1)
+    chosen = logp.gather(-1, tok[..., None]).squeeze(-1)
+    if order == "raster":
+        conf = -pos.to(torch.float32).expand(b, n)
+    else:
+        lp = chosen if order == "sampled" else logp.amax(-1)
+        conf = lp + (noise * t)[:, None] * -torch.log(-torch.log(token_uniform(seed, cand, step, n, draw + 1)))
+    ranked = torch.sort(conf.masked_fill(known, float("inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(ranked).scatter_(1, ranked, pos.expand(b, n))
+    new_known = (rank < after[:, None]) | known
+    out = torch.where(known, partial, torch.where(new_known, tok, torch.zeros_like(tok)))
+    return out, new_known, torch.where(new_known & ~known, chosen.exp(), torch.zeros_like(chosen)).sum(1)
+
+
+@pytest.mark.parametrize("order", ["max", "raster", "sampled"])
+def test_unmask_pass_draws_only_what_it_keeps_and_equals_drawing_everything(order):
+    """"max" / "raster" choose before drawing and sample only the kept positions: bit-equal to drawing every position
+    (tokens, known, the kept probability), greedy and sampled rows mixed, rows at different passes."""
+    from worldserve.model import sampling
+
+    g = torch.Generator().manual_seed(11)
+    n = 64
+    logits = torch.randn(B, n, V, generator=g) * 3
+    known = torch.rand(B, n, generator=g) < torch.linspace(0, 0.95, B)[:, None]
+    partial = torch.where(known, torch.randint(0, V, (B, n), generator=g), 0)
+    have = known.sum(1)
+    after = (have + torch.tensor([1, 3, 8, 0, 64, 2, 5, 1])).clamp(max=n)
+    temp = torch.tensor([1.0, 0.0, 0.7, 1.0, 2.0, 1.0, 0.0, 1.3])
+    seed, cand, step = keys(B)
+    passes = torch.arange(B) % 5
+    want = unmask_pass_drawing_everything(logits, partial, known, after, temp, seed, cand, step, passes, order)
+    drawn = []
+    real = sampling._sample_rows
+
+    def counting(flat, sel, *a):
+        drawn.append(sel.shape[0])
+        return real(flat, sel, *a)
+
+    sampling._sample_rows = counting
+    try:
+        got = unmask_pass(logits, partial, known, after, temp, seed, cand, step, passes, order)
+    finally:
+        sampling._sample_rows = real
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    fresh = ((got[1] & ~known).sum(1) * (temp > 0)).sum()
+    assert sum(drawn) == (int(fresh) if order != "sampled" else int((temp > 0).sum()) * n)
+
+
+def test_sample_where_draws_the_tokens_drawing_everything_gives():
+    from worldserve.model.sampling import sample
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(B, 64, V, generator=g)
+    temp = torch.tensor([1.0, 0.0] * 4)
+    seed, cand, step = keys(B)
+    where = torch.rand(B, 64, generator=g) < 0.2
+    everything = sample(logits, temp, seed, cand, step)
+    some = sample(logits, temp, seed, cand, step, where=where)
+    hot = (temp > 0)[:, None].expand(B, 64)
+    assert torch.equal(some[where | ~hot], everything[where | ~hot])  # greedy rows: argmax everywhere
+    assert int(some[~where & hot].abs().sum()) == 0
+    nothing = sample(logits, temp, seed, cand, step, where=torch.zeros_like(where))
+    assert torch.equal(nothing[hot], torch.zeros(4 * 64).long())
+
+
 def test_greedy_rows_take_the_argmax():
     logits = torch.randn(2, 64, V, generator=torch.Generator().manual_seed(2))
     seed, cand, step = keys(2)

@@ -87,3 +87,42 @@ def test_eval_fails_a_setting_that_loses_the_rare_futures_naming_the_rate(capsys
               "--threads", "1"])
     msg = str(e.value.code)
     assert "decode_temperature=0 FAILS" in msg and "rare collisions" in msg and "the world's" in msg, msg
+
+
+def test_a_denoiser_has_a_denoising_steps_knob_and_the_engine_runs_that_many():
+    from worldserve.engine.engine import Engine
+    from worldserve.lab.knobs import default_knobs, label
+    from worldserve.messages import FrameMode, RolloutRequest
+    from worldserve.settings import EngineSettings
+
+    den = load_model_dir(ROOT / "models" / "denoiser")
+    assert default_knobs(den) == ["denoise_steps=1", "denoise_steps=2", "denoise_steps=3", "denoise_steps=5", "bf16"]
+    one = configure(den, "denoise_steps=1")
+    assert one.cfg.denoise_steps == 1 and den.cfg.denoise_steps == 3 and one.denoiser is den.denoiser
+    assert calls_per_frame(den, "denoise_steps=5") == 5 and calls_per_frame(den, "fp32") == 3
+    assert label(den, "bf16+denoise_steps=2") == "denoiser: 2 denoising steps, bf16"
+    with pytest.raises(ValueError, match="denoises a frame; it has no passes knob"):
+        configure(den, "passes=4")
+    with pytest.raises(ValueError, match="no denoise_steps knob"):
+        configure(load_model_dir(ROOT / "models" / "maskgit"), "denoise_steps=2")
+    with pytest.raises(ValueError, match="denoise_steps must be >= 1"):
+        configure(den, "denoise_steps=0")
+
+    context = np.zeros((1, 64, 64, 3), np.uint8)
+    calls, last = [], {}
+    hook = den.denoiser.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for steps in (1, 2, 5):
+            eng = Engine(configure(den, f"denoise_steps={steps}"), EngineSettings(max_slots=4, max_queue=2,
+                                                                                  max_candidates=4))
+            calls.clear()
+            eng.submit(RolloutRequest(f"r{steps}", "denoiser", context, np.asarray([[2, 0]], np.int64),
+                                      frames=FrameMode.ALL, seed=3, temperature=1.0))
+            events = []
+            while not any(e.final for e in events):
+                events.extend(eng.step())
+            assert len(calls) == 2 * steps  # two frames, `steps` denoiser calls each
+            last[steps] = [e.frame for e in events if not e.final][-1]
+    finally:
+        hook.remove()
+    assert not np.array_equal(last[1], last[5])  # the knob changes the samples
