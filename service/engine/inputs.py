@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..messages import FrameMode
-from ..model.sampling import done_thresholds
+from ..model.sampling import done_thresholds, is_sampled
 from ..runtime.batch import bucket
 from .scheduler import Chunk, Row
 
@@ -176,7 +176,7 @@ def pack(rows: list[Row], nb: int, pad_slot: int, action_dim: int, device: torch
     stop_at = {}
     if stop:  # model/sampling.done_thresholds: 0.5 greedy, a draw from the row's stream when sampled
         i = at[stop]
-        t = np.ones(len(i), np.float32) if sampled else temp[i]
+        t = is_sampled(temp[i], sampled).astype(np.float32)  # 1: drawn, 0: greedy
         u = done_thresholds(torch.from_numpy(seed[i]), torch.from_numpy(step[i]), torch.from_numpy(t))
         stop_at = dict(zip(stop, u.tolist(), strict=True))
     arrays["want"] = np.array(want, np.int64)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..messages import RolloutRequest
+from ..model.sampling import is_sampled
 from .scheduler import Chunk, Row
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -40,7 +41,7 @@ def shareable(req: RolloutRequest, latent_out: bool) -> bool:
     """Whether a request's candidates with equal prefixes give bit-equal rows (see the module docstring)."""
     if req.session or req.candidates < 2:
         return False
-    return bool(req.common_random_numbers) or (req.temperature == 0 and not latent_out)
+    return bool(req.common_random_numbers) or not is_sampled(req.temperature, latent_out)
 
 
 def start(c: Chunk, share: bool, latent_out: bool) -> None:

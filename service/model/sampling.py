@@ -22,6 +22,7 @@ chunked path and the Triton kernel (worldserve.kernels.sampling) are tested agai
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
@@ -54,6 +55,14 @@ def token_uniform(seed: torch.Tensor, candidate: torch.Tensor, step: torch.Tenso
         row = _mix32(row ^ ((draw[:, None] * 0x9E3779B1 + 0x7F4A7C15) & M32))
     h = _mix32(row ^ ((tok * 0xC2B2AE35) & M32))
     return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)  # 24 high bits -> (0, 1)
+
+
+def is_sampled(temperature, latent_out: bool):
+    """Whether a future is drawn rather than the greedy one: a latent model always draws its noise; a token model
+    when its temperature > 0. temperature: a float (a request's) or float32 array (rows') -> bool or bool array.
+    The one rule behind prefix sharing's exactness (engine/prefix.shareable) and the done draw (done_thresholds)."""
+    return latent_out | (np.asarray(temperature) > 0) if isinstance(temperature, np.ndarray) else (
+        latent_out or temperature > 0)
 
 
 DONE_DRAW = 0x0D0E  # the stream of a step's end-of-world draw (within-frame passes use draws 1 .. 2P)
