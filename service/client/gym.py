@@ -18,7 +18,8 @@ one answer of N outputs, computed in the same engine step on the server (one rou
 gymnasium's next-step autoreset; it behaves exactly as `SyncVectorEnv` of N RemoteWorldEnvs with the same seeds.
 
 Each world starts from its own frames: by default the start frames come from the environment the model was trained
-on (`world_of`: `dynamic` and `maskgit` are the stochastic ball world, the other shipped models plain MiniGrid).
+on (`world_of`: `dynamic`, `maskgit` and `dynamic-denoiser` are the stochastic ball world, the other shipped models
+plain MiniGrid).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ from .client import GrpcClient, Reset
 ContextFn = Callable[[int], tuple[np.ndarray, np.ndarray | None]]  # seed -> frames [C,H,W,3], actions [C-1] | None
 
 
-WORLDS = {"dynamic": "dynamic", "maskgit": "dynamic"}  # shipped models trained on the stochastic ball world
+# the world (lab/data/envs.ENVS) each shipped model (models/<name>) was trained on: its card's "Environment" line;
+# /play's start frames (lab/starts.py) and `worldserve tune` read it from here
+WORLDS = {"tiny": "minigrid", "denoiser": "minigrid", "dynamic": "dynamic", "maskgit": "dynamic",
+          "dynamic-denoiser": "dynamic"}
 
 
 def world_of(model: str) -> str:

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..client.gym import WORLDS  # the world each shipped model was trained on, named once
 from .data.envs import ENVS
 from .data.minigrid_env import Simulator, expert_action
 
 OUT = Path(__file__).resolve().parents[1] / "api" / "static" / "starts"
-# the world each shipped model (models/<name>) was trained on: its card's "Environment" line
-MODEL_WORLDS = {"tiny": "minigrid", "denoiser": "minigrid", "dynamic": "dynamic", "maskgit": "dynamic"}
 DEFAULT_WORLD = "minigrid"
 
 
@@ -43,7 +42,7 @@ def starts(world: str, n: int, seed0: int) -> list[tuple[int, Image.Image]]:
 
 
 def write(out: Path, n: int, seed0: int) -> dict:
-    index = {"worlds": {}, "models": MODEL_WORLDS, "default": DEFAULT_WORLD}
+    index = {"worlds": {}, "models": dict(WORLDS), "default": DEFAULT_WORLD}
     for world in ENVS:
         (out / world).mkdir(parents=True, exist_ok=True)
         index["worlds"][world] = []

@@ -18,7 +18,7 @@ def _blue_cells(frame: np.ndarray) -> int:
 
 
 def test_each_model_starts_from_its_own_world():
-    assert world_of("dynamic") == world_of("maskgit") == "dynamic"
+    assert world_of("dynamic") == world_of("maskgit") == world_of("dynamic-denoiser") == "dynamic"
     assert world_of("tiny") == world_of("denoiser") == world_of("someone-elses-model") == "minigrid"
     for seed in range(5):
         ball, _ = minigrid_context(world_of("maskgit"))(seed)
@@ -29,3 +29,16 @@ def test_each_model_starts_from_its_own_world():
         assert len(env.obstacle_cells()) == 2
         assert _blue_cells(ball[0]) == 2, "the ball world's start frame shows its two balls"
         assert _blue_cells(plain[0]) == 0
+
+
+def test_the_play_pages_index_names_the_worlds_the_gym_env_uses():
+    """/play (static/starts/index.json, written by lab/starts.py) and the gym env read one table of model -> world."""
+    import json
+
+    from tests.conftest import ROOT
+    from worldserve.client.gym import WORLDS
+
+    index = json.loads((ROOT / "service" / "api" / "static" / "starts" / "index.json").read_text())
+    assert index["models"] == WORLDS and set(WORLDS.values()) <= set(index["worlds"])
+    shipped = {p.parent.name for p in (ROOT / "models").glob("*/config.json")}
+    assert shipped <= set(WORLDS), f"a shipped model without its world: {shipped - set(WORLDS)}"
