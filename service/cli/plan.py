@@ -48,11 +48,13 @@ def cmd_plan(a) -> None:
     )
 
     cfg = PlanConfig(candidates=a.candidates, horizon=a.horizon, gamma=a.gamma, lava_penalty=a.lava_penalty,
-                     primitives=not a.no_primitives, futures=a.futures, seed=a.seed)
+                     primitives=not a.no_primitives, futures=a.futures, seed=a.seed,
+                     discard_uncertain=a.discard_uncertain)
     seeds = eval_seeds(a.episodes, a.seed0)
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if a.verbose else None
     rows, t0 = [], time.time()
-    shape = f"K={cfg.candidates}, H={cfg.horizon}" + (f", M={cfg.futures} futures" if cfg.futures > 1 else "")
+    shape = f"K={cfg.candidates}, H={cfg.horizon}" + (f", M={cfg.futures} futures" if cfg.futures > 1 else "") + (
+        f", least confident {cfg.discard_uncertain:.0%} of futures dropped" if cfg.discard_uncertain else "")
     for name in a.policies.split(","):
         if name == "random":
             rows.append(evaluate("random", RandomPolicy(a.seed), seeds, a.max_steps, log=log, env=a.env))
@@ -146,6 +148,9 @@ def add_commands(sub) -> None:
     p.add_argument("--independent-futures", action="store_true",
                    help="sampled rollouts without common random numbers: every candidate row its own noise (default "
                    "with --temperature > 0: noise keyed by the action prefix, equal prefixes computed once)")
+    p.add_argument("--discard-uncertain", type=float, default=0.0, metavar="FRACTION",
+                   help="drop the least confident FRACTION of each tick's futures from their candidates' means (the "
+                   "frames' confidence the server sends; a candidate keeps all its futures if all would go)")
     p.add_argument("--max-rows", type=int, default=64, help="candidate rows per Rollout (the server's max_candidates)")
     p.add_argument("--tick-ms", type=int, default=0, help="a fixed control rate: each tick's Rollouts are anytime "
                    "rollouts ending at what is left of this budget; the planner scores the steps reached (0: none)")

@@ -43,6 +43,9 @@ class PlanConfig:
     smoothing: float = 0.5  # CEM update: p <- (1 - s) p + s * elite frequencies
     primitives: bool = True  # include the L-shaped motion-primitive library
     futures: int = 1  # M sampled futures per candidate (seeded streams; needs temperature > 0 to differ)
+    # drop this fraction of a tick's futures, the least confident (their frames' mean confidence, RolloutEvent
+    # .confidence) from their candidates' means; a candidate keeps all its futures if all would go (0: keep every one)
+    discard_uncertain: float = 0.0
     seed: int = 0
 
 
@@ -61,6 +64,25 @@ def score(rewards: np.ndarray, dones: np.ndarray, cfg: PlanConfig) -> np.ndarray
         total += cfg.gamma**t * alive * (r - cfg.lava_penalty * death)
         alive = alive * (1.0 - d)
     return total
+
+
+def future_weights(conf: np.ndarray | None, k: int, m: int, discard: float) -> np.ndarray:
+    """Which futures count in their candidate's mean. conf: float [K*M, H] the frames' confidence (NaN: none, or a
+    step not reached) or None; k candidates x m futures -> float [K, M] in {0, 1}.
+
+    A future's confidence is the mean over its frames; the least confident `discard` fraction of the tick's futures
+    (ties kept) are dropped. A candidate whose futures would all be dropped keeps them all, and a model that gives
+    no confidence keeps every future."""
+    if conf is None or discard <= 0 or not np.isfinite(conf).any():
+        return np.ones((k, m))
+    with np.errstate(invalid="ignore"):
+        per = np.nanmean(np.where(np.isfinite(conf), conf, np.nan), axis=1) if conf.size else np.zeros(0)
+    per = np.where(np.isfinite(per), per, np.inf)  # a future without a confidence is kept
+    finite = per[np.isfinite(per)]
+    floor = np.quantile(finite, discard) if finite.size else -np.inf
+    w = (per >= floor).astype(float).reshape(k, m)
+    w[w.sum(1) == 0] = 1.0
+    return w
 
 
 def primitive_library(horizon: int, max_run: int = 6) -> np.ndarray:
@@ -119,16 +141,22 @@ class CEMPlanner:
         return action
 
     def plan(self, evaluate) -> tuple[int, np.ndarray, np.ndarray]:
-        """evaluate(rows int64 [K*M, H]) -> (rewards [K*M, H], dones [K*M, H]). Returns (action, cands, scores).
+        """evaluate(rows int64 [K*M, H]) -> (rewards [K*M, H], dones [K*M, H][, confidence [K*M, H]]). Returns
+        (action, cands, scores).
 
         Each candidate is sent M = cfg.futures times (rows k*M .. k*M+M-1); every row draws its own seeded
         stream, so the M rows are M sampled futures of that action sequence. A candidate's score is the mean
-        of its futures' returns: the expected return under the world's odds, not the return of its mode.
+        of its futures' returns: the expected return under the world's odds, not the return of its mode. With
+        cfg.discard_uncertain and a model that gives its frames' confidence, the least confident futures of the
+        tick leave the means (future_weights).
         """
         cands = self.propose()  # int64 [K, H]
         m = max(1, self.cfg.futures)
-        rewards, dones = evaluate(np.repeat(cands, m, axis=0))  # float [K*M, H]
-        scores = score(rewards, dones, self.cfg).reshape(len(cands), m).mean(1)  # float [K]
+        out = evaluate(np.repeat(cands, m, axis=0))  # float [K*M, H] each
+        rewards, dones = out[0], out[1]
+        w = future_weights(out[2] if len(out) > 2 else None, len(cands), m, self.cfg.discard_uncertain)  # [K, M]
+        ret = score(rewards, dones, self.cfg).reshape(len(cands), m)
+        scores = (ret * w).sum(1) / w.sum(1)  # float [K]
         return self.update(cands, scores), cands, scores
 
 
@@ -170,7 +198,7 @@ class RemoteWorld:
         ctx = frames[-self.window :]
         ctx_actions = [int(a) for a in actions[len(actions) - (len(ctx) - 1) :]] if len(ctx) > 1 else None
         k, h = cands.shape
-        rewards, dones = np.zeros((k, h)), np.zeros((k, h))
+        rewards, dones, conf = np.zeros((k, h)), np.zeros((k, h)), np.full((k, h), np.nan)
         self.tick += 1
         seed = (self.seed * 1000 + self.tick) * 4096  # row r of this tick draws from stream seed + r
         end = time.monotonic() + self.tick_ms / 1000
@@ -189,9 +217,11 @@ class RemoteWorld:
                     continue
                 rewards[rows[ev.candidate], ev.step] = ev.reward
                 dones[rows[ev.candidate], ev.step] = ev.done
+                if ev.confidence is not None:
+                    conf[rows[ev.candidate], ev.step] = ev.confidence
                 got += 1
         self.reached.append(got / (k * h))
-        return rewards, dones
+        return rewards, dones, conf
 
 
     def _batches(self, cands: np.ndarray, seed: int) -> list[tuple[np.ndarray, int]]:

@@ -79,16 +79,16 @@ def test_planner_at_a_fixed_tick_scores_what_came_back(server, real_frames):
     frames, actions = [real_frames[0], real_frames[1]], [2]
     short = RemoteWorld(server.grpc_client(), "tiny", tick_ms=300)
     short.reset(None, 1)
-    rewards, dones = short.evaluate(frames, actions, cands)
+    rewards, dones, _ = short.evaluate(frames, actions, cands)
     assert rewards.shape == dones.shape == (64, 64)
     assert 0.0 <= short.reached[0] < 1.0  # cut by the tick (64 x 64 steps take seconds here)
     full = RemoteWorld(server.grpc_client(), "tiny", tick_ms=60_000)
     full.reset(None, 1)
     small = cands[:4, :6]
-    r_full, d_full = full.evaluate(frames, actions, small)
+    r_full, d_full, _ = full.evaluate(frames, actions, small)
     assert full.reached == [1.0]
     plain = RemoteWorld(server.grpc_client(), "tiny")  # no tick: the same answer, the same seeds
     plain.reset(None, 1)
-    r_plain, d_plain = plain.evaluate(frames, actions, small)
+    r_plain, d_plain, _ = plain.evaluate(frames, actions, small)
     np.testing.assert_array_equal(r_full, r_plain)
     np.testing.assert_array_equal(d_full, d_plain)

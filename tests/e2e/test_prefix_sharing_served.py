@@ -59,5 +59,5 @@ def test_remote_world_sends_each_future_of_a_candidate_in_its_own_scenario(serve
     batches = world._batches(cands, 1000)
     assert [(list(rows), seed) for rows, seed in batches] == [([0, 2, 4], 1000), ([1, 3, 5], 1001)]
     world.reset(None, seed=3)
-    rewards, dones = world.evaluate(list(real_frames[:2]), [2], cands)
+    rewards, dones, _ = world.evaluate(list(real_frames[:2]), [2], cands)
     assert rewards.shape == dones.shape == (6, 4) and world.reached == [1.0]

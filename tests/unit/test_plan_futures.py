@@ -30,6 +30,32 @@ def test_each_candidate_is_scored_by_the_mean_of_its_futures():
     np.testing.assert_allclose(scores[2], 0.9)
 
 
+def test_the_least_confident_futures_leave_their_candidates_means():
+    from worldserve.lab.plan import future_weights
+
+    cfg = PlanConfig(candidates=8, horizon=4, futures=3, primitives=False, discard_uncertain=0.4)
+
+    def world(rows):
+        n = len(rows)
+        rewards, dones = np.zeros(rows.shape), np.zeros(rows.shape)
+        conf = np.full(rows.shape, 0.99)
+        rewards[np.arange(n) % 3 == 0, 0] = 0.9  # the first future of every candidate reaches the goal ...
+        conf[np.arange(n) % 3 == 0] = 0.5  # ... and is the one the model is least sure of
+        conf[3:6] = 0.4  # candidate 1: all its futures uncertain -> it keeps them all
+        conf[5, 2:] = np.nan  # steps not reached count for nothing
+        return rewards, dones, conf
+
+    _, _, scores = CEMPlanner(cfg, seed=0).plan(world)
+    np.testing.assert_allclose(scores[1], 0.3)  # all kept: the plain mean
+    np.testing.assert_allclose(np.delete(scores, 1), 0.0)  # the uncertain lucky future dropped everywhere else
+    cfg.discard_uncertain = 0.0
+    _, _, plain = CEMPlanner(cfg, seed=0).plan(world)
+    np.testing.assert_allclose(plain, 0.3)
+    # no confidence from the model (a latent model, the simulator): every future counts
+    assert future_weights(np.full((6, 2), np.nan), 2, 3, 0.5).tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert future_weights(None, 2, 3, 0.5).shape == (2, 3)
+
+
 def test_copies_of_a_stochastic_world_sample_different_futures_and_a_deterministic_one_does_not():
     dyn = Simulator(2_000_000, env_cls=DynamicObstaclesEnv)
     cells = {tuple(c.env.obstacle_cells()) for c in (dyn.clone(s) for s in range(16)) for _ in [c.step(0)]}
