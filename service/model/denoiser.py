@@ -51,6 +51,10 @@ class DenoiserConfig:
     sigma_max: float = 5.0
     sigma_data: float = 0.5
     max_horizon: int = 64
+    # post-hoc calibration of the done head, sigmoid(done_scale * logit + done_bias) (lab/calibrate.py writes it);
+    # identity by default, and then absent from config.json
+    done_scale: float = 1.0
+    done_bias: float = 0.0
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -59,6 +63,8 @@ class DenoiserConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["action_names"] = list(self.action_names)
+        if self.done_scale == 1.0 and self.done_bias == 0.0:  # uncalibrated: config.json as before
+            del d["done_scale"], d["done_bias"]
         return d
 
     @classmethod
@@ -237,6 +243,9 @@ class DenoisingWorldModel(nn.Module):
             r, d = self.denoiser.heads(cx, x, ax)
             outs.append((x[:n], r[:n], d[:n]))
         x, reward, done = (torch.cat(t) for t in zip(*outs, strict=True))
+        a, b_ = self.cfg.done_scale, self.cfg.done_bias
+        if a != 1.0 or b_ != 0.0:  # post-hoc calibration (config, lab/calibrate.py); identity: not even an op
+            done = done.float() * a + b_
         return x, reward, rowwise_sigmoid(done)
 
     def sample(self, ctx: torch.Tensor, actions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -55,3 +55,30 @@ def test_seeded_fork_and_batch_invariance(model):
                         "s")
         for s in range(4):
             np.testing.assert_array_equal(single[(0, s)], fork[(k, s)])
+
+
+def test_a_calibrated_done_head_is_applied_and_the_uncalibrated_config_is_unchanged(model):
+    """done_scale / done_bias (lab/calibrate.py writes them) turn the done logit before the sigmoid, as for token
+    models; identity is the default and stays out of config.json."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from worldserve.model.protocol import Noise
+
+    assert "done_scale" not in model.cfg.to_dict()
+    cal = copy.copy(model)
+    cal.cfg = dataclasses.replace(model.cfg, done_scale=2.0, done_bias=-1.0)
+    assert cal.cfg.to_dict()["done_scale"] == 2.0
+
+    def done(m):
+        state = m.allocate_state(2)
+        slots = torch.arange(2)
+        m.prefill(state, slots, torch.zeros(2, 1, model.cfg.latent_ch, *model.cfg.grid))
+        noise = Noise(torch.tensor([1, 2]), torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+        return m.step(state, slots, torch.tensor([0, 2]), noise=noise)[2]
+
+    p, q = done(model), done(cal)
+    logit = torch.log(p / (1 - p))
+    torch.testing.assert_close(q, torch.sigmoid(2.0 * logit - 1.0), atol=1e-5, rtol=1e-4)
