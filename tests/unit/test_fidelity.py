@@ -62,3 +62,19 @@ def test_occupancy_tv_of_the_simulator_against_itself_is_small():
 def test_wilson_interval():
     lo, hi = wilson(30, 1000)
     assert lo < 0.03 < hi and hi - lo < 0.025
+
+
+def test_a_ball_read_from_a_continuous_models_frame_tolerates_pixel_noise_and_nothing_else():
+    import numpy as np
+
+    env = DynamicObstaclesEnv()
+    env.reset(seed=1_000_007)
+    frame = env.frame()
+    exact = balls(frame)
+    noise = np.random.default_rng(0).integers(-40, 41, frame.shape)
+    noisy = np.clip(frame.astype(int) + noise, 0, 255).astype(np.uint8)  # a denoiser's decoded frame: near the colours
+    assert exact.sum() == len(env.obstacles) and np.array_equal(balls(noisy), exact)
+    # every other colour of the world stays far from a ball's blue, noise or not
+    others = np.unique(frame[4::8, 4::8].reshape(-1, 3), axis=0)
+    far = others[np.abs(others.astype(int) - [0, 0, 255]).max(-1) > 0]
+    assert len(far) and (np.abs(far.astype(int) - [0, 0, 255]).max(-1) >= 155).all()
