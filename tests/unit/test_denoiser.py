@@ -82,3 +82,27 @@ def test_a_calibrated_done_head_is_applied_and_the_uncalibrated_config_is_unchan
     p, q = done(model), done(cal)
     logit = torch.log(p / (1 - p))
     torch.testing.assert_close(q, torch.sigmoid(2.0 * logit - 1.0), atol=1e-5, rtol=1e-4)
+
+
+def test_the_stochastic_worlds_denoiser_keeps_its_balls_at_its_steps_and_loses_them_at_two():
+    """models/dynamic-denoiser through the engine on held-out states: at its served 16 steps most sampled next frames
+    hold the world's balls; at 2 steps the ODE lands near the posterior mean and the balls blur away (the card's
+    knob table, at small K)."""
+    import torch
+
+    from worldserve.lab.fidelity import balls, heldout_states, sample_model
+    from worldserve.lab.knobs import configure
+
+    torch.set_num_threads(1)
+    den = load_model_dir(ROOT / "models" / "dynamic-denoiser")
+    assert den.cfg.denoise_steps == 16
+    right = {}
+    for steps in (2, 16):
+        eng = Engine(configure(den, f"denoise_steps={steps}"),
+                     EngineSettings(max_slots=32, max_queue=2, max_candidates=32))
+        ok = []
+        for j, st in enumerate(heldout_states(3, 1)):
+            frames, _ = sample_model(eng, st, 32, seed=j * 32)
+            ok.append(float((balls(frames[:, 0]).sum((1, 2)) == len(st.env.obstacles)).mean()))
+        right[steps] = float(np.mean(ok))
+    assert right[16] >= 0.7 and right[2] <= 0.1, right
