@@ -89,6 +89,15 @@ def test_eval_fails_a_setting_that_loses_the_rare_futures_naming_the_rate(capsys
     assert "decode_temperature=0 FAILS" in msg and "rare collisions" in msg and "the world's" in msg, msg
 
 
+def test_eval_fails_a_denoiser_whose_few_steps_lose_the_collisions(capsys):
+    # 2 Euler steps land near the posterior mean: no ball in the frame, so the done head sees no collision coming
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(ROOT / "models" / "dynamic-denoiser"), "--env", "dynamic", "--episodes", "2", "--no-card",
+              "--variant", "denoise_steps=2", "--rare-states", "2", "--k", "16", "--world-k", "256", "--threads", "1"])
+    msg = str(e.value.code)
+    assert "denoise_steps=2 FAILS" in msg and "rare collisions under denoise_steps=2" in msg and "OUTSIDE" in msg, msg
+
+
 def test_a_denoiser_has_a_denoising_steps_knob_and_the_engine_runs_that_many():
     from worldserve.engine.engine import Engine
     from worldserve.lab.knobs import default_knobs, label
