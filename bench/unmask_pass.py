@@ -3,12 +3,12 @@ draws only the positions it keeps (one run, ratios).
 
     python -m bench.unmask_pass
 
-Before: the plain reference that draws a token at every position and then chooses (tests/unit/test_maskgit.py,
-unmask_pass_drawing_everything; the test there holds the two bit-equal). After: unmask_pass, which chooses first
-("max" ranks by log max_v p, independent of the values drawn) and samples the kept positions only. One frame's 8
-passes of the served schedule (sequential), per pass, best of 5, one torch thread: tiny's shape (64 rows x 64
-positions x 64 codes) and a base-scale vocabulary (4 rows x 64 positions x 64,000 codes). Writes
-bench/reports/unmask_pass.md.
+Before: the plain reference that draws a token at every position and then chooses
+(model/maskgit.unmask_pass_drawing_everything; tests/unit/test_maskgit.py holds the two bit-equal). After:
+unmask_pass, which chooses first ("max" ranks by log max_v p, independent of the values drawn) and samples the kept
+positions only. One frame's 8 passes of the served schedule (sequential), per pass, best of 5, one torch thread:
+tiny's shape (64 rows x 64 positions x 64 codes) and a base-scale vocabulary (4 rows x 64 positions x 64,000 codes).
+Writes bench/reports/unmask_pass.md.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.unit.test_maskgit import unmask_pass_drawing_everything  # noqa: E402
-from worldserve.model.maskgit import sequential_schedule, unmask_pass  # noqa: E402
+from worldserve.model.maskgit import sequential_schedule, unmask_pass, unmask_pass_drawing_everything  # noqa: E402
 
 SHAPES = ((64, 64, 64), (4, 64, 64_000))  # rows, positions, vocabulary
 

@@ -18,19 +18,35 @@ def cmd_collect(a) -> None:
     print(f"wrote {a.out}/train.npz ({a.episodes} episodes) and heldout.npz ({a.heldout})")
 
 
+def _training_data(a) -> dict:
+    """The episodes `worldserve train` learns from: {data}/train.npz (minigrid) or {data}/{env}-train.npz, collected
+    first if absent."""
+    from ..lab.data.collect import collect, load, save
+
+    data_path = Path(a.data) / ("train.npz" if a.env == "minigrid" else f"{a.env}-train.npz")
+    if not data_path.exists():
+        save(collect(a.episodes, a.seed, env=a.env), data_path)
+    return load(data_path)
+
+
+def _train(a) -> None:
+    """--out / --ckpt default by what is trained (a denoiser must not be named after the token model)."""
+    if a.out is None:
+        a.out = "models/denoiser" if a.arch == "denoiser" else "models/tiny"
+    if a.ckpt is None:
+        a.ckpt = f"runs/{Path(a.out).name}"
+    (cmd_train_denoiser if a.arch == "denoiser" else cmd_train)(a)
+
+
 def cmd_train(a) -> None:
     import torch
 
-    from ..lab.data.collect import collect, load, save
     from ..lab.train import CHANGED_WEIGHT, run
     from ..model.config import PRESETS
     from ..model.io import save_model_dir
 
     torch.set_num_threads(a.threads)
-    data_path = Path(a.data) / ("train.npz" if a.env == "minigrid" else f"{a.env}-train.npz")
-    if not data_path.exists():
-        save(collect(a.episodes, a.seed, env=a.env), data_path)
-    data = load(data_path)
+    data = _training_data(a)
     if a.decoding != "parallel":
         return _train_frame_head(a, data)
     t0 = time.time()
@@ -134,16 +150,12 @@ def _train_frame_head(a, data: dict) -> None:
 def cmd_train_denoiser(a) -> None:
     import torch
 
-    from ..lab.data.collect import collect, load, save
     from ..lab.train_denoiser import run
     from ..model.denoiser import DenoiserConfig
     from ..model.io import save_model_dir
 
     torch.set_num_threads(a.threads)
-    data_path = Path(a.data) / ("train.npz" if a.env == "minigrid" else f"{a.env}-train.npz")
-    if not data_path.exists():
-        save(collect(a.episodes, a.seed, env=a.env), data_path)
-    data = load(data_path)
+    data = _training_data(a)
     t0 = time.time()
     cfg = DenoiserConfig(name=Path(a.out).name)
     budget = a.time_budget_min * 60 if a.time_budget_min else None
@@ -233,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train the tiny model (tokenizer, then dynamics); resumable")
     t.add_argument("--data", default="data")
     t.add_argument("--episodes", type=int, default=2000)
-    t.add_argument("--ckpt", default="runs/tiny")
-    t.add_argument("--out", default="models/tiny")
+    t.add_argument("--ckpt", default=None, help="checkpoints (default runs/<the --out directory's name>)")
+    t.add_argument("--out", default=None, help="the model directory (default models/tiny; --arch denoiser: "
+                   "models/denoiser)")
     t.add_argument("--tok-steps", type=int, default=1500, help="FSQ tokenizers only (patch VQ is fitted by k-means)")
     t.add_argument("--dyn-steps", type=int, default=2000)
     t.add_argument("--batch", type=int, default=32)
@@ -270,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="frame head, maskgit: rank by log p of the token drawn (MaskGIT) or log max p")
     t.add_argument("--uncertain-weight", type=float, default=0.0,
                    help="frame head: masked positions weigh 1 + this x (1 - the trunk's top probability there)")
-    t.set_defaults(fn=lambda a: (cmd_train_denoiser if a.arch == "denoiser" else cmd_train)(a))
+    t.set_defaults(fn=_train)
 
     e = sub.add_parser("eval", help="evaluate a model directory on held-out episodes")
     e.add_argument("model_dir")

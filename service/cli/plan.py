@@ -131,6 +131,19 @@ def cmd_rollout(a) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- argparse
+def _fraction(text: str) -> float:
+    """argparse type: a fraction in [0, 1) (dropping every future would leave nothing to score)."""
+    import argparse
+
+    try:
+        f = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= f < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return f
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("plan", help="evaluate a remote MPC planner (CEM over Rollout) on the real environment")
     _target(p)
@@ -148,7 +161,7 @@ def add_commands(sub) -> None:
     p.add_argument("--independent-futures", action="store_true",
                    help="sampled rollouts without common random numbers: every candidate row its own noise (default "
                    "with --temperature > 0: noise keyed by the action prefix, equal prefixes computed once)")
-    p.add_argument("--discard-uncertain", type=float, default=0.0, metavar="FRACTION",
+    p.add_argument("--discard-uncertain", type=_fraction, default=0.0, metavar="FRACTION",
                    help="drop the least confident FRACTION of each tick's futures from their candidates' means (the "
                    "frames' confidence the server sends; a candidate keeps all its futures if all would go)")
     p.add_argument("--max-rows", type=int, default=64, help="candidate rows per Rollout (the server's max_candidates)")

@@ -73,8 +73,10 @@ def configure(model, name: str):
     precision, changes = parse(name)
     if changes:
         own = {f.name for f in dataclasses.fields(model.cfg)} if dataclasses.is_dataclass(model.cfg) else set()
-        if model.spec.decoding == "parallel" and not is_denoiser(model) or not set(changes) <= own:
-            kind = "denoises a frame" if is_denoiser(model) else "decodes a frame in one parallel pass"
+        if (model.spec.decoding == "parallel" and not is_denoiser(model)) or not set(changes) <= own:
+            kind = ("denoises a frame" if is_denoiser(model) else
+                    "decodes a frame in one parallel pass" if model.spec.decoding == "parallel" else
+                    f"decodes a frame in {model.spec.decoding} passes")
             raise ValueError(f"{name!r}: {model.spec.name} {kind}; it has no "
                              f"{'/'.join(sorted(set(changes) - own) or changes)} knob")
         if changes.get("denoise_steps", 1) < 1:

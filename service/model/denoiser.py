@@ -19,6 +19,7 @@ latent grid: its receptive field covers the whole 8 x 8 grid.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,19 @@ class DenoiserConfig:
         d = dict(d)
         if "action_names" in d:
             d["action_names"] = tuple(d["action_names"])
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raises ValueError naming what is out of range (a config.json is input like any other)."""
+        if not (isinstance(self.denoise_steps, int) and self.denoise_steps >= 1):
+            raise ValueError(f"denoise_steps must be an integer >= 1, got {self.denoise_steps!r}")
+        if not self.done_scale > 0 or not math.isfinite(self.done_bias):
+            raise ValueError(f"done_scale must be > 0 (a monotone calibration) and done_bias a finite number, got "
+                             f"{self.done_scale!r}, {self.done_bias!r}")
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min!r}, {self.sigma_max!r}")
 
 
 class PatchAutoencoder(nn.Module):

@@ -233,6 +233,29 @@ def unmask_pass(logits: torch.Tensor, partial: torch.Tensor, known: torch.Tensor
     return partial, new_known, kept
 
 
+def unmask_pass_drawing_everything(logits, partial, known, after, t, seed, cand, step, pass_idx, order: str,
+                                   noise: float = 1.0):
+    """The plain reference of `unmask_pass` (same arguments and results): a token drawn at every position, then the
+    choice, as the pass ran before "max" / "raster" drew only the positions they keep. Tests hold the two bit-equal;
+    bench/unmask_pass.py times them."""
+    b, n, _ = logits.shape
+    draw = 2 * pass_idx + 1
+    tok = sample(logits, t, seed, cand, step, draw)
+    pos = torch.arange(n, device=logits.device)
+    logp = torch.log_softmax(logits.float() / torch.where(t > 0, t, torch.ones_like(t))[:, None, None], -1)
+    chosen = logp.gather(-1, tok[..., None]).squeeze(-1)
+    if order == "raster":
+        conf = -pos.to(torch.float32).expand(b, n)
+    else:
+        lp = chosen if order == "sampled" else logp.amax(-1)
+        conf = lp + (noise * t)[:, None] * -torch.log(-torch.log(token_uniform(seed, cand, step, n, draw + 1)))
+    ranked = torch.sort(conf.masked_fill(known, float("inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(ranked).scatter_(1, ranked, pos.expand(b, n))
+    new_known = (rank < after[:, None]) | known
+    out = torch.where(known, partial, torch.where(new_known, tok, torch.zeros_like(tok)))
+    return out, new_known, torch.where(new_known & ~known, chosen.exp(), torch.zeros_like(chosen)).sum(1)
+
+
 # ---- the reference sampler ------------------------------------------------------------------------------------
 @torch.no_grad()
 def sample_frame(model, state, slots: torch.Tensor, seed: torch.Tensor, candidate: torch.Tensor,

@@ -160,13 +160,16 @@ def sample(logits, temperature, seed, candidate, step, draw=None, where=None):
     draw: int64 [B] or None (the step's own stream): see `token_uniform`.
     where: bool [B, N] or None (every position): the positions that need a token; a sampled row draws only those (a
     position's token depends only on its own key, so it is the token drawing every position would give it) and
-    holds 0 elsewhere. MaskGIT passes that choose their positions before drawing (model/maskgit.unmask_pass) draw
-    only the positions they keep.
+    holds 0 elsewhere (on a GPU every position is drawn and the others zeroed: the same result, no saving). MaskGIT
+    passes that choose their positions before drawing (model/maskgit.unmask_pass) draw only the positions they keep.
     On the CPU greedy rows skip the draws (which rows are greedy is read on the host); on a GPU that read would be a
     synchronisation, so every row is drawn and greedy rows take their argmax by `where` (the same tokens)."""
     b, n, v = logits.shape
-    if logits.is_cuda:
-        return _sample_all(logits, temperature, seed, candidate, step, draw)
+    if logits.is_cuda:  # every position drawn (no data-dependent shapes); `where` only zeroes the others
+        out = _sample_all(logits, temperature, seed, candidate, step, draw)
+        if where is None:
+            return out
+        return torch.where(where | (temperature <= 0)[:, None], out, torch.zeros_like(out))
     hot = temperature > 0  # [B] bool
     n_hot = int(hot.sum())
     if n_hot == 0:

@@ -8,13 +8,7 @@ import numpy as np
 
 from worldserve.client.gym import minigrid_context, world_of
 from worldserve.lab.data.envs import ENVS
-
-BLUE = np.array([0, 0, 255])  # minigrid's blue: the balls
-
-
-def _blue_cells(frame: np.ndarray) -> int:
-    cells = frame.reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4).reshape(64, 64, 3)  # [cell, pixel, rgb]
-    return int((np.abs(cells.astype(int) - BLUE).sum(-1) < 60).any(-1).sum())
+from worldserve.lab.fidelity import balls  # the one reader of a ball in a frame
 
 
 def test_each_model_starts_from_its_own_world():
@@ -27,8 +21,8 @@ def test_each_model_starts_from_its_own_world():
         env = ENVS["dynamic"]()
         env.reset(seed=seed)
         assert len(env.obstacle_cells()) == 2
-        assert _blue_cells(ball[0]) == 2, "the ball world's start frame shows its two balls"
-        assert _blue_cells(plain[0]) == 0
+        assert int(balls(ball[0]).sum()) == 2, "the ball world's start frame shows its two balls"
+        assert int(balls(plain[0]).sum()) == 0
 
 
 def test_the_play_pages_index_names_the_worlds_the_gym_env_uses():

@@ -11,7 +11,14 @@ import torch
 
 from tests.conftest import ROOT
 from worldserve.model.config import PRESETS
-from worldserve.model.maskgit import maskgit_schedule, sample_frame, schedule, sequential_schedule, unmask_pass
+from worldserve.model.maskgit import (
+    maskgit_schedule,
+    sample_frame,
+    schedule,
+    sequential_schedule,
+    unmask_pass,
+    unmask_pass_drawing_everything,
+)
 from worldserve.model.world_model import build
 
 MASKGIT = ROOT / "models" / "maskgit"
@@ -78,29 +85,6 @@ def test_unmask_pass_fills_exactly_n_known_after_and_keeps_the_known_tokens():
                               temp[i : i + 1], seed[i : i + 1], cand[i : i + 1], step[i : i + 1],
                               torch.arange(B)[i : i + 1], order)
             assert torch.equal(one[0][0], new[i]) and torch.equal(one[1][0], new_known[i])
-
-
-def unmask_pass_drawing_everything(logits, partial, known, after, t, seed, cand, step, pass_idx, order, noise=1.0):
-    """The plain reference of unmask_pass: a token drawn at every position, then the choice (the pass as it was
-    before "max" / "raster" drew only the positions they keep)."""
-    from worldserve.model.sampling import sample, token_uniform
-
-    b, n, _ = logits.shape
-    draw = 2 * pass_idx + 1
-    tok = sample(logits, t, seed, cand, step, draw)
-    pos = torch.arange(n)
-    logp = torch.log_softmax(logits.float() / torch.where(t > 0, t, torch.ones_like(t))[:, None, None], -1)
-    chosen = logp.gather(-1, tok[..., None]).squeeze(-1)
-    if order == "raster":
-        conf = -pos.to(torch.float32).expand(b, n)
-    else:
-        lp = chosen if order == "sampled" else logp.amax(-1)
-        conf = lp + (noise * t)[:, None] * -torch.log(-torch.log(token_uniform(seed, cand, step, n, draw + 1)))
-    ranked = torch.sort(conf.masked_fill(known, float("inf")), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(ranked).scatter_(1, ranked, pos.expand(b, n))
-    new_known = (rank < after[:, None]) | known
-    out = torch.where(known, partial, torch.where(new_known, tok, torch.zeros_like(tok)))
-    return out, new_known, torch.where(new_known & ~known, chosen.exp(), torch.zeros_like(chosen)).sum(1)
 
 
 @pytest.mark.parametrize("order", ["max", "raster", "sampled"])

@@ -112,7 +112,7 @@ def test_a_denoiser_has_a_denoising_steps_knob_and_the_engine_runs_that_many():
     assert label(den, "bf16+denoise_steps=2") == "denoiser: 2 denoising steps, bf16"
     with pytest.raises(ValueError, match="denoises a frame; it has no passes knob"):
         configure(den, "passes=4")
-    with pytest.raises(ValueError, match="no denoise_steps knob"):
+    with pytest.raises(ValueError, match="decodes a frame in maskgit passes; it has no denoise_steps knob"):
         configure(load_model_dir(ROOT / "models" / "maskgit"), "denoise_steps=2")
     with pytest.raises(ValueError, match="denoise_steps must be >= 1"):
         configure(den, "denoise_steps=0")
