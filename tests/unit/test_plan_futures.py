@@ -73,3 +73,16 @@ def test_planner_over_sampled_futures_on_the_true_stochastic_world_beats_random(
     rnd = evaluate("random", RandomPolicy(), seeds, env="dynamic")
     assert sim.success_rate >= 0.75 and sim.success_rate > rnd.success_rate, f"\n{sim.row()}\n{rnd.row()}"
     assert sim.mean_return > rnd.mean_return + 0.3, f"\n{sim.row()}\n{rnd.row()}"
+
+
+def test_discard_uncertain_takes_a_fraction_below_one():
+    import argparse
+
+    import pytest
+
+    from worldserve.cli.plan import _fraction
+
+    assert _fraction("0.25") == 0.25 and _fraction("0") == 0.0
+    for bad in ("1", "1.5", "-0.1", "half"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _fraction(bad)
