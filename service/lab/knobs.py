@@ -79,8 +79,6 @@ def configure(model, name: str):
                     f"decodes a frame in {model.spec.decoding} passes")
             raise ValueError(f"{name!r}: {model.spec.name} {kind}; it has no "
                              f"{'/'.join(sorted(set(changes) - own) or changes)} knob")
-        if changes.get("denoise_steps", 1) < 1:
-            raise ValueError(f"{name!r}: denoise_steps must be >= 1")
         model = copy.copy(model)  # the same weights; only the spec (from cfg) changes
         model.cfg = dataclasses.replace(model.cfg, **changes)
         if hasattr(model.cfg, "validate"):

@@ -75,12 +75,10 @@ def future_weights(conf: np.ndarray | None, k: int, m: int, discard: float) -> n
     no confidence keeps every future."""
     if conf is None or discard <= 0 or not np.isfinite(conf).any():
         return np.ones((k, m))
-    with np.errstate(invalid="ignore"):
-        per = np.nanmean(np.where(np.isfinite(conf), conf, np.nan), axis=1) if conf.size else np.zeros(0)
-    per = np.where(np.isfinite(per), per, np.inf)  # a future without a confidence is kept
-    finite = per[np.isfinite(per)]
-    floor = np.quantile(finite, discard) if finite.size else -np.inf
-    w = (per >= floor).astype(float).reshape(k, m)
+    seen = np.isfinite(conf)  # [K*M, H]
+    n = seen.sum(1)
+    per = np.where(n > 0, np.where(seen, conf, 0.0).sum(1) / np.maximum(n, 1), np.inf)  # no confidence: kept
+    w = (per >= np.quantile(per[n > 0], discard)).astype(float).reshape(k, m)
     w[w.sum(1) == 0] = 1.0
     return w
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .spec import CONFIDENCES, DECODINGS, SCHEDULES
@@ -127,11 +128,17 @@ class ModelConfig:
             raise ValueError("passes must be >= 1, tokens_per_pass >= 0, decode_temperature and choice_noise >= 0")
         if self.schedule not in SCHEDULES or self.confidence not in CONFIDENCES:
             raise ValueError(f"schedule must be one of {SCHEDULES} and confidence one of {CONFIDENCES}")
-        if not self.done_scale > 0 or self.done_bias != self.done_bias:
-            raise ValueError(f"done_scale must be > 0 (a monotone calibration) and done_bias a number, got "
-                             f"{self.done_scale!r}, {self.done_bias!r}")
+        check_done_calibration(self.done_scale, self.done_bias)
         if self.head_layers and (self.head_d_model % self.head_heads):
             raise ValueError("head_d_model must split into head_heads heads")
+
+
+def check_done_calibration(scale: float, bias: float) -> None:
+    """A done head's post-hoc calibration, sigmoid(scale * logit + bias), as every model's config holds it: raises
+    ValueError unless scale > 0 (monotone) and bias is finite."""
+    if not scale > 0 or not math.isfinite(bias):
+        raise ValueError(f"done_scale must be > 0 (a monotone calibration) and done_bias a finite number, got "
+                         f"{scale!r}, {bias!r}")
 
 
 PRESETS: dict[str, ModelConfig] = {

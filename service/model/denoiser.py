@@ -19,16 +19,16 @@ latent grid: its receptive field covers the whole 8 x 8 grid.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_done_calibration
 from .protocol import ModelSpec, Noise
 from .quality import psnr
-from .sampling import rowwise_sigmoid
+from .sampling import calibrate_done, rowwise_sigmoid
 
 ARCHITECTURE = "denoiser"
 CHUNK = 8  # rows per denoiser call: CPU conv kernels pick their algorithm by batch size (batch invariance)
@@ -84,10 +84,8 @@ class DenoiserConfig:
     def validate(self) -> None:
         """Raises ValueError naming what is out of range (a config.json is input like any other)."""
         if not (isinstance(self.denoise_steps, int) and self.denoise_steps >= 1):
-            raise ValueError(f"denoise_steps must be an integer >= 1, got {self.denoise_steps!r}")
-        if not self.done_scale > 0 or not math.isfinite(self.done_bias):
-            raise ValueError(f"done_scale must be > 0 (a monotone calibration) and done_bias a finite number, got "
-                             f"{self.done_scale!r}, {self.done_bias!r}")
+            raise ValueError(f"denoise_steps must be >= 1 (an integer), got {self.denoise_steps!r}")
+        check_done_calibration(self.done_scale, self.done_bias)
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min!r}, {self.sigma_max!r}")
 
@@ -256,10 +254,7 @@ class DenoisingWorldModel(nn.Module):
             r, d = self.denoiser.heads(cx, x, ax)
             outs.append((x[:n], r[:n], d[:n]))
         x, reward, done = (torch.cat(t) for t in zip(*outs, strict=True))
-        a, b_ = self.cfg.done_scale, self.cfg.done_bias
-        if a != 1.0 or b_ != 0.0:  # post-hoc calibration (config, lab/calibrate.py); identity: not even an op
-            done = done.float() * a + b_
-        return x, reward, rowwise_sigmoid(done)
+        return x, reward, rowwise_sigmoid(calibrate_done(done, self.cfg.done_scale, self.cfg.done_bias))
 
     def sample(self, ctx: torch.Tensor, actions: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Euler steps of the probability-flow ODE from sigma_max * z down to 0. z [B, C, h, w] standard normal."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .sampling import calibrate_done
 
 
 def rope_tables(frame_idx: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,9 +200,7 @@ class Dynamics(nn.Module):
         h = self.ln_f(h)
         pooled = h.mean(2)  # [B, T, d]; the heads below are not GEMMs over the batch (rowwise_linear)
         done = rowwise_linear(pooled, self.done_head).squeeze(-1).float()  # [B, T]
-        a, b = self.cfg.done_scale, self.cfg.done_bias
-        if a != 1.0 or b != 0.0:  # post-hoc calibration (config, lab/calibrate.py); identity: not even an op
-            done = done * a + b
+        done = calibrate_done(done, self.cfg.done_scale, self.cfg.done_bias)
         return self.head(h), rowwise_linear(pooled, self.reward_head).squeeze(-1).float(), done
 
     # ---- full sequence (training, prefill, reference) ----------------------------------------

@@ -212,13 +212,14 @@ def unmask_pass(logits: torch.Tensor, partial: torch.Tensor, known: torch.Tensor
     t_lp = torch.where(t > 0, t, torch.ones_like(t))[:, None, None]  # greedy rows: log p at temperature 1
     logp = torch.log_softmax(logits.float() / t_lp, -1)  # [B, N, V]
     tok = None
-    if order == "sampled":  # the choice ranks the values drawn: a token for every position first
-        tok = sample(logits, t, seed, candidate, step, draw)  # int64 [B, N]
-        lp = logp.gather(-1, tok[..., None]).squeeze(-1)  # [B, N] <= 0
     if order == "raster":
         conf = -pos.to(torch.float32).expand(b, n)  # earlier positions first
     else:
-        lp = lp if order == "sampled" else logp.amax(-1)  # [B, N] <= 0
+        if order == "sampled":  # the choice ranks the values drawn: a token for every position first
+            tok = sample(logits, t, seed, candidate, step, draw)  # int64 [B, N]
+            lp = logp.gather(-1, tok[..., None]).squeeze(-1)  # [B, N] <= 0
+        else:
+            lp = logp.amax(-1)  # [B, N] <= 0
         u = token_uniform(seed, candidate, step, n, draw + 1)  # [B, N] in (0, 1)
         conf = lp + (noise * t)[:, None] * -torch.log(-torch.log(u))  # + temperature-scaled Gumbel noise
     conf = conf.masked_fill(known, float("inf"))  # the known tokens rank first and stay

@@ -61,8 +61,17 @@ def is_sampled(temperature, latent_out: bool):
     """Whether a future is drawn rather than the greedy one: a latent model always draws its noise; a token model
     when its temperature > 0. temperature: a float (a request's) or float32 array (rows') -> bool or bool array.
     The one rule behind prefix sharing's exactness (engine/prefix.shareable) and the done draw (done_thresholds)."""
-    return latent_out | (np.asarray(temperature) > 0) if isinstance(temperature, np.ndarray) else (
-        latent_out or temperature > 0)
+    if isinstance(temperature, np.ndarray):
+        return latent_out | (temperature > 0)
+    return latent_out or temperature > 0
+
+
+def calibrate_done(logit: torch.Tensor, scale: float, bias: float) -> torch.Tensor:
+    """A done head's post-hoc calibration (config done_scale / done_bias, lab/calibrate.py): scale * logit + bias,
+    float32; the identity is not even an op (an uncalibrated model's done stays bit for bit what it was)."""
+    if scale == 1.0 and bias == 0.0:
+        return logit
+    return logit.float() * scale + bias
 
 
 DONE_DRAW = 0x0D0E  # the stream of a step's end-of-world draw (within-frame passes use draws 1 .. 2P)
@@ -195,10 +204,7 @@ def sample(logits, temperature, seed, candidate, step, draw=None, where=None):
     for i in range(0, idx.shape[0], size):  # chunks bound the scratch; every op below is row-independent
         sel = idx[i : i + size]
         got[i : i + sel.shape[0]] = _sample_rows(flat, sel, t[i : i + size], u[i : i + size], scratch)
-    if where is not None:
-        out.view(-1)[idx] = got
-        return out
-    out[rows] = got.view(n_hot, n)
+    out.view(-1)[idx] = got  # idx: the flat positions drawn (every position of the hot rows, or those asked for)
     return out
 
 
