@@ -69,6 +69,11 @@ class EngineSettings(BaseModel):
     share_prefixes: bool = Field(True, description="candidates of one request with equal action prefixes step as "
                                  "one row, forked where they diverge (engine/prefix.py; exact: greedy rollouts and "
                                  "common_random_numbers); off: every candidate its own row")
+    context_cache_slots: int = Field(8, ge=0, le=4096, description="state slots that keep prefilled contexts "
+                                     "across requests (engine/context_cache.py: a request whose context frames and "
+                                     "actions were prefilled before, by the same key, copies them instead of encoding "
+                                     "and prefilling again; exact), least recently used evicted; allocated at "
+                                     "start-up beside max_slots; 0: off")
     exact_batches: bool = Field(True, description="an eager model on the CPU steps its rows unpadded (nothing there "
                                 "is compiled per shape); off: power-of-two buckets, as compiled backends and CUDA "
                                 "always use (runtime/batch.exact_batches)")

@@ -41,6 +41,7 @@ from ..runtime.batch import Sampler
 from ..settings import EngineSettings
 from . import prefix
 from .execute import Executor, StepOutputs
+from .context_cache import ContextCache
 from .prefill import prefill
 from .scheduler import Chunk, Job, Row, Scheduler
 
@@ -54,7 +55,12 @@ class Engine:
         self.spec = model.spec
         self.sampler = sampler or Sampler()
         self.pad_slot = cfg.max_slots  # never allocated: padding rows of a bucket write here
-        self.state = model.allocate_state(cfg.max_slots + 1)  # opaque to the engine
+        if hasattr(model, "max_step_rows"):  # a backend that builds per batch size (TensorRT): steps carry <= this
+            model.max_step_rows = cfg.max_slots
+        # opaque to the engine: max_slots for requests, the padding slot, then the context cache's (never stepped)
+        self.state = model.allocate_state(cfg.max_slots + 1 + cfg.context_cache_slots)
+        cached = range(cfg.max_slots + 1, cfg.max_slots + 1 + cfg.context_cache_slots)
+        self.contexts = ContextCache(list(cached), self.spec.name)  # 3b: prefilled contexts across requests
         self.exec = Executor(model, self.state, cfg, self.sampler, self.pad_slot)  # 4: the device's work
         self.frames = self.exec.frames  # within-frame decoding's per-slot state (None: one step makes a frame)
         self.free: list[int] = list(range(cfg.max_slots))
@@ -236,7 +242,7 @@ class Engine:
         self.running = [x for x in self.running if x is not c]
 
     def _prefill(self, admitted: list[Chunk]) -> None:
-        prefill(self.model, self.state, admitted, self.device, self.exec.chunk)  # 3b (engine/prefill.py)
+        prefill(self.model, self.state, admitted, self.device, self.exec.chunk, self.contexts)  # 3b (engine/prefill.py)
 
     def _schedule(self) -> list[Row]:
         rows = []

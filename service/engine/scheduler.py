@@ -62,6 +62,7 @@ class Job:
     first_event: bool = False
     stopped: dict[int, int] = field(default_factory=dict)  # stop_on_done: candidate -> the step it ended at
     crn: object = None  # common random numbers: int64 [K, T] stream keys (engine/prefix.crn_keys), made once
+    context_key: bytes | None = None  # engine/context_cache.context_key of its request, made once
     actions: deque = field(default_factory=deque)  # sessions: actions not yet stepped (also before admission)
     last_seen: float = 0.0
     closing: bool = False

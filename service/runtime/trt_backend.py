@@ -35,7 +35,8 @@ from .support import Unsupported, precision_flags
 log = logging.getLogger("worldserve.runtime")
 WORKSPACE_BYTES = 8 << 30
 DEFAULT_MAX_BATCH = 64  # EngineSettings.max_slots default; used when something steps before any cache exists
-PAD_SLOTS = 1  # the engine allocates max_slots + 1 slots: one scratch slot that padding rows write into
+PAD_SLOTS = 1  # the engine allocates max_slots + 1 slots: one scratch slot that padding rows write into (+ its
+# context cache's slots, engine/context_cache.py, which no step touches: the engine sets DeferredTrt.max_step_rows)
 
 
 def engine_max_batch(state_slots: int) -> int:
@@ -250,6 +251,10 @@ class DeferredTrt(BackendModel):
         super().__init__(model)
         self.ms, self.say = ms, say
         self.built: TrtWorldModel | None = None
+        self.max_step_rows: int | None = None  # the engine's max_slots (set by Engine before it allocates)
+
+    def _max_batch(self, state_slots: int) -> int:
+        return self.max_step_rows or engine_max_batch(state_slots)
 
     def _ensure(self, max_batch: int) -> TrtWorldModel:
         if self.built is None:
@@ -257,7 +262,7 @@ class DeferredTrt(BackendModel):
         return self.built
 
     def allocate_cache(self, slots: int, device=None, dtype=None):
-        self._ensure(engine_max_batch(slots))  # max_slots, as `worldserve export --max-slots` builds it
+        self._ensure(self._max_batch(slots))  # max_slots, as `worldserve export --max-slots` builds it
         return self.model.allocate_cache(slots, device, dtype)
 
     def encode(self, frames):
@@ -267,4 +272,4 @@ class DeferredTrt(BackendModel):
         return self._ensure(DEFAULT_MAX_BATCH).decode(tokens)
 
     def step(self, cache, slots, actions, known=None):
-        return self._ensure(engine_max_batch(cache.slots)).step(cache, slots, actions, known)
+        return self._ensure(self._max_batch(cache.slots)).step(cache, slots, actions, known)

@@ -1,0 +1,205 @@
+"""The context cache (engine/context_cache.py): prefilled contexts kept across requests. A hit must give bit-equal
+events to prefilling again (token, frame-head and continuous-latent models, greedy and sampled, contexts prefilled
+alone and in groups), one key's entries must never serve another key, the slots are bounded, and a failed admission
+leaves no entry behind."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from worldserve.engine.context_cache import ContextCache, context_key
+from worldserve.engine.engine import Engine
+from worldserve.messages import ErrorCode, FrameMode, RolloutRequest
+from worldserve.model.config import PRESETS
+from worldserve.model.io import load_model_dir
+from worldserve.model.world_model import build
+from worldserve.settings import EngineSettings
+
+SMALL = dataclasses.replace(PRESETS["tiny"], d_model=64, n_layers=2, n_heads=4)
+
+
+def small(kind: str):
+    torch.set_num_threads(1)
+    if kind == "discrete":
+        return build(SMALL, seed=3)
+    if kind == "continuous":
+        return build(dataclasses.replace(SMALL, n_actions=0, action_dim=4, action_names=()), seed=7)
+    if kind == "maskgit":
+        cfg = dataclasses.replace(SMALL, name="small", d_model=32, n_layers=1, n_heads=2, decoding="maskgit",
+                                  passes=3, head_layers=1, head_d_model=32, head_heads=2)
+        model = build(cfg, seed=0)
+        with torch.no_grad():
+            model.frame_head.out.weight.normal_(0, 0.5)
+        return model
+    return load_model_dir(ROOT / "models" / "denoiser")  # continuous latents, a frame history as its state
+
+
+@pytest.fixture(scope="module", params=["discrete", "continuous", "maskgit", "denoiser"])
+def model(request):
+    return small(request.param)
+
+
+def actions(model, k, h, seed):
+    g = np.random.default_rng(seed)
+    if model.spec.action_dim:
+        return g.uniform(-1, 1, (k, h, model.spec.action_dim)).astype(np.float32)
+    return g.integers(0, model.spec.n_actions, (k, h))
+
+
+def contexts(model, n, c, seed=0):
+    s = model.spec
+    return [np.random.default_rng([seed, i]).integers(0, 256, (c, s.height, s.width, 3), dtype=np.uint8)
+            for i in range(n)]
+
+
+def run_waves(eng: Engine, waves: list[list[RolloutRequest]]) -> dict:
+    """Each wave submitted together, stepped until all of it ended; -> (request, candidate, step) -> event."""
+    out = {}
+    for wave in waves:
+        for r in wave:
+            eng.submit(r)
+        events = []
+        while sum(e.final for e in events) < len(wave):
+            events.extend(eng.step())
+        out.update({(e.request_id, e.candidate, e.step): e for e in events})
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        y = b[key]
+        assert (x.error, x.reward, x.done, x.confidence) == (y.error, y.reward, y.done, y.confidence), key
+        for f in ("tokens", "frame"):
+            u, v = getattr(x, f, None), getattr(y, f, None)
+            assert (u is None) == (v is None), (key, f)
+            if u is not None:
+                np.testing.assert_array_equal(u, v, err_msg=str((key, f)))
+
+
+def waves_for(model):
+    """Contexts A, B, C of 3 frames (+ D of 2): A first alone, then A again (twice) beside B and C (prefilled as a
+    group) and B twice in one admission, greedy and sampled, several candidates; then A, B, C, D again."""
+    a, b, c = contexts(model, 3, 3)
+    d = contexts(model, 1, 2, seed=1)[0]
+    ca = actions(model, 1, 2, 99)[0]  # context actions of A's three frames
+    t = 1.0 if model.spec.output == "latent" or getattr(model.cfg, "decoding", "parallel") == "parallel" else 0.7
+
+    def req(rid, ctx, seed, k=2, temp=0.0, cact=None):
+        return RolloutRequest(rid, "m", ctx, actions(model, k, 3, seed), context_actions=cact, frames=FrameMode.ALL,
+                              return_tokens=model.spec.output != "latent", seed=seed, temperature=temp)
+
+    return [
+        [req("a1", a, 1, cact=ca)],
+        [req("b1", b, 2, temp=t), req("a2", a, 3, k=3, cact=ca), req("c1", c, 4), req("a3", a, 5, temp=t, cact=ca),
+         req("d1", d, 6), req("b3", b, 11, temp=t)],
+        [req("a-unknown", a, 7), req("c2", c, 8, temp=t), req("b2", b, 9, k=1), req("d2", d, 10)],
+    ]
+
+
+def test_hits_are_bit_equal_to_prefilling_again(model):
+    off = Engine(model, EngineSettings(max_slots=32, context_cache_slots=0))
+    assert not off.contexts.enabled
+    want = run_waves(off, waves_for(model))
+    on = Engine(model, EngineSettings(max_slots=32, context_cache_slots=8))
+    got = run_waves(on, waves_for(model))
+    assert_same(got, want)
+    assert all(e.error == ErrorCode.OK for e in got.values() if e.final)
+    # wave 1: a miss; wave 2: A hits twice, B, C, D miss, B's second request copies the first's prefill (no lookup);
+    # wave 3: A with unknown context actions is another context (a miss), the rest hit
+    assert (on.contexts.hits, on.contexts.misses) == (2 + 3, 1 + 3 + 1)
+    assert off.contexts.hits == off.contexts.misses == 0
+
+
+def test_a_hit_skips_the_encoder_and_the_prefill(monkeypatch):
+    model = small("discrete")
+    eng = Engine(model, EngineSettings(max_slots=8, context_cache_slots=2))
+    calls = {"encode": 0, "prefill": 0}
+    for name in calls:
+        fn = getattr(model, name)
+
+        def counted(*args, _fn=fn, _name=name, **kw):
+            calls[_name] += 1
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(model, name, counted)
+    ctx = contexts(model, 1, 3)[0]
+    run_waves(eng, [[RolloutRequest("r0", "m", ctx, actions(model, 1, 2, 0))]])
+    assert calls == {"encode": 1, "prefill": 1}
+    run_waves(eng, [[RolloutRequest(f"r{i}", "m", ctx, actions(model, 2, 2, i)) for i in (1, 2)]])
+    assert calls == {"encode": 1, "prefill": 1}
+
+
+def test_one_key_never_hits_another_keys_context():
+    model = small("discrete")
+    eng = Engine(model, EngineSettings(max_slots=8, context_cache_slots=4))
+    ctx = contexts(model, 1, 3)[0]
+
+    def req(rid, tenant):
+        return RolloutRequest(rid, "m", ctx, actions(model, 1, 2, 0), tenant=tenant)
+
+    run_waves(eng, [[req("alice-1", "alice")]])
+    run_waves(eng, [[req("bob-1", "bob")]])
+    assert (eng.contexts.hits, eng.contexts.misses) == (0, 2)
+    run_waves(eng, [[req("alice-2", "alice")], [req("bob-2", "bob")]])
+    assert (eng.contexts.hits, eng.contexts.misses) == (2, 2)
+    assert context_key(req("x", "alice")) != context_key(req("x", "bob"))
+
+
+def test_entries_are_bounded_and_least_recently_used_go_first():
+    model = small("discrete")
+    eng = Engine(model, EngineSettings(max_slots=8, context_cache_slots=2))
+    a, b, c = contexts(model, 3, 2)
+
+    def req(rid, ctx):
+        return RolloutRequest(rid, "m", ctx, actions(model, 1, 2, 0), return_tokens=True)
+
+    ref = run_waves(Engine(model, EngineSettings(max_slots=8, context_cache_slots=0)), [[req("a9", a)]])
+    run_waves(eng, [[req("a1", a)], [req("b1", b)], [req("a2", a)], [req("c1", c)]])  # C evicts B (A was used last)
+    assert len(eng.contexts) == 2 and (eng.contexts.hits, eng.contexts.misses) == (1, 3)
+    got = run_waves(eng, [[req("a3", a)], [req("b2", b)], [req("a9", a)]])  # B: a miss again, evicts C (not A)
+    assert (eng.contexts.hits, eng.contexts.misses) == (3, 4)
+    run_waves(eng, [[req("c2", c)]])
+    assert (eng.contexts.hits, eng.contexts.misses) == (3, 5)
+    assert_same({k: v for k, v in got.items() if k[0] == "a9"}, ref)
+    assert eng.state.k.shape[1] == 8 + 1 + 2  # max_slots, the padding slot, the cache: nothing grows
+
+
+def test_a_failed_admission_leaves_no_entry(monkeypatch):
+    model = small("discrete")
+    eng = Engine(model, EngineSettings(max_slots=8, context_cache_slots=2))
+    ctx = contexts(model, 1, 3)[0]
+    real = model.prefill
+
+    def broken(*args, **kw):
+        raise RuntimeError("prefill failed")
+
+    monkeypatch.setattr(model, "prefill", broken)
+    out = run_waves(eng, [[RolloutRequest("r0", "m", ctx, actions(model, 1, 2, 0))]])
+    assert [e.error for e in out.values()] == [ErrorCode.INTERNAL]
+    assert len(eng.contexts) == 0
+    monkeypatch.setattr(model, "prefill", real)
+    ok = run_waves(eng, [[RolloutRequest("r1", "m", ctx, actions(model, 1, 2, 0), return_tokens=True)]])
+    ref = run_waves(Engine(model, EngineSettings(max_slots=8, context_cache_slots=0)),
+                    [[RolloutRequest("r1", "m", ctx, actions(model, 1, 2, 0), return_tokens=True)]])
+    assert_same(ok, ref)
+    assert (eng.contexts.hits, len(eng.contexts)) == (0, 1)
+
+
+def test_cache_bookkeeping():
+    cache = ContextCache([10, 11])
+    assert cache.lookup(b"a") is None
+    sa = cache.insert(b"a")
+    sb = cache.insert(b"b")
+    assert {sa, sb} == {10, 11}
+    assert cache.lookup(b"a") == sa  # a is now the most recently used
+    assert cache.insert(b"c") == sb  # b evicted
+    assert cache.lookup(b"b") is None and len(cache) == 2
+    cache.drop(b"c")
+    assert cache.insert(b"d") == sb and len(cache) == 2
+    assert not ContextCache([]).enabled
