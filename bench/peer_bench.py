@@ -18,6 +18,7 @@ better; ours / peer < 1 for p99 latency is better.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -219,6 +220,8 @@ def main(argv=None) -> None:
     p.add_argument("--ours-args", default="", help="extra `serve` flags for ours, e.g. '--backend eager --precision "
                    "fp32' (the peers' precision); default: serve's own choice (the model's pin)")
     p.add_argument("--only", default=None, help="with --suite: only these workloads, e.g. W2,W3")
+    p.add_argument("--distinct-contexts", action="store_true", help="every planner request a context of its own (no "
+                   "two share a prefill: worldserve's context cache never hits); default: the same last observations")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--rerender", metavar="JSON", help="only rewrite the report from a saved bench/out/peer-*.json")
     a = p.parse_args(argv)
@@ -263,6 +266,8 @@ def main(argv=None) -> None:
         ]
         if a.only:
             workloads = [w for w in workloads if w[0].tag in a.only.split(",")]
+    if a.distinct_contexts:
+        workloads = [(dataclasses.replace(w, distinct_contexts=True), n) for w, n in workloads]
     ctx = context_frames(8)
     load_start = os.getloadavg()[0]
     srv = start_server(logs, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024", *a.ours_args.split())

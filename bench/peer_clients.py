@@ -126,6 +126,10 @@ class Workload:
     temperature: float = 0.0
     h_min: int = 0  # > 0: each request's horizon drawn uniformly from h_min..h (mixed horizons)
     stop_on_done: bool = False  # worldserve only: stop a candidate at its predicted end
+    # every request's context differs (one pixel set from the client and the iteration): no two requests share a
+    # prefill, so worldserve's context cache (engine/context_cache.py) never hits; off: every planner sends the
+    # same last observations (a CEM tick's iterations, many users at one start state)
+    distinct_contexts: bool = False
     tag: str = ""  # e.g. "W1"
 
     @property
@@ -136,6 +140,7 @@ class Workload:
         t = f", T={self.temperature:g}" if self.temperature else ""
         h = f"{self.h_min}-{self.h} mixed" if self.h_min else f"{self.h}"
         stop = ", stop at done" if self.stop_on_done else ""
+        stop += ", distinct contexts" if self.distinct_contexts else ""
         kind = "CEM planner ticks" if self.name == "cem" else "planner"
         return f"{pre}{kind}: K={self.k} x H={h}, {self.context} context frames, frames={self.frames}{t}{stop}"
 
@@ -162,8 +167,12 @@ def run_point(system: str, target: str, model: str, w: Workload, n: int, duratio
                     h = int(rng.integers(w.h_min, w.h + 1)) if w.h_min else w.h
                     cands = (cem.propose().tolist() if cem is not None
                              else [actions(i, it * 1000 + j, h) for j in range(w.k)])
+                    req_ctx = ctx[-w.context:]
+                    if w.distinct_contexts:
+                        req_ctx = req_ctx.copy()
+                        req_ctx[0, 0, 0] = (i, it % 256, (it // 256) % 256)
                     t0 = time.perf_counter()
-                    rew, done, _ = rollout(system, c, model, ctx[-w.context:], cands, w.frames, seed=i,
+                    rew, done, _ = rollout(system, c, model, req_ctx, cands, w.frames, seed=i,
                                            temperature=w.temperature, stop_on_done=w.stop_on_done)
                     lat.append(time.perf_counter() - t0)
                     if cem is not None:  # the planner's next iteration depends on this one's answer

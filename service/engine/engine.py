@@ -40,8 +40,8 @@ from ..model.protocol import ModelSpec, WorldModelProtocol, check_model
 from ..runtime.batch import Sampler
 from ..settings import EngineSettings
 from . import prefix
-from .execute import Executor, StepOutputs
 from .context_cache import ContextCache
+from .execute import Executor, StepOutputs
 from .prefill import prefill
 from .scheduler import Chunk, Job, Row, Scheduler
 

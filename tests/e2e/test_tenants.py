@@ -165,3 +165,38 @@ def test_pathological_pngs_are_refused_without_stalling_the_server(srv, real_fra
     r = httpx.post(srv.http + "/v1/models/tiny/predict", headers=A, timeout=30,
                    json={"context": [frame_json(png(real_frames[0]))], "actions": [2]})
     assert r.status_code == 200
+
+
+def _context_cache(http: str) -> dict[str, float]:
+    out = {"hit": 0.0, "miss": 0.0}
+    for line in httpx.get(http + "/metrics", headers=A).text.splitlines():  # /metrics takes a key here
+        if line.startswith("worldserve_context_cache_total{"):
+            for result in out:
+                if f'result="{result}"' in line:
+                    out[result] += float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _context_cache_after(http: str, want: dict[str, float], timeout: float = 15.0) -> dict[str, float]:
+    # the engine process's counters reach the front end's /metrics every ipc.METRICS_EVERY_S
+    t_end = time.monotonic() + timeout
+    while (got := _context_cache(http)) != want and time.monotonic() < t_end:
+        time.sleep(0.2)
+    return got
+
+
+def test_a_context_is_prefilled_once_per_key_and_never_for_another_key(srv, real_frames):
+    """engine/context_cache.py on the real server: key a's repeated context hits, key b's same context misses (the
+    tenant is in the key), and the answers are the same ones."""
+    ctx = [frame_json(png(f)) for f in real_frames[5:8]]  # no other test of this module sends this context
+    body = {"context": ctx, "actions": [2, 0, 2, 2]}
+    with httpx.Client(base_url=srv.http, timeout=60) as h:
+        before = _context_cache(srv.http)
+        got = []
+        for i, key in enumerate((A, A, B)):
+            r = h.post("/v1/models/tiny/predict", headers=key, json=body)
+            assert r.status_code == 200, r.text
+            got.append(r.json()["steps"])
+            want = {"hit": before["hit"] + (i >= 1), "miss": before["miss"] + 1 + (i >= 2)}
+            assert _context_cache_after(srv.http, want) == want, (i, before)
+    assert got[0] == got[1] == got[2]
