@@ -130,12 +130,19 @@ def decode_frame(encoding: str, data: bytes, height: int, width: int, expect_hw:
     return arr
 
 
+PNG_COMPRESS_LEVEL = 1  # zlib's fastest: a 64x64 MiniGrid frame in 78 us vs 254 us at PIL's default 6, 625 vs 494 bytes
+
+
 def encode_frame(frame: np.ndarray, encoding: str) -> bytes:
-    # uint8 [H, W, 3] -> bytes
+    # uint8 [H, W, 3] -> bytes. A PNG is lossless at any level: the front end encodes every streamed frame, so the
+    # fastest level (the bytes are a little larger; raw RGB8 is the choice when bytes do not matter)
     if encoding == "raw":
         return np.ascontiguousarray(frame, np.uint8).tobytes()
     buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, format="PNG" if encoding == "png" else "JPEG", quality=95)
+    if encoding == "png":
+        Image.fromarray(frame).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    else:
+        Image.fromarray(frame).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
 
 
