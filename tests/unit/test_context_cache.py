@@ -203,3 +203,30 @@ def test_cache_bookkeeping():
     cache.drop(b"c")
     assert cache.insert(b"d") == sb and len(cache) == 2
     assert not ContextCache([]).enabled
+
+
+def test_preempted_candidates_replay_from_the_cache_exactly(caplog):
+    """A BULK K=8 rollout fills the engine; after 2 steps an INTERACTIVE request of the same context (a hit) takes 3 of
+    its slots; they are admitted again later (hits again) and replay: every event equals the run without the cache."""
+    from worldserve.messages import Priority
+
+    model = small("discrete")
+    ctx = contexts(model, 1, 3)[0]
+
+    def go(cache_slots: int) -> tuple[dict, Engine]:
+        eng = Engine(model, EngineSettings(max_slots=8, context_cache_slots=cache_slots))
+        eng.submit(RolloutRequest("bulk", "m", ctx, actions(model, 8, 6, 1), return_tokens=True, seed=2,
+                                  temperature=1.0, priority=Priority.BULK))
+        events = eng.step() + eng.step()
+        eng.submit(RolloutRequest("urgent", "m", ctx, actions(model, 3, 2, 2), return_tokens=True,
+                                  priority=Priority.INTERACTIVE))
+        while sum(e.final for e in events) < 2:
+            events.extend(eng.step())
+        return {(e.request_id, e.candidate, e.step): e for e in events}, eng
+
+    want, _ = go(0)
+    with caplog.at_level("DEBUG", logger="worldserve.engine"):
+        got, eng = go(4)
+    assert any("preempted 3 candidates of bulk" in m for m in caplog.messages)
+    assert_same(got, want)
+    assert eng.contexts.misses == 1 and eng.contexts.hits >= 2  # the urgent request and the replay
