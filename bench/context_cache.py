@@ -115,7 +115,8 @@ def main() -> None:
           f"{Path(a.model_dir).name} at {ms.backend} {ms.precision}). {a.rows} K=1 requests in flight, 4 context "
           f"frames each; W1: H 4-16, latent only; W2: H=16, a frame every step. The two engines alternate in chunks "
           f"of {a.chunk_s:g} s ({a.pairs} each).", "",
-          "| workload | cache on frames/s | cache off frames/s | on ÷ off | hits | misses |", "|---|---:|---:|---:|---:|---:|",
+          "| workload | cache on frames/s | cache off frames/s | on ÷ off | hits | misses |",
+          "|---|---:|---:|---:|---:|---:|",
           *rows_md, ""]
     Path(a.out).write_text("\n".join(md))
     print(f"wrote {a.out}")

@@ -183,6 +183,8 @@ def check_request(req, info: ModelInfo) -> str | None:
     if ca is not None and (not isinstance(ca, np.ndarray) or ca.ndim != (2 if cont else 1)
                            or (cont and ca.shape[1] != info.action_dim)):
         return "context_actions must be " + (f"float [C-1, {info.action_dim}]" if cont else "int [C-1]")
+    if ca is not None and ca.shape[0] != c.shape[0] - 1:
+        return f"context_actions: {ca.shape[0]} for {c.shape[0]} context frames, must be {c.shape[0] - 1}"
     for x in (a, ca):
         if x is None or x.size == 0:
             continue

@@ -15,8 +15,10 @@ BATCH_SIZE = Histogram("worldserve_batch_size", "Slots per dynamics step", ["mod
 STEP_SECONDS = Histogram("worldserve_step_seconds", "Engine step latency", ["model"],
                          buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
 FRAMES = Counter("worldserve_frames_total", "Predicted frames (steps of every candidate)", ["model"])
-CONTEXT_CACHE = Counter("worldserve_context_cache_total", "Admitted requests whose context was found prefilled "
-                        "(hit) or was encoded and prefilled (miss)", ["model", "result"])
+CONTEXT_CACHE = Counter("worldserve_context_cache_total", "Admissions of a request's candidates (a request may be "
+                        "admitted in chunks) whose context was copied from a prefill already made (hit: from the "
+                        "context cache or from another request of the same admission) or was encoded and "
+                        "prefilled (miss)", ["model", "result"])
 REQUESTS = Counter("worldserve_requests_total", "Requests by model and outcome", ["model", "outcome"])
 TTFF = Histogram("worldserve_time_to_first_frame_seconds", "Submit to first event", ["model"],
                  buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))

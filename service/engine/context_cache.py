@@ -15,15 +15,16 @@ Exact: a fork copies the bits a prefill of the same context wrote (prefill is ba
 tokens, frames, rewards and done are bit-equal with the cache on or off (tests/unit/test_context_cache.py).
 
 Bounded and private: `EngineSettings.context_cache_slots` slots (0: off), allocated with the engine's state at
-start-up and counted by its memory check; nothing a client sends grows it. The tenant (the calling key's name) is
-part of the key, so one key's requests never hit another key's entries: a hit is faster than a miss, and a shared
-entry would tell a stranger which contexts another key sent.
+start-up; nothing a client sends grows it. The tenant (the calling key's name: keys that share a name are one
+tenant, as for fair shares and cost caps) is part of the key, so one key's requests never hit another key's entries:
+a hit is faster than a miss, and a shared entry would tell a stranger which contexts another key sent. Eviction is
+fair between tenants (ContextCache.insert): a key sending many distinct contexts evicts its own entries first.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import numpy as np
 
@@ -47,12 +48,15 @@ def context_key(req: RolloutRequest) -> bytes:
 
 
 class ContextCache:
-    """LRU of prefilled contexts in reserved state slots (never handed to a request)."""
+    """LRU of prefilled contexts in reserved state slots (never handed to a request), fair between tenants: when it is
+    full, the entry evicted is the least recently used one of the tenant holding the most entries, so a key that
+    sends many distinct contexts churns its own entries, not everyone's."""
 
     def __init__(self, slots: list[int], model: str = ""):
         self.capacity = len(slots)
         self._free = list(slots)
-        self._entries: OrderedDict[bytes, int] = OrderedDict()  # key -> slot, least recently used first
+        self._entries: OrderedDict[bytes, tuple[int, str]] = OrderedDict()  # key -> (slot, tenant), LRU first
+        self._held: Counter[str] = Counter()  # tenant -> entries
         self._model = model
         self.hits = self.misses = 0
 
@@ -63,30 +67,48 @@ class ContextCache:
     def enabled(self) -> bool:
         return self.capacity > 0
 
-    def lookup(self, key: bytes) -> int | None:
-        """The slot holding `key`'s prefilled context (now the most recently used), or None."""
-        slot = self._entries.get(key)
-        if slot is None:
+    def _count(self, hit: bool) -> None:
+        if hit:
+            self.hits += 1
+        else:
             self.misses += 1
-            metrics.CONTEXT_CACHE.labels(self._model, "miss").inc()
+        metrics.CONTEXT_CACHE.labels(self._model, "hit" if hit else "miss").inc()
+
+    def lookup(self, key: bytes) -> int | None:
+        """The slot holding `key`'s prefilled context (now the most recently used), or None (counted: hit / miss)."""
+        entry = self._entries.get(key)
+        self._count(entry is not None)
+        if entry is None:
             return None
         self._entries.move_to_end(key)
-        self.hits += 1
-        metrics.CONTEXT_CACHE.labels(self._model, "hit").inc()
-        return slot
+        return entry[0]
 
-    def insert(self, key: bytes) -> int:
-        """A slot to copy `key`'s freshly prefilled context into: a free one, else the least recently used entry's.
-        The caller copies into it before the next lookup."""
+    def copied(self) -> None:
+        """A request took a copy of a context prefilled in the same admission: counted as a hit (no prefill)."""
+        self._count(True)
+
+    def insert(self, key: bytes, tenant: str) -> int:
+        """A slot to copy `key`'s freshly prefilled context into: a free one, else the slot of the least recently
+        used entry of the tenant holding the most (ties: the inserting tenant's own first). The caller copies into
+        it before the next lookup."""
         if key in self._entries:
             self._entries.move_to_end(key)
-            return self._entries[key]
-        slot = self._free.pop() if self._free else self._entries.popitem(last=False)[1]
-        self._entries[key] = slot
+            return self._entries[key][0]
+        if self._free:
+            slot = self._free.pop()
+        else:
+            most = max(self._held.values())
+            victim = tenant if self._held[tenant] == most else next(t for t, n in self._held.items() if n == most)
+            old = next(k for k, (_, t) in self._entries.items() if t == victim)
+            slot = self._entries.pop(old)[0]
+            self._held[victim] -= 1
+        self._entries[key] = (slot, tenant)
+        self._held[tenant] += 1
         return slot
 
     def drop(self, key: bytes) -> None:
         """Forget `key` (its copy did not complete): its slot is free again."""
-        slot = self._entries.pop(key, None)
-        if slot is not None:
-            self._free.append(slot)
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._free.append(entry[0])
+            self._held[entry[1]] -= 1

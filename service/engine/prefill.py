@@ -25,7 +25,7 @@ def prefill(model, state, admitted: list[Chunk], device: torch.device, chunk: in
     hits: dict[int, list[int]] = {}  # cache slot -> first slots that take a copy of its state (1)
     dups: dict[int, list[int]] = {}  # first slot prefilled here -> first slots of the same context (3)
     fresh: list[Chunk] = []  # chunks prefilled here, one per distinct context (2)
-    stored: list[tuple[bytes, int, int]] = []  # (key, slot prefilled, cache slot) copied into the cache (4)
+    stored: list[tuple[bytes, int, str]] = []  # (key, slot prefilled, tenant) to copy into the cache (4)
     if cache is not None and cache.enabled:
         primary: dict[bytes, int] = {}  # key -> first slot of the chunk prefilled for it in this admission
         for a in admitted:
@@ -34,6 +34,7 @@ def prefill(model, state, admitted: list[Chunk], device: torch.device, chunk: in
             key = a.job.context_key
             if key in primary:
                 dups.setdefault(primary[key], []).append(a.slots[0])
+                cache.copied()
                 continue
             src = cache.lookup(key)
             if src is not None:
@@ -41,9 +42,18 @@ def prefill(model, state, admitted: list[Chunk], device: torch.device, chunk: in
                 continue
             primary[key] = a.slots[0]
             fresh.append(a)
-            stored.append((key, a.slots[0], cache.insert(key)))  # may evict one hit above: (1) copies it first
+            stored.append((key, a.slots[0], a.req.tenant))
     else:
         fresh = admitted
+    try:
+        _run(model, state, device, chunk, admitted, fresh, hits, dups, stored, cache)
+    except BaseException:
+        for key, _, _ in stored:  # entries that were not filled are not entries
+            cache.drop(key)
+        raise
+
+
+def _run(model, state, device, chunk, admitted, fresh, hits, dups, stored, cache) -> None:
     groups: dict[int, list[int]] = {}  # context length -> indices of `fresh`
     for i, a in enumerate(fresh):
         groups.setdefault(a.req.context.shape[0], []).append(i)
@@ -59,16 +69,9 @@ def prefill(model, state, admitted: list[Chunk], device: torch.device, chunk: in
     forked = [a for a in admitted if a.share is None]  # a shared chunk forks where its candidates diverge
     arrays["fork"] = np.array([s for a in forked for s in a.slots[1:]], np.int64)
     arrays["copy"] = np.array([s for m in (hits, dups) for dst in m.values() for s in dst], np.int64)
-    arrays["store"] = np.array([c for _, _, c in stored], np.int64)
-    try:
-        _run(model, state, device, chunk, fresh, groups, forked, hits, dups, stored, to_device(arrays, device))
-    except BaseException:
-        for key, _, _ in stored:  # entries that were not filled are not entries
-            cache.drop(key)
-        raise
-
-
-def _run(model, state, device, chunk, fresh, groups, forked, hits, dups, stored, d) -> None:
+    # a slot for each new entry: may evict an entry hit above ((1) copies it out first) or stored just before
+    arrays["store"] = np.array([cache.insert(key, tenant) for key, _, tenant in stored], np.int64)
+    d = to_device(arrays, device)
     n_hits = _copy(model, state, hits, d["copy"], 0)  # (1) before anything is evicted in (4)
     if fresh:
         tokens = run_fixed_chunks(model.encode, d["ctx"], chunk)  # int64 [sum(C), N], batch-invariant

@@ -69,6 +69,7 @@ def check_state_fits(cfg: ModelConfig, slots: int, device, dtype: torch.dtype, a
         per_slot = (kv + act) / slots
         fits = max(0, int(HEADROOM * free / per_slot) - 1)  # minus the engine's padding slot
         raise DoesNotFit(f"does not fit the device's memory: {line}. Needs {(kv + act) / GB:.2f} GB of "
-                         f"{HEADROOM:.0%} x {free / GB:.1f} GB. Lower --max-slots (at most ~{fits} fit) or use "
-                         f"--precision bf16 (half the cache)")
+                         f"{HEADROOM:.0%} x {free / GB:.1f} GB. Lower --max-slots (at most ~{fits} fit; the engine "
+                         f"holds max_slots + 1 + engine.context_cache_slots slots, and context_cache_slots=0 turns the "
+                         f"context cache off) or use --precision bf16 (half the cache)")
     return line

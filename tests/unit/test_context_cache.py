@@ -110,9 +110,9 @@ def test_hits_are_bit_equal_to_prefilling_again(model):
     got = run_waves(on, waves_for(model))
     assert_same(got, want)
     assert all(e.error == ErrorCode.OK for e in got.values() if e.final)
-    # wave 1: a miss; wave 2: A hits twice, B, C, D miss, B's second request copies the first's prefill (no lookup);
+    # wave 1: a miss; wave 2: A hits twice, B, C, D miss, B's second request copies the first's prefill (a hit);
     # wave 3: A with unknown context actions is another context (a miss), the rest hit
-    assert (on.contexts.hits, on.contexts.misses) == (2 + 3, 1 + 3 + 1)
+    assert (on.contexts.hits, on.contexts.misses) == (2 + 1 + 3, 1 + 3 + 1)
     assert off.contexts.hits == off.contexts.misses == 0
 
 
@@ -194,15 +194,68 @@ def test_a_failed_admission_leaves_no_entry(monkeypatch):
 def test_cache_bookkeeping():
     cache = ContextCache([10, 11])
     assert cache.lookup(b"a") is None
-    sa = cache.insert(b"a")
-    sb = cache.insert(b"b")
+    sa = cache.insert(b"a", "t")
+    sb = cache.insert(b"b", "t")
     assert {sa, sb} == {10, 11}
     assert cache.lookup(b"a") == sa  # a is now the most recently used
-    assert cache.insert(b"c") == sb  # b evicted
+    assert cache.insert(b"c", "t") == sb  # b evicted
     assert cache.lookup(b"b") is None and len(cache) == 2
     cache.drop(b"c")
-    assert cache.insert(b"d") == sb and len(cache) == 2
+    assert cache.insert(b"d", "t") == sb and len(cache) == 2
     assert not ContextCache([]).enabled
+
+
+def test_a_key_sending_many_contexts_evicts_its_own_entries_first():
+    cache = ContextCache(list(range(4)))
+    alice = {cache.insert(b"a1", "alice"), cache.insert(b"a2", "alice")}
+    for i in range(10):  # bob floods: past the two free slots he churns his own entries, never alice's
+        cache.insert(f"b{i}".encode(), "bob")
+    assert cache.lookup(b"a1") in alice and cache.lookup(b"a2") in alice
+    assert sum(cache.lookup(f"b{i}".encode()) is not None for i in range(10)) == 2
+    cache.insert(b"a3", "alice")  # tied at 2 each: alice's own least recently used (a1) goes
+    assert cache.lookup(b"a1") is None and cache.lookup(b"a2") is not None and cache.lookup(b"b9") is not None
+
+
+def test_a_one_slot_cache_hit_and_evicted_in_one_admission_is_exact():
+    """One admission that hits the only entry (A), then stores B and C into that same slot: A's copy is taken first,
+    and the entry left (C) holds C."""
+    model = small("discrete")
+    a, b, c = contexts(model, 3, 3)
+
+    def waves():
+        def req(rid, ctx, seed):
+            return RolloutRequest(rid, "m", ctx, actions(model, 2, 3, seed), return_tokens=True, seed=seed)
+
+        return [[req("a0", a, 0)], [req("a1", a, 1), req("b1", b, 2), req("c1", c, 3)],
+                [req("c2", c, 4)], [req("a2", a, 5), req("b2", b, 6)]]
+
+    want = run_waves(Engine(model, EngineSettings(max_slots=16, context_cache_slots=0)), waves())
+    eng = Engine(model, EngineSettings(max_slots=16, context_cache_slots=1))
+    assert_same(run_waves(eng, waves()), want)
+    assert (eng.contexts.hits, eng.contexts.misses) == (2, 5)  # a1, c2 hit; a0, b1, c1, a2, b2 miss
+
+
+def test_an_admission_failing_before_the_model_runs_leaves_no_entry():
+    """context_actions of the wrong length (check_request refuses them; an engine fed directly fails in admission,
+    before the model runs): the request ends with INTERNAL, and sent again it fails again: no entry was made for it
+    (one made before the failure would hold whatever its slot held: here bob's context), and bob's entry is intact."""
+    from worldserve.messages import check_request
+
+    model = small("discrete")
+    eng = Engine(model, EngineSettings(max_slots=8, context_cache_slots=1))
+    a, b = contexts(model, 2, 3)
+    bob = RolloutRequest("bob", "m", a, actions(model, 1, 2, 0), tenant="bob", return_tokens=True)
+    first = run_waves(eng, [[bob]])
+    bad = RolloutRequest("alice", "m", b, actions(model, 1, 2, 0), context_actions=np.zeros(0, np.int64),
+                         tenant="alice")
+    assert check_request(dataclasses.replace(bad, model="tiny"), eng.info()) == (
+        "context_actions: 0 for 3 context frames, must be 2")
+    for rid in ("alice", "alice-again"):
+        out = run_waves(eng, [[dataclasses.replace(bad, id=rid)]])
+        assert [e.error for e in out.values()] == [ErrorCode.INTERNAL], rid
+    again = run_waves(eng, [[dataclasses.replace(bob, id="bob")]])
+    assert_same(again, first)
+    assert (eng.contexts.hits, eng.contexts.misses, len(eng.contexts)) == (1, 3, 1)
 
 
 def test_preempted_candidates_replay_from_the_cache_exactly(caplog):
