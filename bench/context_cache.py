@@ -52,7 +52,10 @@ class Loop:
             ctx = ctx.copy()
             ctx[0, 0, 0] = (i % 256, (i // 256) % 256, (i // 65536) % 256)
         frames = FrameMode.ALL if self.workload == "W2" else FrameMode.NONE
-        self.eng.submit(RolloutRequest(f"r{i}", "m", ctx, self.rng.integers(0, 3, (1, h)), frames=frames))
+        spec = self.eng.spec
+        acts = (self.rng.uniform(-1, 1, (1, h, spec.action_dim)).astype(np.float32) if spec.action_dim
+                else self.rng.integers(0, spec.n_actions, (1, h)))
+        self.eng.submit(RolloutRequest(f"r{i}", "m", ctx, acts, frames=frames))
         self.live += 1
 
     def run(self, seconds: float) -> int:
@@ -75,16 +78,18 @@ class Loop:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", default=str(ROOT / "models" / "tiny"))
+    p.add_argument("--preset", default=None, help="a random-weight preset (base, large) instead of --model-dir")
     p.add_argument("--chunk-s", type=float, default=4.0)
     p.add_argument("--pairs", type=int, default=4)
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(ROOT / "bench" / "reports" / "context_cache.md"))
+    p.add_argument("--out", default=None, help="default: bench/reports/context_cache[-PRESET].md")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    ms = ModelSettings(dir=Path(a.model_dir), warmup=False)
+    ms = ModelSettings(preset=a.preset, warmup=False) if a.preset else ModelSettings(dir=Path(a.model_dir),
+                                                                                        warmup=False)
     model = prepare(ms)  # the model's pin, as `serve` serves it
-    ctx = context_frames(8)[-4:]
+    ctx = context_frames(8)[-4:]  # 64x64 frames: tiny's and the presets' size
     cache_slots = EngineSettings().context_cache_slots
     rows_md = []
     t_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -110,16 +115,18 @@ def main() -> None:
         rows_md.append(f"| {label} | {fps[True]:.1f} | {fps[False]:.1f} | **{fps[True] / fps[False]:.2f}** | "
                        f"{c.hits} | {c.misses} |")
     md = ["## Context cache on vs off, the engine alone", "",
-          f"`python -m bench.context_cache --chunk-s {a.chunk_s:g} --pairs {a.pairs} --rows {a.rows}` ({t_start}, "
+          f"`python -m bench.context_cache{' --preset ' + a.preset if a.preset else ''} --chunk-s {a.chunk_s:g} "
+          f"--pairs {a.pairs} --rows {a.rows}` ({t_start}, "
           f"{os.cpu_count()} cores, {a.threads} torch thread(s), {platform.machine()}, torch {torch.__version__}; "
-          f"{Path(a.model_dir).name} at {ms.backend} {ms.precision}). {a.rows} K=1 requests in flight, 4 context "
-          f"frames each; W1: H 4-16, latent only; W2: H=16, a frame every step. The two engines alternate in chunks "
-          f"of {a.chunk_s:g} s ({a.pairs} each).", "",
+          f"{a.preset or Path(a.model_dir).name} at {ms.backend} {ms.precision}). {a.rows} K=1 requests in flight, "
+          f"4 context frames each; W1: H 4-16, latent only; W2: H=16, a frame every step. The two engines "
+          f"alternate in chunks of {a.chunk_s:g} s ({a.pairs} each).", "",
           "| workload | cache on frames/s | cache off frames/s | on ÷ off | hits | misses |",
           "|---|---:|---:|---:|---:|---:|",
           *rows_md, ""]
-    Path(a.out).write_text("\n".join(md))
-    print(f"wrote {a.out}")
+    out = Path(a.out or ROOT / "bench" / "reports" / f"context_cache{'-' + a.preset if a.preset else ''}.md")
+    out.write_text("\n".join(md))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
