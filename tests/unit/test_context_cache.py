@@ -283,3 +283,17 @@ def test_preempted_candidates_replay_from_the_cache_exactly(caplog):
     assert any("preempted 3 candidates of bulk" in m for m in caplog.messages)
     assert_same(got, want)
     assert eng.contexts.misses == 1 and eng.contexts.hits >= 2  # the urgent request and the replay
+
+
+def test_tensorrt_profiles_stay_at_max_slots_beside_the_cache_slots(monkeypatch):
+    """The deferred TensorRT model builds its profiles for the rows a step can carry (the engine's max_slots), not
+    for every slot of the state (+ padding + the context cache): the same artifact key as `export --max-slots`."""
+    from worldserve.runtime.trt_backend import DeferredTrt
+
+    model = small("discrete")
+    built = []
+    monkeypatch.setattr(DeferredTrt, "_ensure", lambda self, max_batch: built.append(max_batch))
+    trt = DeferredTrt(model, None, print)
+    assert trt._max_batch(8 + 1 + 4) == 12  # alone: every slot but the padding one
+    Engine(trt, EngineSettings(max_slots=8, context_cache_slots=4))
+    assert trt.max_step_rows == 8 and built == [8]
