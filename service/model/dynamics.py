@@ -70,19 +70,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
     The reference is F.scaled_dot_product_attention. On the CPU in bf16 its flash kernel is slower than in fp32
     (tiny, batch 64: 25 vs 21 ms a layer), while oneDNN's bf16 batched matmuls are 3x faster than fp32: so there
-    it runs as two bmm's around a softmax (mask as an additive -inf bias), 1.4x faster than the flash kernel.
-    Same math; bf16 rounding differs (parity: tests/unit/test_cpu_fast.py).
+    it runs as two bmm's around a softmax (mask as an additive -inf bias), 1.4x faster than the flash kernel. With a
+    mask per row (the cached step) the scores are written without a bias (broadcasting one into [B*H, Q, S] first
+    cost as much as a tenth of the product) and only rows with masked keys get -inf where masked: bit-equal to the
+    bias form (tests/unit/test_cpu_fast.py). Same math as the reference; bf16 rounding differs (parity: same file).
     """
     if q.dtype != torch.bfloat16 or q.device.type != "cpu" or _in_graph():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, h, nq, hd = q.shape
     s = k.shape[2]
     m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # [B | 1, 1, Q | 1, S]
-    rows = 1 if m4.shape[2] == 1 else nq
-    bias = torch.zeros(m4.shape, dtype=q.dtype, device=q.device).masked_fill_(~m4, float("-inf"))
-    bias = bias.expand(b, h, rows, s).reshape(b * h, rows, s)  # additive: 0 = attend, -inf = masked
-    scores = torch.baddbmm(bias, q.reshape(b * h, nq, hd), k.reshape(b * h, s, hd).transpose(1, 2),
-                           alpha=hd**-0.5)  # [B*H, Q, S]
+    qq, kt = q.reshape(b * h, nq, hd), k.reshape(b * h, s, hd).transpose(1, 2)
+    if m4.shape[0] == b and m4.shape[2] == 1:  # a mask per row (the cached step): bias only the rows that have one
+        scores = torch.empty(b * h, nq, s, dtype=q.dtype, device=q.device)
+        torch.baddbmm(scores, qq, kt, beta=0, alpha=hd**-0.5, out=scores)  # [B*H, Q, S]; beta=0: no bias copied in
+        masked = (~m4).flatten(1).any(1).nonzero().flatten().tolist()  # rows with an early (short) window
+        for i in masked:  # + 0 / -inf: the same bits as adding the whole bias inside baddbmm (tested)
+            scores[i * h : (i + 1) * h].masked_fill_(~m4[i].view(1, 1, s), float("-inf"))
+    else:
+        rows = 1 if m4.shape[2] == 1 else nq
+        bias = torch.zeros(m4.shape, dtype=q.dtype, device=q.device).masked_fill_(~m4, float("-inf"))
+        bias = bias.expand(b, h, rows, s).reshape(b * h, rows, s)  # additive: 0 = attend, -inf = masked
+        scores = torch.baddbmm(bias, qq, kt, alpha=hd**-0.5)  # [B*H, Q, S]
     return torch.bmm(torch.softmax(scores, -1), v.reshape(b * h, s, hd)).view(b, h, nq, hd)
 
 

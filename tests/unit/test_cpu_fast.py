@@ -95,3 +95,23 @@ def test_rope_pairs_bit_equal_to_rope():
         want = torch.stack((x[..., 0::2] * c - x[..., 1::2] * s, x[..., 0::2] * s + x[..., 1::2] * c), -1).flatten(-2)
         assert torch.equal(apply_rope_pairs(x, c, s), want)
         assert torch.equal(apply_rope(x, cos, sin), want)
+
+
+@torch.no_grad()
+def test_bf16_cpu_attention_per_row_masks_bit_equal_to_the_bias_form():
+    """The cached step's per-row mask path (scores without a bias, -inf filled only in rows with masked keys) gives
+    the same bits as one baddbmm with the whole additive bias: rows all valid, rows with short windows, all masked
+    but one key."""
+    torch.manual_seed(2)
+    b, h, nq, s, hd = 6, 4, 16, 64, 32
+    q, k, v = (torch.randn(b, h, n, hd).bfloat16() for n in (nq, s, s))
+    mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
+    mask[1, ..., 16:] = False
+    mask[4, ..., 1:] = False
+    mask[5, ..., 40:] = False
+    for m in (mask, torch.ones_like(mask)):
+        bias = torch.zeros(m.shape, dtype=torch.bfloat16).masked_fill_(~m, float("-inf")).expand(b, h, 1, s)
+        scores = torch.baddbmm(bias.reshape(b * h, 1, s), q.reshape(b * h, nq, hd),
+                               k.reshape(b * h, s, hd).transpose(1, 2), alpha=hd**-0.5)
+        want = torch.bmm(torch.softmax(scores, -1), v.reshape(b * h, s, hd)).view(b, h, nq, hd)
+        assert torch.equal(attention(q, k, v, m), want)
