@@ -1,0 +1,83 @@
+"""The cached step with an older commit's attention vs this tree's, interleaved in one process.
+
+    .venv/bin/python -m bench.step_ab --rev 506f53a [--rounds 30] [--batch 64] [--short 8]
+
+`--rev`'s `model/dynamics.attention` is loaded from git (git show REV:service/model/dynamics.py, as
+bench/load_engine.legacy_sampler loads an old sampler) and swapped in for this tree's around `model.step` of the
+bundled model at its pin (eager bf16 on a CPU with AVX-512 BF16), on a cache prefilled with full windows
+(bench/runtime_bench.Runner), and again with `--short` rows at frame 2 (windows of 3 frames: rows with masked keys).
+Rounds alternate the order. Prints the median step time of each and old ÷ new; writes bench/reports/step_ab.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import worldserve.model.dynamics as dyn  # noqa: E402
+from bench.runtime_bench import Runner  # noqa: E402
+from worldserve.runtime.loader import prepare  # noqa: E402
+from worldserve.settings import ModelSettings  # noqa: E402
+
+
+def attention_at(rev: str):
+    src = subprocess.run(["git", "show", f"{rev}:service/model/dynamics.py"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    src = src.replace("from .config", "from worldserve.model.config").replace("from .sampling",
+                                                                               "from worldserve.model.sampling")
+    ns: dict = {"__name__": f"dynamics@{rev}"}
+    exec(compile(src, f"{rev}:service/model/dynamics.py", "exec"), ns)  # noqa: S102 - our own file, older commit
+    return ns["attention"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rev", required=True, help="the commit whose attention is the 'old' one")
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--short", type=int, default=8, help="rows at frame 2 in the second case")
+    p.add_argument("--model-dir", default=str(ROOT / "models" / "tiny"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "reports" / "step_ab.md"))
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    ms = ModelSettings(dir=Path(a.model_dir), warmup=False)
+    model = prepare(ms)
+    fns = {"old": attention_at(a.rev), "new": dyn.attention}
+    r = Runner(model, a.batch)
+    full = r.start.clone()
+    short = full.clone()
+    short[: a.short] = 2
+    for _ in range(3):
+        r.once()
+    times: dict = {}
+    for i in range(a.rounds):
+        for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
+            dyn.attention = fns[name]
+            for case, start in (("full windows", full), (f"{a.short} short windows", short)):
+                r.start = start
+                times.setdefault((case, name), []).append(r.once()[0])
+    dyn.attention = fns["new"]
+    t_run = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"## The cached step, attention of {a.rev} vs this tree", "",
+             f"`python -m bench.step_ab --rev {a.rev} --rounds {a.rounds} --batch {a.batch} --short {a.short}` "
+             f"({t_run}; {Path(a.model_dir).name} at {ms.backend} {ms.precision}, 1 thread, {a.batch} rows).", "",
+             "| case | old step (ms) | new step (ms) | old ÷ new |", "|---|---:|---:|---:|"]
+    for case in dict.fromkeys(c for c, _ in times):
+        o, n = (statistics.median(times[(case, x)]) for x in ("old", "new"))
+        print(f"{case:18s} old {o * 1e3:7.1f} ms, new {n * 1e3:7.1f} ms, old/new {o / n:.3f}")
+        lines.append(f"| {case} | {o * 1e3:.1f} | {n * 1e3:.1f} | **{o / n:.2f}** |")
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
