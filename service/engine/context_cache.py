@@ -10,9 +10,10 @@ keyed by what a prefill reads:
     key = blake2b(tenant, context frames uint8 [C, H, W, 3] (shape and bytes), context actions (or none))
 
 A hit forks the cached slot into the request's first slot (the protocol's `fork`: a copy) instead of encoding and
-prefilling; a miss prefills as before and copies its slot into the cache, evicting the least recently used entry.
-Exact: a fork copies the bits a prefill of the same context wrote (prefill is batch-invariant), so a rollout's
-tokens, frames, rewards and done are bit-equal with the cache on or off (tests/unit/test_context_cache.py).
+prefilling; a miss prefills as before and copies its slot into the cache (when full, evicting as below).
+Exact: a fork copies the bits a prefill of the same context wrote; on the CPU prefill is batch-invariant, so a
+rollout's tokens, frames, rewards and done are bit-equal with the cache on or off (tests/unit/test_context_cache.py;
+on CUDA as far as its GEMMs are batch-invariant).
 
 Bounded and private: `EngineSettings.context_cache_slots` slots (0: off), allocated with the engine's state at
 start-up; nothing a client sends grows it. The tenant (the calling key's name: keys that share a name are one
