@@ -20,17 +20,25 @@ from worldserve.model.dynamics import advance
 from worldserve.settings import EngineSettings
 
 
-def legacy_sampler(rev: str):
-    """The sampler of an older commit (for a before/after figure in one run): git show REV:service/model/sampling.py."""
+def from_commit(rev: str, path: str, name: str):
+    """`name` as defined in an older commit's service/`path` (for a before/after figure in one run): git show
+    REV:service/PATH, its relative imports resolved against today's package (worldserve.model.X for model/...)."""
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "show", f"{rev}:service/model/sampling.py"], capture_output=True, text=True,
-                         cwd=root, check=True).stdout
-    ns: dict = {}
-    exec(compile(src, f"{rev}:service/model/sampling.py", "exec"), ns)  # noqa: S102 - our own file, older commit
-    return ns["sample"]
+    src = subprocess.run(["git", "show", f"{rev}:service/{path}"], capture_output=True, text=True, cwd=root,
+                         check=True).stdout
+    package = "worldserve." + ".".join(Path(path).parent.parts)
+    src = src.replace("from .", f"from {package}.")
+    ns: dict = {"__name__": f"{package}@{rev}"}
+    exec(compile(src, f"{rev}:service/{path}", "exec"), ns)  # noqa: S102 - our own file, older commit
+    return ns[name]
+
+
+def legacy_sampler(rev: str):
+    """The sampler of an older commit: model/sampling.py's `sample` at REV."""
+    return from_commit(rev, "model/sampling.py", "sample")
 
 
 @torch.no_grad()

@@ -2,18 +2,17 @@
 
     .venv/bin/python -m bench.step_ab --rev 506f53a [--rounds 30] [--batch 64] [--short 8]
 
-`--rev`'s `model/dynamics.attention` is loaded from git (git show REV:service/model/dynamics.py, as
-bench/load_engine.legacy_sampler loads an old sampler) and swapped in for this tree's around `model.step` of the
-bundled model at its pin (eager bf16 on a CPU with AVX-512 BF16), on a cache prefilled with full windows
-(bench/runtime_bench.Runner), and again with `--short` rows at frame 2 (windows of 3 frames: rows with masked keys).
-Rounds alternate the order. Prints the median step time of each and old ÷ new; writes bench/reports/step_ab.md.
+`--rev`'s `model/dynamics.attention` is loaded from git (bench/load_engine.from_commit) and swapped in for this
+tree's around `model.step` of the bundled model at its pin (eager bf16 on a CPU with AVX-512 BF16), on a cache
+prefilled with full windows (bench/runtime_bench.Runner), and again with `--short` rows at frame 2 (windows of 3
+frames: rows with masked keys). Rounds alternate the order. Prints the median step time of each and old ÷ new;
+writes bench/reports/step_ab.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,19 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import worldserve.model.dynamics as dyn  # noqa: E402
+from bench.load_engine import from_commit  # noqa: E402
 from bench.runtime_bench import Runner  # noqa: E402
 from worldserve.runtime.loader import prepare  # noqa: E402
 from worldserve.settings import ModelSettings  # noqa: E402
-
-
-def attention_at(rev: str):
-    src = subprocess.run(["git", "show", f"{rev}:service/model/dynamics.py"], capture_output=True, text=True,
-                         cwd=ROOT, check=True).stdout
-    src = src.replace("from .config", "from worldserve.model.config").replace("from .sampling",
-                                                                               "from worldserve.model.sampling")
-    ns: dict = {"__name__": f"dynamics@{rev}"}
-    exec(compile(src, f"{rev}:service/model/dynamics.py", "exec"), ns)  # noqa: S102 - our own file, older commit
-    return ns["attention"]
 
 
 def main() -> None:
@@ -51,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
     ms = ModelSettings(dir=Path(a.model_dir), warmup=False)
     model = prepare(ms)
-    fns = {"old": attention_at(a.rev), "new": dyn.attention}
+    fns = {"old": from_commit(a.rev, "model/dynamics.py", "attention"), "new": dyn.attention}
     r = Runner(model, a.batch)
     full = r.start.clone()
     short = full.clone()
