@@ -57,7 +57,6 @@ class ContextCache:
         self.capacity = len(slots)
         self._free = list(slots)
         self._entries: OrderedDict[bytes, tuple[int, str]] = OrderedDict()  # key -> (slot, tenant), LRU first
-        self._held: Counter[str] = Counter()  # tenant -> entries
         self._model = model
         self.hits = self.misses = 0
 
@@ -90,21 +89,20 @@ class ContextCache:
 
     def insert(self, key: bytes, tenant: str) -> int:
         """A slot to copy `key`'s freshly prefilled context into: a free one, else the slot of the least recently
-        used entry of the tenant holding the most (ties: the inserting tenant's own first). The caller copies into
-        it before the next lookup."""
+        used entry of the tenant holding the most (ties: the inserting tenant's own first, else the least recently
+        used among the tied). The caller copies into it before the next lookup."""
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key][0]
         if self._free:
             slot = self._free.pop()
-        else:
-            most = max(self._held.values())
-            victim = tenant if self._held[tenant] == most else next(t for t, n in self._held.items() if n == most)
-            old = next(k for k, (_, t) in self._entries.items() if t == victim)
+        else:  # full: counted now (capacity entries at most), not kept beside the entries
+            held = Counter(t for _, t in self._entries.values())
+            most = max(held.values())
+            victim = tenant if held[tenant] == most else None  # None: the least recently used of the most-holding
+            old = next(k for k, (_, t) in self._entries.items() if t == victim or victim is None and held[t] == most)
             slot = self._entries.pop(old)[0]
-            self._held[victim] -= 1
         self._entries[key] = (slot, tenant)
-        self._held[tenant] += 1
         return slot
 
     def drop(self, key: bytes) -> None:
@@ -112,4 +110,3 @@ class ContextCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self._free.append(entry[0])
-            self._held[entry[1]] -= 1
