@@ -19,13 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "models" / "tiny"
 
 
-def metric_value(urls, name: str) -> float:
+def metric_value(urls, name: str, having: str = "", headers: dict | None = None) -> float:
     """A Prometheus metric summed over every label set (e.g. every model) and every process in `urls` (str or list);
-    KeyError when no process exports it."""
+    `having`: only the series whose line contains it (e.g. 'result="hit"'); `headers`: a key where /metrics takes
+    one. KeyError when no process exports it."""
     total, seen = 0.0, False
     for url in [urls] if isinstance(urls, str) else urls:
-        for line in httpx.get(url + "/metrics").text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
+        for line in httpx.get(url + "/metrics", headers=headers).text.splitlines():
+            if (line.startswith(name + " ") or line.startswith(name + "{")) and having in line:
                 total += float(line.rsplit(" ", 1)[1])
                 seen = True
     if not seen:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import start_server
+from tests.conftest import metric_value, start_server
 
 pytestmark = pytest.mark.e2e
 KEYS = [{"key": "k-tenant-a-0123456789", "name": "a"},
@@ -168,13 +168,8 @@ def test_pathological_pngs_are_refused_without_stalling_the_server(srv, real_fra
 
 
 def _context_cache(http: str) -> dict[str, float]:
-    out = {"hit": 0.0, "miss": 0.0}
-    for line in httpx.get(http + "/metrics", headers=A).text.splitlines():  # /metrics takes a key here
-        if line.startswith("worldserve_context_cache_total{"):
-            for result in out:
-                if f'result="{result}"' in line:
-                    out[result] += float(line.rsplit(" ", 1)[1])
-    return out
+    return {r: metric_value(http, "worldserve_context_cache_total", f'result="{r}"', headers=A)  # /metrics takes a key
+            for r in ("hit", "miss")}
 
 
 def _context_cache_after(http: str, want: dict[str, float], timeout: float = 15.0) -> dict[str, float]:
