@@ -45,49 +45,45 @@ def prefill(model, state, admitted: list[Chunk], device: torch.device, chunk: in
             stored.append((key, a.slots[0], a.req.tenant))
     else:
         fresh = admitted
-    try:
-        _run(model, state, device, chunk, admitted, fresh, hits, dups, stored, cache)
+    try:  # a failure below leaves no entry: the slots taken for new ones are given back
+        groups: dict[int, list[int]] = {}  # context length -> indices of `fresh`
+        for i, a in enumerate(fresh):
+            groups.setdefault(a.req.context.shape[0], []).append(i)
+        arrays = {}
+        if fresh:
+            arrays["ctx"] = np.concatenate([a.req.context for a in fresh])  # uint8 [sum(C), H, W, 3]
+        for c, idx in groups.items():
+            arrays[f"first{c}"] = np.array([fresh[i].slots[0] for i in idx], np.int64)
+            acts, known = context_actions(model, [fresh[i].req for i in idx], c - 1)
+            arrays[f"acts{c}"] = acts
+            if known is not None:
+                arrays[f"known{c}"] = known
+        forked = [a for a in admitted if a.share is None]  # a shared chunk forks where its candidates diverge
+        arrays["fork"] = np.array([s for a in forked for s in a.slots[1:]], np.int64)
+        arrays["copy"] = np.array([s for m in (hits, dups) for dst in m.values() for s in dst], np.int64)
+        # a slot for each new entry: may evict an entry hit above ((1) copies it out first) or stored just before
+        arrays["store"] = np.array([cache.insert(key, tenant) for key, _, tenant in stored], np.int64)
+        d = to_device(arrays, device)
+        n_hits = _copy(model, state, hits, d["copy"], 0)  # (1) before anything is evicted in (4)
+        if fresh:
+            tokens = run_fixed_chunks(model.encode, d["ctx"], chunk)  # int64 [sum(C), N], batch-invariant
+            off = np.cumsum([0] + [a.req.context.shape[0] for a in fresh]).tolist()
+            for c, idx in groups.items():
+                ctx_tokens = torch.stack([tokens[off[i] : off[i] + c] for i in idx])  # int64 [G, C, N]
+                model.prefill(state, d[f"first{c}"], ctx_tokens, d[f"acts{c}"], d.get(f"known{c}"))  # (2)
+        _copy(model, state, dups, d["copy"], n_hits)  # (3)
+        for i, (_, slot, _) in enumerate(stored):  # (4)
+            model.fork(state, slot, d["store"][i : i + 1])
+        f = 0
+        for a in forked:  # (5) fork: prefill once, copy into the other K-1 slots
+            k = len(a.slots) - 1
+            if k:
+                model.fork(state, a.slots[0], d["fork"][f : f + k])
+                f += k
     except BaseException:
-        for key, _, _ in stored:  # entries that were not filled are not entries
+        for key, _, _ in stored:
             cache.drop(key)
         raise
-
-
-def _run(model, state, device, chunk, admitted, fresh, hits, dups, stored, cache) -> None:
-    groups: dict[int, list[int]] = {}  # context length -> indices of `fresh`
-    for i, a in enumerate(fresh):
-        groups.setdefault(a.req.context.shape[0], []).append(i)
-    arrays = {}
-    if fresh:
-        arrays["ctx"] = np.concatenate([a.req.context for a in fresh])  # uint8 [sum(C), H, W, 3]
-    for c, idx in groups.items():
-        arrays[f"first{c}"] = np.array([fresh[i].slots[0] for i in idx], np.int64)
-        acts, known = context_actions(model, [fresh[i].req for i in idx], c - 1)
-        arrays[f"acts{c}"] = acts
-        if known is not None:
-            arrays[f"known{c}"] = known
-    forked = [a for a in admitted if a.share is None]  # a shared chunk forks where its candidates diverge
-    arrays["fork"] = np.array([s for a in forked for s in a.slots[1:]], np.int64)
-    arrays["copy"] = np.array([s for m in (hits, dups) for dst in m.values() for s in dst], np.int64)
-    # a slot for each new entry: may evict an entry hit above ((1) copies it out first) or stored just before
-    arrays["store"] = np.array([cache.insert(key, tenant) for key, _, tenant in stored], np.int64)
-    d = to_device(arrays, device)
-    n_hits = _copy(model, state, hits, d["copy"], 0)  # (1) before anything is evicted in (4)
-    if fresh:
-        tokens = run_fixed_chunks(model.encode, d["ctx"], chunk)  # int64 [sum(C), N], batch-invariant
-        off = np.cumsum([0] + [a.req.context.shape[0] for a in fresh]).tolist()
-        for c, idx in groups.items():
-            ctx_tokens = torch.stack([tokens[off[i] : off[i] + c] for i in idx])  # int64 [G, C, N]
-            model.prefill(state, d[f"first{c}"], ctx_tokens, d[f"acts{c}"], d.get(f"known{c}"))  # (2)
-    _copy(model, state, dups, d["copy"], n_hits)  # (3)
-    for i, (_, slot, _) in enumerate(stored):  # (4)
-        model.fork(state, slot, d["store"][i : i + 1])
-    f = 0
-    for a in forked:  # (5) fork: prefill once, copy into the other K-1 slots
-        k = len(a.slots) - 1
-        if k:
-            model.fork(state, a.slots[0], d["fork"][f : f + k])
-            f += k
 
 
 def _copy(model, state, copies: dict[int, list[int]], dst: torch.Tensor, start: int) -> int:
