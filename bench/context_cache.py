@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 from bench.load import context_frames  # noqa: E402
 from worldserve.engine.engine import Engine  # noqa: E402
 from worldserve.messages import FrameMode, RolloutRequest  # noqa: E402
+from worldserve.runtime.host_malloc import tune_malloc  # noqa: E402
 from worldserve.runtime.loader import prepare  # noqa: E402
 from worldserve.settings import EngineSettings, ModelSettings  # noqa: E402
 
@@ -86,6 +87,7 @@ def main() -> None:
     p.add_argument("--out", default=None, help="default: bench/reports/context_cache[-PRESET].md")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    print(tune_malloc())  # as every engine process does (EngineSettings.tune_malloc)
     ms = ModelSettings(preset=a.preset, warmup=False) if a.preset else ModelSettings(dir=Path(a.model_dir),
                                                                                         warmup=False)
     model = prepare(ms)  # the model's pin, as `serve` serves it

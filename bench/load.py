@@ -133,11 +133,13 @@ def serving_model(model_dir, preset):
     device default; 1 torch thread as the server (OMP_NUM_THREADS=1: 2 threads thrash on a shared 2-core box)."""
     import torch
 
+    from worldserve.runtime.host_malloc import tune_malloc
     from worldserve.runtime.loader import prepare
     from worldserve.settings import ModelSettings
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(1)
+    print(tune_malloc(), flush=True)  # as build_engine does in every engine process (EngineSettings.tune_malloc)
     ms = ModelSettings(preset=preset) if preset else ModelSettings(dir=Path(model_dir))
     model = prepare(ms)
     print(f"raw engine: {ms.backend} {ms.precision} (as `serve` chooses)", flush=True)

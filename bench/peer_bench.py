@@ -41,10 +41,14 @@ class Peer:
     """A peer server as a subprocess: "litserve" (bench/peer_litserve.py) or "ray" (bench/peer_rayserve.py)."""
 
     def __init__(self, log: Path, model_args: tuple[str, ...], max_batch: int, batch_timeout: float,
-                 kind: str = "litserve"):
+                 kind: str = "litserve", malloc: bool = False):
         self.port, self.kind = free_port(), kind
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        if malloc:  # glibc's malloc set as worldserve's engine process sets its own (runtime/host_malloc.py)
+            from worldserve.runtime.host_malloc import glibc_tunables
+
+            env["GLIBC_TUNABLES"] = glibc_tunables()
         module = {"litserve": "bench.peer_litserve", "ray": "bench.peer_rayserve"}[kind]
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, *model_args, "--port", str(self.port),
@@ -161,7 +165,8 @@ def report(tag: str, a, facts: dict, check: dict, rows: list[dict], ratios: list
           f"worldserve: `worldserve serve` (embedded queue, engine in its own process), --max-slots {a.max_slots}"
           f"{' ' + a.ours_args if a.ours_args else ''}, 1 torch thread. "
           f"Peer: LitServe {meta['litserve']}, 1 worker, max_batch_size={a.peer_max_batch}, "
-          f"batch_timeout={a.peer_batch_timeout}s (peer-b1: batching off), 1 torch thread, JSON + base64 PNG.{ray} "
+          f"batch_timeout={a.peer_batch_timeout}s (peer-b1: batching off), 1 torch thread, JSON + base64 PNG"
+          f"{', malloc tuned as ours (--peer-malloc: GLIBC_TUNABLES)' if a.peer_malloc else ''}.{ray} "
           "Same weights "
           f"({facts['name']}), greedy (argmax) unless T is given.", "",
           "### Same greedy output (peer as reference)", "",
@@ -213,6 +218,9 @@ def main(argv=None) -> None:
     p.add_argument("--peer-max-batch", type=int, default=16)
     p.add_argument("--peer-batch-timeout", type=float, default=0.01)
     p.add_argument("--peer-unbatched", action="store_true", help="also the peer with batching off (peer-b1)")
+    p.add_argument("--peer-malloc", action="store_true", help="give the peers glibc's malloc set as worldserve's "
+                   "engine sets its own (runtime/host_malloc.py, via GLIBC_TUNABLES): what a peer's user would get "
+                   "by setting that variable")
     p.add_argument("--ray", action="store_true", help="also Ray Serve as a peer (peer-ray; pip install 'ray[serve]')")
     p.add_argument("--suite", choices=["issue20"], default=None,
                    help="issue20: the five workloads W1-W5 at their client counts (replaces --planner/--player-*)")
@@ -273,11 +281,12 @@ def main(argv=None) -> None:
     srv = start_server(logs, *model_args, "--max-slots", str(a.max_slots), "--max-queue", "1024", *a.ours_args.split())
     peers = []
     try:
-        peers.append(Peer(logs / f"peer-{tag}.log", model_args, a.peer_max_batch, a.peer_batch_timeout))
+        peers.append(Peer(logs / f"peer-{tag}.log", model_args, a.peer_max_batch, a.peer_batch_timeout,
+                          malloc=a.peer_malloc))
         targets = {"ours-grpc": srv.grpc, "ours-rest": srv.http, "peer-http": peers[0].url}
         if a.ray:
             peers.append(Peer(logs / f"peer-ray-{tag}.log", model_args, a.peer_max_batch, a.peer_batch_timeout,
-                              kind="ray"))
+                              kind="ray", malloc=a.peer_malloc))
             targets["peer-ray"] = peers[-1].url
             systems.append("peer-ray")
         if a.peer_unbatched:

@@ -32,6 +32,7 @@ import torch
 
 from worldserve.model.config import ConfigurationError
 from worldserve.model.sampling import sample
+from worldserve.runtime.host_malloc import tune_malloc
 from worldserve.runtime.loader import prepare
 from worldserve.settings import ModelSettings
 
@@ -154,6 +155,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=str(OUT))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    tune_malloc()  # as every engine process does: no page faults in the timed steps
     configs = [(b, pr) for b in a.backends for pr in a.precisions]
     if ("eager", "fp32") in configs:  # the reference first: every other row is compared with it
         configs.remove(("eager", "fp32"))

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import worldserve.model.dynamics as dyn  # noqa: E402
 from bench.load_engine import from_commit  # noqa: E402
 from bench.runtime_bench import Runner  # noqa: E402
+from worldserve.runtime.host_malloc import tune_malloc  # noqa: E402
 from worldserve.runtime.loader import prepare  # noqa: E402
 from worldserve.settings import ModelSettings  # noqa: E402
 
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "reports" / "step_ab.md"))
     a = p.parse_args()
     torch.set_num_threads(1)
+    tune_malloc()  # as every engine process does
     ms = ModelSettings(dir=Path(a.model_dir), warmup=False)
     model = prepare(ms)
     fns = {"old": from_commit(a.rev, "model/dynamics.py", "attention"), "new": dyn.attention}

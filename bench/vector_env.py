@@ -86,11 +86,13 @@ def engine_alone(n: int, steps: int) -> float:
     from worldserve.client.gym import minigrid_context
     from worldserve.engine.engine import Engine, complete
     from worldserve.messages import RolloutRequest
+    from worldserve.runtime.host_malloc import tune_malloc
     from worldserve.runtime.loader import prepare
     from worldserve.settings import EngineSettings, ModelSettings
 
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
+    tune_malloc()  # as the served engine's process does (EngineSettings.tune_malloc)
     # what `serve` serves: the model directory's pin (eager bf16 on this CPU) or the device default
     eng = Engine(prepare(ModelSettings(dir=ROOT / "models" / "tiny")), EngineSettings(max_slots=64))
     ctx, _ = minigrid_context()(0)

@@ -3,14 +3,21 @@ isolated engine process (engine/process.py) all build it here."""
 
 from __future__ import annotations
 
+import logging
+
+log = logging.getLogger("worldserve.engine")
+
 
 def build_engine(settings, weights_sha256: str | None = None):
     """settings: worldserve.settings.Settings (model + engine sections) -> (Engine, ModelInfo).
     `weights_sha256`: an operator's pin of the weights (checked on the bytes loaded)."""
     from ..runtime.batch import Sampler
+    from ..runtime.host_malloc import tune_malloc
     from ..runtime.loader import prepare
     from .engine import Engine
 
+    if settings.engine.tune_malloc:  # before the model's first allocation: process-wide
+        log.info(tune_malloc())
     model = prepare(settings.model, weights_sha256)
     engine = Engine(model, settings.engine, sampler=Sampler(settings.model.triton_kernels))
     if settings.model.warmup:
