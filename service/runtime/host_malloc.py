@@ -5,19 +5,19 @@ Why. A cached step of tiny at 64 rows allocates and frees tensors of 1-17 MB eve
 softmax, the MLP's activations), in between the engine's own smaller allocations. glibc serves a block above its
 mmap threshold with a fresh mmap and gives it back with munmap when it is freed, and gives the top of a heap back to
 the kernel once it is larger than the trim threshold; the threshold moves by itself (it starts at 128 KiB and rises
-only when such a block is freed), so under the engine's mix of sizes the step kept touching pages the kernel had
-to hand out again: ~20 000-33 000 minor page faults a step at 64 rows (80-130 MB zeroed by the kernel), the step
-1.2-1.3x slower than the same step without them (bench/reports/host_malloc.md). With the mmap threshold pinned at
-glibc's ceiling (32 MiB on 64-bit) and trimming raised, those blocks are reused from the heap: no faults in steady
-state. One arena (M_ARENA_MAX=1): the engine steps in a thread, and a thread's own arena grows in 64 MiB heaps,
-which the step's fp32 temporaries outgrew now and then (thousands of faults a step again in some processes); the
-main heap has no such bound. The engine's process has few threads, and Python's small objects never reach malloc's
-lock (pymalloc), so one arena costs it no contention worth measuring.
+only when such a block is freed), so under the engine's mix of sizes the step kept touching pages the kernel had to
+hand out again: 10 000-33 000 minor page faults a step at 64 rows (40-130 MB zeroed by the kernel); without them the
+engine makes 1.23x the frames/s at bf16 and 1.08x at fp32 (bench/reports/host_malloc.md). With the mmap threshold
+pinned at glibc's ceiling (32 MiB on 64-bit) and trimming raised, those blocks are reused from the heap: no faults
+in steady state. One arena (M_ARENA_MAX=1): the engine steps in a thread, and a thread's own arena grows in 64 MiB
+heaps, which the step's fp32 temporaries outgrew now and then (thousands of faults a step again in some processes);
+the main heap has no such bound. The engine's process has few threads, and Python's small objects never reach
+malloc's lock (pymalloc), so one arena costs it no contention worth measuring.
 
-The cost: memory freed after a burst stays with the process (its RSS keeps the high-water mark of blocks under
-32 MiB) instead of going back to the kernel: the trade every serving allocator makes (jemalloc and tcmalloc keep
-freed memory too). Blocks over 32 MiB are mmapped as before. Not glibc (musl, macOS): nothing is done, and the
-returned line says so.
+The cost: memory freed after a burst stays with the process (its RSS keeps the high-water mark of blocks under 32
+MiB) instead of going back to the kernel: the trade every serving allocator makes (jemalloc and tcmalloc keep freed
+memory too). Blocks over 32 MiB are mmapped as before. Not glibc (musl, macOS): nothing is done, and the returned
+line says so.
 """
 
 from __future__ import annotations
