@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def child(tune: bool, rows: int, seconds: float, precision: str | None, model_dir: str) -> dict:
+def child(tune: bool, rows: int, seconds: float, precision: str | None, model_dir: str, preset: str | None) -> dict:
     """One measurement in this process: -> frames_per_s, faults_per_step, steps, peak_rss_mb."""
     import torch
 
@@ -40,7 +40,8 @@ def child(tune: bool, rows: int, seconds: float, precision: str | None, model_di
     from worldserve.settings import EngineSettings, ModelSettings, Settings
 
     torch.set_num_threads(1)
-    model = {"dir": Path(model_dir), "warmup": False}
+    model = {"preset": preset} if preset else {"dir": Path(model_dir)}
+    model["warmup"] = False
     if precision:
         model.update(backend="eager", precision=precision)
     s = Settings(model=ModelSettings(**model), engine=EngineSettings(max_slots=rows, tune_malloc=tune))
@@ -77,6 +78,7 @@ def child(tune: bool, rows: int, seconds: float, precision: str | None, model_di
 def measure(tune: bool, a, precision: str) -> dict:
     cmd = [sys.executable, "-m", "bench.host_malloc", "--child", str(int(tune)), "--rows", str(a.rows),
            "--seconds", str(a.seconds), "--model-dir", a.model_dir, "--precision", precision]
+    cmd += ["--preset", a.preset] if a.preset else []
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True,
                        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -92,11 +94,13 @@ def main() -> None:
                    "peers' precision")
     p.add_argument("--precision", default=None, help="(--child) eager at this precision; default: the pin")
     p.add_argument("--model-dir", default=str(ROOT / "models" / "tiny"))
-    p.add_argument("--out", default=str(ROOT / "bench" / "reports" / "host_malloc.md"))
+    p.add_argument("--preset", default=None, help="a random-weight preset (base, large) instead of --model-dir")
+    p.add_argument("--out", default=None, help="default: bench/reports/host_malloc[-PRESET].md")
     a = p.parse_args()
     if a.child is not None:
-        print(json.dumps(child(bool(a.child), a.rows, a.seconds, a.precision, a.model_dir)))
+        print(json.dumps(child(bool(a.child), a.rows, a.seconds, a.precision, a.model_dir, a.preset)))
         return
+    out = a.out or str(ROOT / "bench" / "reports" / f"host_malloc{'-' + a.preset if a.preset else ''}.md")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows_md = []
     for prec in a.precisions.split(","):
@@ -117,12 +121,13 @@ def main() -> None:
         "# The engine with glibc's malloc tuned for its temporaries (runtime/host_malloc.py) vs glibc's defaults", "",
         f"`{cmd.strip()}` ({started}, {platform.machine()}, load average {load} at the end; one torch thread; "
         f"each figure the median of {a.pairs} fresh processes, tuned and untuned alternating).", "",
-        f"The engine as `serve` builds it (engine/build.py), {a.rows} W2 requests in flight (K=1, H=16, 4 context "
+        f"{'The ' + a.preset + ' preset (random weights)' if a.preset else 'The bundled tiny model'}, "
+        f"the engine as `serve` builds it (engine/build.py), {a.rows} W2 requests in flight (K=1, H=16, 4 context "
         f"frames, a frame every step), {a.seconds:g} s timed after one untimed round.", "",
         "| precision | glibc default frames/s | tuned frames/s | tuned ÷ default | minor faults / step, default | "
         "tuned | peak RSS MB, default | tuned |",
         "|---|---:|---:|---:|---:|---:|---:|---:|", *rows_md, ""])
-    Path(a.out).write_text(text)
+    Path(out).write_text(text)
     print(text)
 
 
