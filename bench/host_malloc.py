@@ -75,12 +75,18 @@ def child(tune: bool, rows: int, seconds: float, precision: str | None, model_di
     return out
 
 
-def measure(tune: bool, a, precision: str) -> dict:
-    cmd = [sys.executable, "-m", "bench.host_malloc", "--child", str(int(tune)), "--rows", str(a.rows),
-           "--seconds", str(a.seconds), "--model-dir", a.model_dir, "--precision", precision]
-    cmd += ["--preset", a.preset] if a.preset else []
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True,
+def measure(tune: bool, rows: int, seconds: float, precision: str | None = None, model_dir: str | None = None,
+            preset: str | None = None, timeout: float | None = None) -> dict:
+    """One measurement (`child`) in a fresh process -> its figures; RuntimeError with its stderr if it fails."""
+    cmd = [sys.executable, "-m", "bench.host_malloc", "--child", str(int(tune)), "--rows", str(rows),
+           "--seconds", str(seconds)]
+    cmd += ["--precision", precision] if precision else []
+    cmd += ["--model-dir", model_dir] if model_dir else []
+    cmd += ["--preset", preset] if preset else []
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -107,7 +113,7 @@ def main() -> None:
         got: dict[bool, list[dict]] = {False: [], True: []}
         for i in range(a.pairs):
             for tune in ((False, True) if i % 2 == 0 else (True, False)):
-                got[tune].append(measure(tune, a, prec))
+                got[tune].append(measure(tune, a.rows, a.seconds, prec, a.model_dir, a.preset))
                 print(prec, "tuned" if tune else "glibc default", got[tune][-1], flush=True)
         med = {t: {k: statistics.median(m[k] for m in got[t]) for k in got[t][0]} for t in got}
         rows_md.append(f"| {prec} | {med[False]['frames_per_s']:.0f} | {med[True]['frames_per_s']:.0f} | "

@@ -7,21 +7,10 @@ EngineSettings.tune_malloc), 16 W2 requests in flight, stepping in a thread as i
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _measure(tune: bool) -> dict:
-    cmd = [sys.executable, "-m", "bench.host_malloc", "--child", str(int(tune)), "--rows", "16", "--seconds", "1.5"]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+from bench.host_malloc import measure
 
 
 def test_tune_malloc_says_what_it_did():
@@ -33,7 +22,7 @@ def test_tune_malloc_says_what_it_did():
 
 
 def test_tuned_engine_steps_without_page_faults():
-    default, tuned = _measure(False), _measure(True)
+    default, tuned = (measure(t, rows=16, seconds=1.5, timeout=180) for t in (False, True))
     assert default["steps"] > 5 and tuned["steps"] > 5
     # glibc's defaults: thousands of fresh pages a step at 16 rows (the step's temporaries mmapped / trimmed and
     # faulted in again); tuned: they are reused from the heap
