@@ -102,7 +102,6 @@ def _median(v: list[float]) -> float:
 def cmd_tune(a, clock) -> None:
     """clock: cli.runtime._say (timestamped progress lines, as export and quantize print them)."""
     import torch
-    import torch._inductor.config
 
     from ..lab.evaluate import evaluate, heldout_episodes
     from ..model.io import WEIGHTS, sha256_file
@@ -117,9 +116,6 @@ def cmd_tune(a, clock) -> None:
     torch.set_grad_enabled(False)
     say = clock(time.perf_counter())
     say(tune_malloc())  # as every engine process does (EngineSettings.tune_malloc): timed as served
-    # compiled candidates start cold, as in a fresh container: with inductor's on-disk cache warm from earlier runs
-    # on this machine, compile bf16's start-up read +5 s instead of the ~+90 s a first `serve` pays
-    torch._inductor.config.force_disable_caches = True
     mdir = Path(a.model_dir)
     base = ModelSettings(dir=mdir, device=a.device, backend="eager", precision="fp32", warmup=False,
                          artifact_dir=Path(a.artifact_dir))
@@ -131,6 +127,12 @@ def cmd_tune(a, clock) -> None:
         cands.insert(0, default)
     for s in skipped:
         say(f"skipped {s}")
+    if any(b == "compile" for b, _ in cands):
+        import torch._inductor.config
+
+        # compiled candidates start cold, as in a fresh container: with inductor's on-disk cache warm from earlier
+        # runs on this machine, compile bf16's start-up read +5 s instead of the ~+110 s a first `serve` pays
+        torch._inductor.config.force_disable_caches = True
     models, built_s = {}, {}
     for b, p in cands:
         t0 = time.perf_counter()
