@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import check_done_calibration
+from .dynamics import rowwise_linear
 from .protocol import ModelSpec, Noise
 from .quality import psnr
 from .sampling import calibrate_done, rowwise_sigmoid
@@ -166,8 +167,11 @@ class Denoiser(nn.Module):
     def heads(self, ctx: torch.Tensor, nxt: torch.Tensor, action: torch.Tensor):
         # -> reward [B], done logit [B]
         h = self.head_conv(torch.cat([ctx, nxt], 1))  # [B, ch, h, w]
-        feat = torch.cat([h.mean((2, 3)) + self.act_emb(action), h.amax((2, 3))], 1)
-        r, d = self.head(feat).unbind(-1)
+        feat = torch.cat([h.mean((2, 3)) + self.act_emb(action), h.amax((2, 3))], 1)  # [B, 2*ch]
+        # the MLP row by row, not as GEMMs over the batch: on AMX CPUs a GEMM's bits for a row depend on the row's
+        # position among M = 8 (the chunk), so a candidate computed in another chunk position got another reward
+        lin1, lin2 = self.head[1], self.head[3]
+        r, d = rowwise_linear(F.gelu(rowwise_linear(F.gelu(feat), lin1)), lin2).unbind(-1)
         return r, d
 
 
