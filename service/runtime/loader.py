@@ -42,7 +42,8 @@ def with_precision(model: WorldModel, precision: str, copy: bool = True) -> Worl
     """The model at `precision`, its other tensors in support.compute_dtype(precision, device): fp32 is the model
     itself; fp16 / bf16 convert weights and cache (a copy unless copy=False); int8 / fp8 quantize the dynamics'
     linears (always a new model), then on CUDA cast the rest to bf16 (quantized weights and scales keep their
-    dtypes). A model that is already quantized (a `worldserve quantize` directory) is only cast."""
+    dtypes). A model that is already quantized (a `worldserve quantize` directory) is only cast. bf16 on the CPU:
+    its linears padded to a batch-invariant GEMM size (cpu_gemm.pad_small_gemms)."""
     import copy as copy_
 
     from .support import compute_dtype
@@ -58,7 +59,12 @@ def with_precision(model: WorldModel, precision: str, copy: bool = True) -> Worl
             model = copy_.deepcopy(model)
         return model.to(dtype) if dtype != torch.float32 else model
     if dtype != torch.float32:
-        return (copy_.deepcopy(model) if copy else model).to(dtype)
+        model = (copy_.deepcopy(model) if copy else model).to(dtype)
+        if dtype == torch.bfloat16 and device.type == "cpu":  # a row's bits the same alone and in a batch
+            from .cpu_gemm import pad_small_gemms
+
+            pad_small_gemms(model)
+        return model
     return model
 
 
