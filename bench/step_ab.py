@@ -6,7 +6,7 @@
 tree's around `model.step` of the bundled model at its pin (eager bf16 on a CPU with AVX-512 BF16), on a cache
 prefilled with full windows (bench/runtime_bench.Runner), and again with `--short` rows at frame 2 (windows of 3
 frames: rows with masked keys). Rounds alternate the order. Prints the median step time of each and old ÷ new;
-writes bench/reports/step_ab.md.
+writes bench/reports/step_ab-b<batch>.md (bench/reports/step_ab.md: the run of 2026-12-07).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 import worldserve.model.dynamics as dyn  # noqa: E402
 from bench.load_engine import from_commit  # noqa: E402
 from bench.runtime_bench import Runner  # noqa: E402
+from worldserve.runtime.choose import machine_features  # noqa: E402
 from worldserve.runtime.host_malloc import tune_malloc  # noqa: E402
 from worldserve.runtime.loader import prepare  # noqa: E402
 from worldserve.settings import ModelSettings  # noqa: E402
@@ -37,8 +38,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--short", type=int, default=8, help="rows at frame 2 in the second case")
     p.add_argument("--model-dir", default=str(ROOT / "models" / "tiny"))
-    p.add_argument("--out", default=str(ROOT / "bench" / "reports" / "step_ab.md"))
+    p.add_argument("--out", default=None, help="default bench/reports/step_ab-b<batch>.md")
     a = p.parse_args()
+    a.out = a.out or str(ROOT / "bench" / "reports" / f"step_ab-b{a.batch}.md")
     torch.set_num_threads(1)
     tune_malloc()  # as every engine process does
     ms = ModelSettings(dir=Path(a.model_dir), warmup=False)
@@ -61,7 +63,8 @@ def main() -> None:
     t_run = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"## The cached step, attention of {a.rev} vs this tree", "",
              f"`python -m bench.step_ab --rev {a.rev} --rounds {a.rounds} --batch {a.batch} --short {a.short}` "
-             f"({t_run}; {Path(a.model_dir).name} at {ms.backend} {ms.precision}, 1 thread, {a.batch} rows).", "",
+             f"({t_run}; {Path(a.model_dir).name} at {ms.backend} {ms.precision}, 1 thread, {a.batch} rows; "
+             f"CPU features {', '.join(sorted(machine_features('cpu')))}).", "",
              "| case | old step (ms) | new step (ms) | old ÷ new |", "|---|---:|---:|---:|"]
     for case in dict.fromkeys(c for c, _ in times):
         o, n = (statistics.median(times[(case, x)]) for x in ("old", "new"))

@@ -61,38 +61,18 @@ def rowwise_linear(x: torch.Tensor, lin: nn.Linear) -> torch.Tensor:
     return (x.to(lin.weight.dtype).unsqueeze(-2) * lin.weight).sum(-1) + lin.bias
 
 
-def _in_graph() -> bool:
-    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, H, Q, hd], k / v [B, H, S, hd], mask bool broadcastable to [B, 1, Q, S] (True = attend) -> [B, H, Q, hd].
+    """q [B, H, Q, hd], k / v [B, H, S, hd] (any strides), mask bool broadcastable to [B, 1, Q, S] (True = attend)
+    -> [B, H, Q, hd].
 
-    The reference is F.scaled_dot_product_attention. On the CPU in bf16 its flash kernel is slower than in fp32
-    (tiny, batch 64: 25 vs 21 ms a layer), while oneDNN's bf16 batched matmuls are 3x faster than fp32: so there
-    it runs as two bmm's around a softmax (mask as an additive -inf bias), 1.4x faster than the flash kernel. With a
-    mask per row (the cached step) the scores are written without a bias (broadcasting one into [B*H, Q, S] first
-    cost as much as a tenth of the product) and only rows with masked keys get -inf where masked: bit-equal to the
-    bias form (tests/unit/test_cpu_fast.py). Same math as the reference; bf16 rounding differs (parity: same file).
+    F.scaled_dot_product_attention on every path. Its CPU flash kernel (torch 2.13) reads strided keys / values in
+    place, accumulates in fp32 and never writes the [B*H, Q, S] scores. It replaced a bf16 form written as two oneDNN
+    bmm's around a softmax, which had measured 1.4x faster than the flash kernel on a CPU with AVX-512 BF16 and no
+    AMX; on this project's current machines (AMX) the flash kernel is faster at every size tiny serves
+    (bench/step_ab.py, bench/reports/step_ab*.md) and 4x closer to the fp32 result. Batch-invariant: a row alone
+    and in any batch gives the same bits (tests/unit/test_cpu_fast.py).
     """
-    if q.dtype != torch.bfloat16 or q.device.type != "cpu" or _in_graph():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    b, h, nq, hd = q.shape
-    s = k.shape[2]
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # [B | 1, 1, Q | 1, S]
-    qq, kt = q.reshape(b * h, nq, hd), k.reshape(b * h, s, hd).transpose(1, 2)
-    if m4.shape[0] == b and m4.shape[2] == 1:  # a mask per row (the cached step): bias only the rows that have one
-        scores = torch.empty(b * h, nq, s, dtype=q.dtype, device=q.device)
-        torch.baddbmm(scores, qq, kt, beta=0, alpha=hd**-0.5, out=scores)  # [B*H, Q, S]; beta=0: no bias copied in
-        masked = (~m4).flatten(1).any(1).nonzero().flatten().tolist()  # rows with an early (short) window
-        for i in masked:  # + 0 / -inf: the same bits as adding the whole bias inside baddbmm (tested)
-            scores[i * h : (i + 1) * h].masked_fill_(~m4[i].view(1, 1, s), float("-inf"))
-    else:
-        rows = 1 if m4.shape[2] == 1 else nq
-        bias = torch.zeros(m4.shape, dtype=q.dtype, device=q.device).masked_fill_(~m4, float("-inf"))
-        bias = bias.expand(b, h, rows, s).reshape(b * h, rows, s)  # additive: 0 = attend, -inf = masked
-        scores = torch.baddbmm(bias, qq, kt, alpha=hd**-0.5)  # [B*H, Q, S]
-    return torch.bmm(torch.softmax(scores, -1), v.reshape(b * h, s, hd)).view(b, h, nq, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class Block(nn.Module):
@@ -301,11 +281,12 @@ class Dynamics(nn.Module):
         def window_kv(layer: int, k: torch.Tensor, v: torch.Tensor):
             cache.k[layer, slots, ring] = k.to(cache.k.dtype)
             cache.v[layer, slots, ring] = v.to(cache.v.dtype)
-            # gather the slots' window already head-major: one pass, [B, H, W*N, hd] contiguous
+            # gather the slots' windows whole (one contiguous block per slot), then view them head-major
+            # [B, H, W*N, hd] (strided: attention reads them in place)
             blk = self.blocks[layer]
-            heads = (cache.slots, self.cfg.window * self.cfg.tokens_per_frame, blk.n_heads, blk.head_dim)
-            return (cache.k[layer].view(heads).transpose(1, 2).index_select(0, slots),
-                    cache.v[layer].view(heads).transpose(1, 2).index_select(0, slots))
+            heads = (slots.shape[0], self.cfg.window * self.cfg.tokens_per_frame, blk.n_heads, blk.head_dim)
+            return (cache.k[layer].index_select(0, slots).view(heads).transpose(1, 2),
+                    cache.v[layer].index_select(0, slots).view(heads).transpose(1, 2))
 
         return self.step_with(cache.last_tokens[slots], t, actions, known, window_kv, return_hidden)
 

@@ -98,20 +98,23 @@ def test_rope_pairs_bit_equal_to_rope():
 
 
 @torch.no_grad()
-def test_bf16_cpu_attention_per_row_masks_bit_equal_to_the_bias_form():
-    """The cached step's per-row mask path (scores without a bias, -inf filled only in rows with masked keys) gives
-    the same bits as one baddbmm with the whole additive bias: rows all valid, rows with short windows, all masked
-    but one key."""
+def test_bf16_attention_rows_do_not_depend_on_the_batch_or_the_key_layout():
+    """The cached step's attention (bf16 on the CPU): a row alone gives the same bits as in a batch of rows with other
+    windows (short windows masked), and the window read strided (as KVCache's gather views it) gives the same bits as
+    the same window contiguous; and it stays within bf16 rounding of the fp32 result."""
     torch.manual_seed(2)
     b, h, nq, s, hd = 6, 4, 16, 64, 32
-    q, k, v = (torch.randn(b, h, n, hd).bfloat16() for n in (nq, s, s))
+    q = torch.randn(b, nq, h, hd).bfloat16().transpose(1, 2)  # strided, as qkv_heads returns it
+    kv = torch.randn(2, b, s, h * hd).bfloat16()
+    k, v = (t.view(b, s, h, hd).transpose(1, 2) for t in kv)  # [B, H, S, hd] strided views
     mask = torch.ones(b, 1, 1, s, dtype=torch.bool)
     mask[1, ..., 16:] = False
     mask[4, ..., 1:] = False
     mask[5, ..., 40:] = False
-    for m in (mask, torch.ones_like(mask)):
-        bias = torch.zeros(m.shape, dtype=torch.bfloat16).masked_fill_(~m, float("-inf")).expand(b, h, 1, s)
-        scores = torch.baddbmm(bias.reshape(b * h, 1, s), q.reshape(b * h, nq, hd),
-                               k.reshape(b * h, s, hd).transpose(1, 2), alpha=hd**-0.5)
-        want = torch.bmm(torch.softmax(scores, -1), v.reshape(b * h, s, hd)).view(b, h, nq, hd)
-        assert torch.equal(attention(q, k, v, m), want)
+    batch = attention(q, k, v, mask)
+    assert torch.equal(batch, attention(q.contiguous(), k.contiguous(), v.contiguous(), mask))
+    for i in range(b):
+        alone = attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], mask[i : i + 1])
+        assert torch.equal(alone, batch[i : i + 1]), f"row {i} differs alone and in the batch"
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(batch.float(), ref, atol=0.01, rtol=0.01)
