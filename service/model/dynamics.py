@@ -90,10 +90,9 @@ class Block(nn.Module):
     def qkv_heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         # x: [B, S, d]; cos/sin: [B or 1, S, hd/2] -> q, k, v: [B, H, S, hd] (q, k rotated)
         b, s, _ = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, s, 3, self.n_heads, self.head_dim).unbind(2)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        qkv = self.qkv(self.ln1(x)).view(b, s, 3, self.n_heads, self.head_dim)
+        q, k = apply_rope(qkv[:, :, :2], cos[:, :, None, None], sin[:, :, None, None]).unbind(2)  # one pass for both
+        return q.transpose(1, 2), k.transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
 
     def finish(self, x: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         # att: [B, H, S, hd] -> residual updates on x [B, S, d]
