@@ -1,12 +1,13 @@
 """The cached step with an older commit's attention vs this tree's, interleaved in one process.
 
-    .venv/bin/python -m bench.step_ab --rev 506f53a [--rounds 30] [--batch 64] [--short 8]
+    .venv/bin/python -m bench.step_ab --rev 506f53a [--rounds 30] [--batch 64] [--short 8] [--preset base]
 
 `--rev`'s `model/dynamics.attention` is loaded from git (bench/load_engine.from_commit) and swapped in for this
 tree's around `model.step` of the bundled model at its pin (eager bf16 on a CPU with AVX-512 BF16), on a cache
 prefilled with full windows (bench/runtime_bench.Runner), and again with `--short` rows at frame 2 (windows of 3
 frames: rows with masked keys). Rounds alternate the order. Prints the median step time of each and old ÷ new;
-writes bench/reports/step_ab-b<batch>.md (bench/reports/step_ab.md: the run of 2026-12-07).
+--preset: a random-weight preset at bf16 instead. Writes bench/reports/step_ab[-<preset>]-b<batch>.md
+(bench/reports/step_ab.md: the run of 2026-12-07).
 """
 
 from __future__ import annotations
@@ -38,12 +39,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--short", type=int, default=8, help="rows at frame 2 in the second case")
     p.add_argument("--model-dir", default=str(ROOT / "models" / "tiny"))
+    p.add_argument("--preset", default=None, help="a random-weight preset (e.g. base) at bf16 instead of --model-dir")
     p.add_argument("--out", default=None, help="default bench/reports/step_ab-b<batch>.md")
     a = p.parse_args()
-    a.out = a.out or str(ROOT / "bench" / "reports" / f"step_ab-b{a.batch}.md")
+    name = a.preset or Path(a.model_dir).name
+    a.out = a.out or str(ROOT / "bench" / "reports" / f"step_ab{'-' + a.preset if a.preset else ''}-b{a.batch}.md")
     torch.set_num_threads(1)
     tune_malloc()  # as every engine process does
-    ms = ModelSettings(dir=Path(a.model_dir), warmup=False)
+    ms = (ModelSettings(preset=a.preset, precision="bf16", warmup=False) if a.preset
+          else ModelSettings(dir=Path(a.model_dir), warmup=False))
     model = prepare(ms)
     fns = {"old": from_commit(a.rev, "model/dynamics.py", "attention"), "new": dyn.attention}
     r = Runner(model, a.batch)
@@ -54,16 +58,17 @@ def main() -> None:
         r.once()
     times: dict = {}
     for i in range(a.rounds):
-        for name in ("old", "new") if i % 2 == 0 else ("new", "old"):
-            dyn.attention = fns[name]
+        for arm in ("old", "new") if i % 2 == 0 else ("new", "old"):
+            dyn.attention = fns[arm]
             for case, start in (("full windows", full), (f"{a.short} short windows", short)):
                 r.start = start
-                times.setdefault((case, name), []).append(r.once()[0])
+                times.setdefault((case, arm), []).append(r.once()[0])
     dyn.attention = fns["new"]
     t_run = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [f"## The cached step, attention of {a.rev} vs this tree", "",
-             f"`python -m bench.step_ab --rev {a.rev} --rounds {a.rounds} --batch {a.batch} --short {a.short}` "
-             f"({t_run}; {Path(a.model_dir).name} at {ms.backend} {ms.precision}, 1 thread, {a.batch} rows; "
+             f"`python -m bench.step_ab --rev {a.rev} --rounds {a.rounds} --batch {a.batch} --short {a.short}"
+             f"{' --preset ' + a.preset if a.preset else ''}` "
+             f"({t_run}; {name} at {ms.backend} {ms.precision}, 1 thread, {a.batch} rows; "
              f"CPU features {', '.join(sorted(machine_features('cpu')))}).", "",
              "| case | old step (ms) | new step (ms) | old ÷ new |", "|---|---:|---:|---:|"]
     for case in dict.fromkeys(c for c, _ in times):
