@@ -43,7 +43,7 @@ def with_precision(model: WorldModel, precision: str, copy: bool = True) -> Worl
     itself; fp16 / bf16 convert weights and cache (a copy unless copy=False); int8 / fp8 quantize the dynamics'
     linears (always a new model), then on CUDA cast the rest to bf16 (quantized weights and scales keep their
     dtypes). A model that is already quantized (a `worldserve quantize` directory) is only cast. bf16 on the CPU:
-    its linears padded to a batch-invariant GEMM size (cpu_gemm.pad_small_gemms)."""
+    each linear in the form that keeps it batch-invariant here, probed (cpu_gemm.pad_small_gemms)."""
     import copy as copy_
 
     from .support import compute_dtype
@@ -61,9 +61,15 @@ def with_precision(model: WorldModel, precision: str, copy: bool = True) -> Worl
     if dtype != torch.float32:
         model = (copy_.deepcopy(model) if copy else model).to(dtype)
         if dtype == torch.bfloat16 and device.type == "cpu":  # a row's bits the same alone and in a batch
-            from .cpu_gemm import pad_small_gemms
+            from .cpu_gemm import MIN_M, pad_small_gemms
 
-            pad_small_gemms(model)
+            forms = pad_small_gemms(model)
+            if forms["padded"]:
+                log.info("bf16 on this CPU: %d linears run at least %d GEMM rows (batch invariance: "
+                         "runtime/cpu_gemm.py)", len(forms["padded"]), MIN_M)
+            if forms["none"]:
+                log.warning("bf16 on this CPU is not batch-invariant for %s: a row may round differently alone "
+                            "than in a batch (runtime/cpu_gemm.py)", ", ".join(forms["none"]))
         return model
     return model
 
