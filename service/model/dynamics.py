@@ -68,7 +68,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     F.scaled_dot_product_attention on every path. Its CPU flash kernel (torch 2.13) reads strided keys / values in
     place, accumulates in fp32 and never writes the [B*H, Q, S] scores. It replaced a bf16 form written as two oneDNN
     bmm's around a softmax, which had measured 1.4x faster than the flash kernel on a CPU with AVX-512 BF16 and no
-    AMX; on this project's current machines (AMX) the flash kernel is faster at every size tiny serves
+    AMX; on a Xeon with AMX (stop 30's machine) the flash kernel is faster at every size tiny serves
     (bench/step_ab.py, bench/reports/step_ab*.md) and 4x closer to the fp32 result. Batch-invariant: a row alone
     and in any batch gives the same bits (tests/unit/test_cpu_fast.py).
     """

@@ -9,7 +9,8 @@ sampled other tokens than the same row in a batch (tests/unit/test_gpu_check.py'
 With oneDNN limited to AVX-512 BF16 (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) the same layers agreed at every M.
 
 Which form keeps a layer invariant depends on the CPU, the layer's shape and, through which outputs sit near a
-rounding boundary, its weights. So it is measured when the model is loaded, once per shape (probe): every row of a
+rounding boundary, its weights. So it is measured when the model is loaded (probe), once per shape: the kernel is
+chosen per shape, and the first layer of a shape stands for the others (tiny's four fc2). Every row of a
 PROBE_M-row GEMM against the same row computed in GEMMs of 1 to 512 rows (a rounding difference touches few rows,
 so every row is compared at every row count). It is an empirical check, not a proof.
 - "plain": already invariant; nothing changes (tiny's K = 128 layers on AMX).
