@@ -70,7 +70,6 @@ def with_precision(model: WorldModel, precision: str, copy: bool = True) -> Worl
             if forms["none"]:
                 log.warning("bf16 on this CPU is not batch-invariant for %s: a row may round differently alone "
                             "than in a batch (runtime/cpu_gemm.py)", ", ".join(forms["none"]))
-        return model
     return model
 
 
